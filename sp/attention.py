@@ -1,0 +1,108 @@
+"""Public entry point: exact SP attention on a packed local shard, forward and backward.
+
+``attention(q, k, v, ctx)`` takes this rank's local tokens in packed ``[tokens, heads, head_dim]`` layout
+(as produced by :func:`sp.layout.shard` with ``ctx.layout``) and returns this rank's attention output in the
+same layout. One code path serves all strategies:
+
+- Ulysses (u = P, r = 1): all-to-all to head-sharded full sequences, local attention, all-to-all back;
+- ring (u = 1, r = P): zigzag ring attention (:mod:`sp.ring`);
+- hybrid (u x r): all-to-all inside the u-sub-group, ring across the r sub-groups (USP's 2D scheme).
+
+With u > 1 the heads go in ``ctx.head_chunks`` chunks: the all-to-alls of chunk c+1 are posted before
+chunk c is attended, and chunk c's result is sent back while chunk c+1 computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sp.context import SPContext
+from sp.kernels import get_kernel
+from sp.ring import ring_backward, ring_forward
+from sp.ulysses import HeadPlan, place_heads, post_head_to_seq, post_seq_to_head, to_ring_local
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> HeadPlan:
+    n = ctx.layout.local_tokens
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.shape[0] != n:
+            raise ValueError(
+                f"{name} has {t.shape[0]} local tokens but the context's cu_seqlens give {n} on each rank "
+                f"(lengths {ctx.layout.seqlens[:8]}, u={ctx.u}, r={ctx.r}); shard with sp.shard(x, ctx.layout, rank)"
+            )
+    if k.shape != v.shape or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match, with q's head_dim {q.shape[2]}")
+    return HeadPlan.build(q.shape[1], k.shape[1], ctx.u, ctx.head_chunks)
+
+
+class _SPAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> torch.Tensor:
+        plan = _check(q, k, v, ctx)
+        kernel = get_kernel(ctx.kernel)
+        scale = ctx.scale_for(q.shape[2])
+        k, v = plan.expand_kv(k), plan.expand_kv(v)
+        saved: list[tuple[torch.Tensor, ...]] = []
+        if ctx.u == 1:
+            out, lse = ring_forward(q, k, v, ctx, kernel, scale)
+            saved.append((q, k, v, out, lse))
+        else:
+            out = torch.empty_like(q)
+            perm, g, n = ctx.layout.gather_perm, ctx.ulysses_group, plan.chunks
+            pending = [post_seq_to_head(x, ctx.u, n, 0, g) for x in (q, k, v)]
+            backs = []
+            for c in range(n):
+                qc, kc, vc = (to_ring_local(_wait(p), perm) for p in pending)
+                if c + 1 < n:
+                    pending = [post_seq_to_head(x, ctx.u, n, c + 1, g) for x in (q, k, v)]
+                oc, lc = ring_forward(qc, kc, vc, ctx, kernel, scale)
+                backs.append(post_head_to_seq(oc, ctx.u, perm, g))
+                saved.append((qc, kc, vc, oc, lc))
+            for c, b in enumerate(backs):
+                place_heads(_wait(b), out, n, c)
+        fctx.sp = (ctx, plan, kernel, scale, [tuple(x.detach() for x in s) for s in saved])
+        return out
+
+    @staticmethod
+    def backward(fctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        ctx, plan, kernel, scale, saved = fctx.sp
+        dout = dout.contiguous()
+        if ctx.u == 1:
+            q, k, v, out, lse = saved[0]
+            dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx, kernel, scale)
+        else:
+            perm, g, n, u = ctx.layout.gather_perm, ctx.ulysses_group, plan.chunks, ctx.u
+            t = dout.shape[0]
+            dq = dout.new_empty(t, plan.heads, dout.shape[2])
+            dk = dout.new_empty(t, plan.kv_local * u, dout.shape[2])
+            dv = torch.empty_like(dk)
+            pending = post_seq_to_head(dout, u, n, 0, g)
+            backs = []
+            for c in range(n):
+                doc = to_ring_local(_wait(pending), perm)
+                if c + 1 < n:
+                    pending = post_seq_to_head(dout, u, n, c + 1, g)
+                qc, kc, vc, oc, lc = saved[c]
+                grads = ring_backward(doc, qc, kc, vc, oc, lc, ctx, kernel, scale)
+                backs.append([post_head_to_seq(x, u, perm, g) for x in grads])
+            for c, (bq, bk, bv) in enumerate(backs):
+                place_heads(_wait(bq), dq, n, c)
+                place_heads(_wait(bk), dk, n, c)
+                place_heads(_wait(bv), dv, n, c)
+        return dq, plan.reduce_kv_grad(dk), plan.reduce_kv_grad(dv), None
+
+
+def _wait(posted: tuple[Any, torch.Tensor]) -> torch.Tensor:
+    work, recv = posted
+    work.wait()
+    return recv
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> torch.Tensor:
+    """Exact (causal or full) attention of this rank's packed shard; differentiable in q, k and v."""
+    out: torch.Tensor = _SPAttention.apply(q, k, v, ctx)
+    return out

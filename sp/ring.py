@@ -1,0 +1,132 @@
+"""Ring attention over zigzag-sharded, packed variable-length sequences (forward and backward).
+
+Each of the r ring ranks holds a ring-local buffer of q/k/v (see :mod:`sp.layout`). K and V circulate: at
+step t, ring rank i holds the K/V of ring rank ``i - t`` and attends to it. The exchange for step t+1 is
+posted *before* step t's compute (double buffer), so the transfer runs under the compute. Partial results
+merge with the stable log-sum-exp merge of :mod:`sp.merge`. Only pairs of segments of the same sequence
+meet, and causal masking uses true positions, so sequences never see each other.
+
+Backward recomputes block probabilities from the final (out, lse). dK/dV accumulators travel with their
+K/V block: at step t the rank adds its contribution to the block of rank ``i - t`` and forwards it; after
+the last step one more hop brings every accumulator home. The dK/dV hop of step t runs under step t+1's
+compute. ``mode`` lets the benchmark time ``"compute"`` (no exchange) or ``"comm"`` (no compute) alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sp.comm import Exchange, bytes_of, ring_exchange
+from sp.context import SPContext
+from sp.kernels import Kernel, Visibility, classify
+from sp.layout import Segment
+from sp.merge import merge_into
+
+
+@dataclass
+class RingStats:
+    """Bytes this rank sent over the ring (filled when passed to the ring functions)."""
+
+    bytes_sent: int = 0
+    steps: list[float] = field(default_factory=list)
+
+
+Pair = tuple[Segment, Segment, bool, int]  # (q segment, k segment, causal mask?, valid keys)
+
+
+def block_pairs(ctx: SPContext, src: int) -> list[Pair]:
+    """Visible (q segment, k segment) pairs between my ring-local rows and ring rank ``src``'s K/V."""
+    by_seq: dict[int, list[Segment]] = {}
+    for ks in ctx.ring_segments[src]:
+        by_seq.setdefault(ks.seq, []).append(ks)
+    pairs: list[Pair] = []
+    lens = ctx.layout.seqlens
+    for qs in ctx.ring_segments[ctx.ring_rank]:
+        for ks in by_seq.get(qs.seq, ()):
+            vis, nk = classify(qs.pos, qs.length, ks.pos, ks.length, lens[qs.seq], ctx.causal)
+            if vis is not Visibility.SKIP:
+                pairs.append((qs, ks, vis is Visibility.CAUSAL, nk))
+    return pairs
+
+
+def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: RingStats | None) -> Exchange:
+    if mode == "compute":
+        return Exchange([], buf)
+    if stats is not None:
+        stats.bytes_sent += bytes_of(buf)
+    return ring_exchange(buf, ctx.ring_global_ranks, ctx.ring_rank, ctx.ring_group, tag)
+
+
+def ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: SPContext,
+    kernel: Kernel,
+    scale: float,
+    mode: str = "full",
+    stats: RingStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``[T, h, d]``, k/v ``[T, hk, d]`` ring-local -> out ``[T, h, d]``, lse ``[h, T]``."""
+    r, i = ctx.r, ctx.ring_rank
+    out = torch.zeros_like(q)
+    lse = torch.full(
+        (q.shape[1], q.shape[0]),
+        float("-inf"),
+        dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+        device=q.device,
+    )
+    kv = torch.stack([k, v])  # [2, T, hk, d]: one message per step
+    for step in range(r):
+        nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
+        if mode != "comm":
+            for qs, ks, mask, nk in block_pairs(ctx, (i - step) % r):
+                qr = slice(qs.start, qs.start + qs.length)
+                kr = slice(ks.start, ks.start + nk)
+                o, l_ = kernel.forward(q[qr], kv[0, kr], kv[1, kr], qs.pos, ks.pos, mask, scale)
+                merge_into(out[qr], lse[:, qr], o, l_.to(lse.dtype))
+        if nxt is not None:
+            kv = nxt.wait()
+    return out, lse
+
+
+def ring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    ctx: SPContext,
+    kernel: Kernel,
+    scale: float,
+    mode: str = "full",
+    stats: RingStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`ring_forward` for my ring-local q, k, v."""
+    r, i = ctx.r, ctx.ring_rank
+    dq = torch.zeros_like(q)
+    kv = torch.stack([k, v])  # [2, T, hk, d]
+    dkv_in: Exchange | None = None
+    for step in range(r):
+        nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
+        dkv = torch.zeros_like(kv)  # this step's contribution to the block of ring rank i - step
+        if mode != "comm":
+            for qs, ks, mask, nk in block_pairs(ctx, (i - step) % r):
+                qr = slice(qs.start, qs.start + qs.length)
+                kr = slice(ks.start, ks.start + nk)
+                dq_p, dk_p, dv_p = kernel.backward(
+                    dout[qr], q[qr], kv[0, kr], kv[1, kr], out[qr], lse[:, qr], qs.pos, ks.pos, mask, scale
+                )
+                dq[qr] += dq_p
+                dkv[0, kr] += dk_p
+                dkv[1, kr] += dv_p
+        if dkv_in is not None:
+            dkv += dkv_in.wait()
+        dkv_in = _exchange(dkv, ctx, mode, 1, stats) if r > 1 else Exchange([], dkv)
+        if nxt is not None:
+            kv = nxt.wait()
+    dkv_home = dkv_in.wait() if dkv_in is not None else torch.zeros_like(kv)
+    return dq, dkv_home[0], dkv_home[1]
