@@ -1,0 +1,76 @@
+"""Baselines, through the same cost model and the same micro-step split as the planner.
+
+- ``static_<family>``: one (u, r) layout for the whole run, as Megatron CP / DeepSpeed-Ulysses users set it:
+  N / P identical groups (data parallel across them), the best layout of the family whose groups hold the
+  longest sequence; sequences go longest-first to the group that finishes first (a strong balancer, never a
+  round-robin strawman). Families: ``ulysses`` (r = 1), ``ring`` (u = 1), ``hybrid`` (u, r > 1), and
+  ``best_static`` over every layout.
+- ``ulysses_hetero``: FlexSP's setting, heterogeneous group sizes but Ulysses only, planned by our planner.
+- ``greedy``: fluid sizing plus longest-first list scheduling and local search, no MILP.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost import CostModel
+from planner.microsteps import check_lengths, split
+from planner.packing import Bin, list_schedule, makespan
+from planner.planner import Planner, PlannerConfig
+from planner.types import GroupShape
+
+FAMILIES = {
+    "ulysses": lambda s: s.ring == 1,
+    "ring": lambda s: s.ulysses == 1,
+    "hybrid": lambda s: s.ulysses > 1 and s.ring > 1,
+    "any": lambda s: True,
+}
+
+
+def static_step_s(planner: Planner, lengths: np.ndarray, shape: GroupShape) -> float | None:
+    """Step time of one static layout, or None when its groups cannot hold the longest sequence."""
+    cost = planner.cost
+    world = cost.cluster.world
+    if world % shape.size or lengths.max() > cost.tokens_capacity(shape.size):
+        return None
+    full = planner.instance(lengths)
+    work = np.where(full.lengths[:, None] <= full.capacity[None, :], full.tmat * full.sizes[None, :], np.inf)
+
+    def one(ids: np.ndarray) -> float | None:
+        inst = planner.instance(lengths[ids], [shape])
+        bins = [Bin(0) for _ in range(world // shape.size)]
+        return makespan(inst, bins) if list_schedule(inst, bins, list(range(len(ids)))) else None
+
+    try:
+        return float(sum(split(lengths, cost, work.min(axis=1), one, sum)))
+    except ValueError:
+        return None
+
+
+def best_static(planner: Planner, lengths: np.ndarray, family: str) -> tuple[float, GroupShape] | None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown static family {family!r}; valid: {sorted(FAMILIES)}")
+    best = None
+    for shape in planner.shapes:
+        if not FAMILIES[family](shape):
+            continue
+        t = static_step_s(planner, lengths, shape)
+        if t is not None and (best is None or t < best[0]):
+            best = (t, shape)
+    return best
+
+
+def all_baselines(cost: CostModel, lengths: list[int] | np.ndarray, config: PlannerConfig) -> dict[str, float | None]:
+    """Step seconds of every baseline for one batch (None where a baseline cannot run it)."""
+    planner = Planner(cost, config)
+    arr = check_lengths(lengths, cost, planner.shapes)
+    out: dict[str, float | None] = {}
+    for family, name in (("ulysses", "static_ulysses"), ("ring", "static_ring"), ("hybrid", "static_hybrid")):
+        res = best_static(planner, arr, family)
+        out[name] = res[0] if res else None
+    statics = [v for v in out.values() if v is not None]
+    out["best_static"] = min(statics) if statics else None
+    uly = [s for s in planner.shapes if s.ring == 1]
+    out["ulysses_hetero"] = Planner(cost, config, uly).plan(arr).time_s
+    out["greedy"] = Planner(cost, PlannerConfig(**{**config.__dict__, "use_milp": False})).plan(arr).time_s
+    return out

@@ -1,0 +1,153 @@
+"""Turn shape counts into concrete groups: list scheduling, local search, and rank placement.
+
+A *bin* is one SP group: a shape index, its sequences, its work (seconds) and tokens. A group's time is
+``beta + work`` when it runs anything, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.cost import CostModel
+from planner.types import Assignment, GroupShape, MicroStep
+
+
+@dataclass
+class Bin:
+    k: int
+    seqs: list[int] = field(default_factory=list)
+    work: float = 0.0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One micro-step's data: lengths, per-shape times [S, K], shape sizes and token capacities [K]."""
+
+    lengths: np.ndarray
+    tmat: np.ndarray
+    shapes: tuple[GroupShape, ...]
+    sizes: np.ndarray
+    capacity: np.ndarray
+    beta: float
+    world: int
+
+    def time(self, b: Bin) -> float:
+        return self.beta + b.work if b.seqs else 0.0
+
+
+def makespan(inst: Instance, bins: list[Bin]) -> float:
+    return max((inst.time(b) for b in bins), default=0.0)
+
+
+def add(inst: Instance, b: Bin, s: int) -> None:
+    b.seqs.append(s)
+    b.work += float(inst.tmat[s, b.k])
+    b.tokens += int(inst.lengths[s])
+
+
+def remove(inst: Instance, b: Bin, s: int) -> None:
+    b.seqs.remove(s)
+    b.work -= float(inst.tmat[s, b.k])
+    b.tokens -= int(inst.lengths[s])
+
+
+def list_schedule(inst: Instance, bins: list[Bin], seqs: list[int]) -> bool:
+    """Longest first, each sequence to the bin where it would finish earliest (memory permitting)."""
+    for s in sorted(seqs, key=lambda s: -int(inst.lengths[s])):
+        best, best_t = None, np.inf
+        for b in bins:
+            if b.tokens + inst.lengths[s] > inst.capacity[b.k]:
+                continue
+            t = inst.beta + b.work + inst.tmat[s, b.k]
+            if t < best_t:
+                best, best_t = b, t
+        if best is None:
+            return False
+        add(inst, best, s)
+    return True
+
+
+def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400) -> None:
+    """Local search on the slowest group: move one of its sequences elsewhere, or swap one with another
+    group's, whenever that lowers the slower of the two groups below the current makespan. Vectorised over
+    all candidate destinations; ends when no move or swap helps."""
+    n_seq = len(inst.lengths)
+    where = np.full(n_seq, -1)
+    for i, b in enumerate(bins):
+        where[b.seqs] = i
+    kb = np.array([b.k for b in bins])
+    work = np.array([b.work for b in bins])
+    tokens = np.array([b.tokens for b in bins], dtype=np.int64)
+    cap = inst.capacity[kb]
+    lens, tm, beta, eps = inst.lengths, inst.tmat, inst.beta, 1e-12
+    for _ in range(max_rounds):
+        busy = np.bincount(where, minlength=len(bins)) > 0
+        times = np.where(busy, beta + work, 0.0)
+        g = int(np.argmax(times))
+        top = times[g]
+        mine = np.nonzero(where == g)[0]
+        done = False
+        for s in mine[np.argsort(-tm[mine, kb[g]])]:
+            # move s from g to any other bin
+            new = beta + work + tm[s, kb]
+            ok = (tokens + lens[s] <= cap) & (new < top - eps)
+            ok[g] = False
+            if ok.any():
+                h = int(np.argmin(np.where(ok, new, np.inf)))
+                work[g] -= tm[s, kb[g]]
+                work[h] += tm[s, kb[h]]
+                tokens[g] -= lens[s]
+                tokens[h] += lens[s]
+                where[s] = h
+                done = True
+                break
+            # swap s with a sequence s2 of another bin h
+            others = np.nonzero(where != g)[0]
+            if not len(others):
+                continue
+            h2 = where[others]
+            dl = lens[others] - lens[s]
+            new_g = beta + work[g] - tm[s, kb[g]] + tm[others, kb[g]]
+            new_h = beta + work[h2] - tm[others, kb[h2]] + tm[s, kb[h2]]
+            worst = np.maximum(new_g, new_h)
+            ok = (tokens[g] + dl <= cap[g]) & (tokens[h2] - dl <= cap[h2]) & (worst < top - eps)
+            if ok.any():
+                j = int(np.argmin(np.where(ok, worst, np.inf)))
+                s2, h = int(others[j]), int(h2[j])
+                work[g] += tm[s2, kb[g]] - tm[s, kb[g]]
+                work[h] += tm[s, kb[h]] - tm[s2, kb[h]]
+                tokens[g] += dl[j]
+                tokens[h] -= dl[j]
+                where[s], where[s2] = h, g
+                done = True
+                break
+        if not done:
+            break
+    for i, b in enumerate(bins):
+        b.seqs = np.nonzero(where == i)[0].tolist()
+        b.work = float(tm[b.seqs, b.k].sum()) if b.seqs else 0.0
+        b.tokens = int(lens[b.seqs].sum()) if b.seqs else 0
+
+
+def to_micro_step(inst: Instance, bins: list[Bin], seq_ids: np.ndarray, cost: CostModel, bound: float) -> MicroStep:
+    """Place bins on aligned rank ranges (largest first) and map local sequence indices to batch indices."""
+    used = sorted((b for b in bins if b.seqs), key=lambda b: -int(inst.sizes[b.k]))
+    groups, first = [], 0
+    for b in used:
+        size = int(inst.sizes[b.k])
+        groups.append(
+            Assignment(
+                first_rank=first,
+                shape=inst.shapes[b.k],
+                seqs=tuple(int(seq_ids[s]) for s in sorted(b.seqs)),
+                time_s=inst.time(b),
+                memory_gib=cost.memory_gib(b.tokens, size),
+            )
+        )
+        first += size
+    if first > inst.world:
+        raise AssertionError(f"placed {first} GPUs on a world of {inst.world}")
+    return MicroStep(tuple(groups), bound)

@@ -1,0 +1,183 @@
+"""The per-step planner: micro-step split, fluid bound, greedy warm start, MILP search, packing.
+
+``Planner(cost).plan(lengths)`` returns a :class:`~planner.types.StepPlan`. For each micro-step:
+
+1. time every sequence on every candidate shape (``tmat``), drop shapes that are never a sequence's fastest
+   in their size;
+2. the fluid lower bound (:mod:`planner.bounds`) and a greedy plan (fluid sizing + longest-first list
+   scheduling + local search) bracket the optimum;
+3. bisection on the target makespan T: each probe solves the MILP of :mod:`planner.milp` (shape counts and
+   bucket assignment), packs it into groups, runs local search, and keeps the best plan;
+4. stop at ``gap_tol`` between the best plan and the search's lower end, at ``max_probes``, or at the time
+   limit. The reported bound is the fluid bound (valid for the exact problem).
+
+A batch whose tokens do not fit the cluster's memory at once is split into the fewest micro-steps that fit
+(:func:`planner.microsteps.split`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.bounds import fluid_bound
+from planner.bucketing import bucketize
+from planner.candidates import STRATEGIES, candidate_shapes
+from planner.cost import CostModel
+from planner.microsteps import check_lengths, split
+from planner.milp import solve_counts
+from planner.packing import Bin, Instance, improve, list_schedule, makespan, to_micro_step
+from planner.types import GroupShape, MicroStep, StepPlan
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannerConfig:
+    time_limit_s: float = 2.0  # per micro-step, whole search
+    milp_time_limit_s: float = 0.5  # per MILP probe
+    gap_tol: float = 0.01
+    max_probes: int = 8
+    max_buckets: int = 24
+    strategies: tuple[str, ...] = STRATEGIES
+    use_milp: bool = True
+
+
+class Planner:
+    def __init__(
+        self, cost: CostModel, config: PlannerConfig | None = None, shapes: list[GroupShape] | None = None
+    ) -> None:
+        self.cost = cost
+        self.config = config or PlannerConfig()
+        self.world = cost.cluster.world
+        self.shapes = shapes or candidate_shapes(cost.model, self.world, self.config.strategies)
+        self.method = "milp" if self.config.use_milp else "greedy"
+
+    # ---- public ----
+    def plan(self, lengths: list[int] | np.ndarray) -> StepPlan:
+        t0 = time.perf_counter()
+        arr = check_lengths(lengths, self.cost, self.shapes)
+        full = self.instance(arr)
+        work = np.where(full.lengths[:, None] <= full.capacity[None, :], full.tmat * full.sizes[None, :], np.inf)
+        micro = split(
+            arr, self.cost, work.min(axis=1), lambda ids: self.plan_micro(arr, ids), lambda ms: sum(m.time_s for m in ms)
+        )
+        return StepPlan(tuple(int(x) for x in arr), tuple(micro), time.perf_counter() - t0, self.method)
+
+    def instance(self, lengths: np.ndarray, shapes: list[GroupShape] | None = None) -> Instance:
+        shapes = shapes or self.shapes
+        tmat = np.stack([np.asarray(self.cost.seq_time_s(lengths.astype(float), sh)) for sh in shapes], axis=1)
+        sizes = np.array([sh.size for sh in shapes])
+        cap = np.array([self.cost.tokens_capacity(sh.size) for sh in shapes])
+        return Instance(lengths, tmat, tuple(shapes), sizes, cap, self.cost.beta_s, self.world)
+
+    def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray) -> MicroStep | None:
+        """Plan one micro-step over sequences ``ids``; None when it cannot fit in memory."""
+        deadline = time.perf_counter() + self.config.time_limit_s
+        inst = self._pruned(self.instance(all_lengths[ids]))
+        fits = inst.lengths[:, None] <= inst.capacity[None, :]
+        if inst.lengths.sum() > inst.capacity.max() / inst.sizes.max() * self.world:
+            return None
+        bound = fluid_bound(inst.tmat, inst.sizes.astype(float), fits, self.world, inst.beta)
+        best = self._greedy(inst, bound)
+        if self.config.use_milp:
+            best = self._search(inst, bound, best, deadline)
+        if best is None:
+            return None
+        return to_micro_step(inst, best, ids, self.cost, bound)
+
+    # ---- steps ----
+    def _pruned(self, inst: Instance) -> Instance:
+        """Keep, per size, the shapes that are some sequence's fastest of that size."""
+        keep = []
+        for size in sorted(set(inst.sizes.tolist())):
+            ks = np.nonzero(inst.sizes == size)[0]
+            winners = set(ks[np.argmin(inst.tmat[:, ks], axis=1)].tolist())
+            keep.extend(sorted(winners))
+        keep_a = np.array(keep)
+        return Instance(
+            inst.lengths,
+            inst.tmat[:, keep_a],
+            tuple(inst.shapes[k] for k in keep),
+            inst.sizes[keep_a],
+            inst.capacity[keep_a],
+            inst.beta,
+            inst.world,
+        )
+
+    def _greedy(self, inst: Instance, bound: float) -> list[Bin] | None:
+        """Fluid sizing at the bound, then longest-first list scheduling and local search."""
+        budget = max(bound - inst.beta, 1e-12)
+        fits = (inst.lengths[:, None] <= inst.capacity[None, :]) & (inst.tmat <= budget * (1 + 1e-9))
+        gpu_time = np.where(fits, inst.tmat * inst.sizes[None, :], np.inf)
+        choice = np.argmin(gpu_time, axis=1)
+        load = np.bincount(choice, weights=inst.tmat[np.arange(len(choice)), choice], minlength=len(inst.sizes))
+        n = np.where(load > 0, np.maximum(1, np.floor(load / budget + 1e-9)), 0).astype(int)
+        while (n * inst.sizes).sum() > self.world:
+            used = np.nonzero(n)[0]
+            k = used[np.argmin(load[used] / n[used])]
+            n[k] -= 1
+        bins = [Bin(int(k)) for k in range(len(n)) for _ in range(n[k])]
+        bins += self._fill(inst, self.world - int((n * inst.sizes).sum()))
+        if not list_schedule(inst, bins, list(range(len(inst.lengths)))):
+            return None
+        improve(inst, bins)
+        return bins
+
+    def _fill(self, inst: Instance, free: int) -> list[Bin]:
+        """Extra groups on leftover GPUs: the largest power-of-two sizes, each with its fastest shape."""
+        extra: list[Bin] = []
+        while free > 0:
+            size = 1 << (free.bit_length() - 1)
+            ks = np.nonzero(inst.sizes <= size)[0]
+            if len(ks) == 0:
+                break
+            size = int(inst.sizes[ks].max())
+            ks = ks[inst.sizes[ks] == size]
+            extra.append(Bin(int(ks[np.argmin(inst.tmat[:, ks].mean(axis=0))])))
+            free -= size
+        return extra
+
+    def _search(self, inst: Instance, bound: float, best: list[Bin] | None, deadline: float) -> list[Bin] | None:
+        buckets = bucketize(inst.lengths, self.config.max_buckets)
+        nb = int(buckets.max()) + 1
+        counts = np.bincount(buckets, minlength=nb)
+        tbar = np.stack([np.bincount(buckets, weights=inst.tmat[:, k], minlength=nb) for k in range(len(inst.sizes))], 1)
+        tbar /= counts[:, None]
+        tmax = np.full_like(tbar, 0.0)
+        np.maximum.at(tmax, buckets, inst.tmat)
+        lmax = np.zeros(nb)
+        np.maximum.at(lmax, buckets, inst.lengths.astype(float))
+        best_t = makespan(inst, best) if best is not None else math.inf
+        lo, hi = bound, best_t if math.isfinite(best_t) else bound * 4
+        for probe in range(self.config.max_probes):
+            if hi - lo <= self.config.gap_tol * hi or time.perf_counter() > deadline:
+                break
+            target = lo + (hi - lo) * (0.25 if probe == 0 else 0.5)
+            left = max(1e-3, min(self.config.milp_time_limit_s, deadline - time.perf_counter()))
+            res = solve_counts(counts, tbar, tmax, lmax, inst.sizes, inst.capacity, self.world, target - inst.beta, left)
+            if not res.feasible:
+                lo = target
+                continue
+            hi = target
+            bins = self._realise(inst, buckets, res.x, res.n)
+            if bins is not None and makespan(inst, bins) < best_t:
+                best, best_t = bins, makespan(inst, bins)
+        return best
+
+    def _realise(self, inst: Instance, buckets: np.ndarray, x: np.ndarray, n: np.ndarray) -> list[Bin] | None:
+        bins = [Bin(int(k)) for k in range(len(n)) for _ in range(int(n[k]))]
+        bins += self._fill(inst, self.world - int((n * inst.sizes).sum()))
+        left = x.copy()
+        by_shape: dict[int, list[int]] = {}
+        for s in np.argsort(-inst.lengths, kind="stable"):
+            ks = np.nonzero(left[buckets[s]])[0]
+            k = int(ks[np.argmax(inst.sizes[ks])])  # longest of a bucket to the largest shape it uses
+            left[buckets[s], k] -= 1
+            by_shape.setdefault(k, []).append(int(s))
+        for k, seqs in by_shape.items():
+            if not list_schedule(inst, [b for b in bins if b.k == k], seqs):
+                return None
+        improve(inst, bins)
+        return bins

@@ -1,0 +1,1 @@
+"""Console entry points (the only place Hydra is imported)."""

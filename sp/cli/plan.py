@@ -1,0 +1,72 @@
+"""``sp-plan``: dry-run planner for a cluster you may not have. Hydra overrides on the command line, e.g.
+
+    sp-plan cluster=a100x64_flexsp model=gpt-7b lengths.path=FILE lengths.global_batch=512 output.format=json
+    sp-plan cluster=h100x64 model=llama3-8b lengths.fixed=[1048576]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = os.environ.get("SP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs"))
+
+
+def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
+    from planner.baselines import all_baselines
+    from planner.cost import CostModel
+    from planner.lengths import read_lengths, sample_steps
+    from planner.planner import Planner, PlannerConfig
+    from planner.report import plan_json, summarise, table
+    from planner.types import Cluster, ModelShape
+    from sp.cli.schema import freeze
+
+    cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, cfg.zero_stage)
+    pcfg = freeze(PlannerConfig, cfg.planner)
+    lc = cfg.lengths
+    if lc.fixed:
+        batches = [list(lc.fixed)]
+    elif lc.path:
+        batches = sample_steps(read_lengths(lc.path), lc.global_batch, lc.steps, lc.max_len, lc.seed)
+    else:
+        raise ValueError("no lengths: set lengths.path=FILE (.txt[.gz]/.jsonl/.npy) or lengths.fixed=[N,...]")
+    planner = Planner(cost, pcfg)
+    plans = [planner.plan(b) for b in batches]
+    bases = [all_baselines(cost, b, pcfg) if cfg.output.baselines else {} for b in batches]
+    summary = summarise(cost, plans, bases)
+    if cfg.output.picture:
+        from planner.picture import draw_gantt
+
+        draw_gantt(plans[0], cost, cfg.output.picture, f"{cost.cluster.name} / {cost.model.name}")
+    result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": summary}
+    if cfg.output.format == "json":
+        result["first_step"] = plan_json(plans[0])
+        print(json.dumps(result))
+    elif cfg.output.format == "table":
+        print(f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}, {len(plans)} step(s)")
+        print(table(plans[0], summary))
+    else:
+        raise ValueError(f"output.format={cfg.output.format!r}; valid: 'table', 'json'")
+    return result
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from sp.cli.schema import register
+
+    register()
+
+    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="plan")
+    def _app(cfg) -> None:
+        try:
+            run(OmegaConf.to_object(cfg))
+        except ValueError as e:
+            print(f"sp-plan: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    _app()

@@ -1,0 +1,90 @@
+"""Hydra schemas: mutable twins of the frozen runtime dataclasses, registered in Hydra's ConfigStore.
+
+Hydra cannot override fields of frozen dataclasses, so every frozen type gets a generated mutable twin with the
+same fields and defaults; entry points convert back with :func:`freeze` after ``OmegaConf.to_object``.
+Unknown keys are errors because every node is a structured config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.planner import PlannerConfig
+from planner.types import Cluster, ModelShape
+
+_TWINS: dict[type, type] = {}
+
+
+def twin(cls: type) -> type:
+    """A mutable dataclass with the fields, types and defaults of the frozen dataclass ``cls``."""
+    if cls not in _TWINS:
+        hints = typing.get_type_hints(cls)
+        fields = []
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                spec = field(default=f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                spec = field(default_factory=f.default_factory)
+            else:
+                spec = field(default="???")  # required: OmegaConf MISSING until a config sets it
+            fields.append((f.name, hints[f.name], spec))
+        _TWINS[cls] = dataclasses.make_dataclass(f"{cls.__name__}Schema", fields, kw_only=True)
+    return _TWINS[cls]
+
+
+def freeze(cls: type, obj: Any) -> Any:
+    """Build the frozen ``cls`` from its twin instance (lists become tuples where the field is a tuple)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(obj, f.name)
+        if typing.get_origin(hints[f.name]) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+ClusterSchema = twin(Cluster)
+ModelSchema = twin(ModelShape)
+PlannerSchema = twin(PlannerConfig)
+
+
+@dataclass
+class LengthsSchema:
+    path: str | None = None  # .txt[.gz] (one length per line), .jsonl or .npy
+    fixed: list[int] = field(default_factory=list)  # plan exactly this batch (one step)
+    global_batch: int = 512
+    steps: int = 20
+    max_len: int = 262144
+    seed: int = 0
+
+
+@dataclass
+class OutputSchema:
+    format: str = "table"  # table | json
+    picture: str | None = None  # PNG path: Gantt chart of the first step
+    baselines: bool = True
+
+
+@dataclass
+class PlanJobSchema:
+    cluster: Any = field(default_factory=ClusterSchema)
+    model: Any = field(default_factory=ModelSchema)
+    planner: Any = field(default_factory=PlannerSchema)
+    lengths: LengthsSchema = field(default_factory=LengthsSchema)
+    output: OutputSchema = field(default_factory=OutputSchema)
+    causal: bool = True
+    zero_stage: int = 3
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="plan_schema", node=PlanJobSchema)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterSchema)
+    cs.store(group="model", name="model_schema", node=ModelSchema)
+    cs.store(group="planner", name="planner_schema", node=PlannerSchema)
