@@ -36,13 +36,14 @@ def static_step_s(planner: Planner, lengths: np.ndarray, shape: GroupShape) -> f
     full = planner.instance(lengths)
     work = np.where(full.lengths[:, None] <= full.capacity[None, :], full.tmat * full.sizes[None, :], np.inf)
 
-    def one(ids: np.ndarray) -> float | None:
+    def one(ids: np.ndarray) -> float | None:  # the makespan of one micro-step, None if it does not fit
         inst = planner.instance(lengths[ids], [shape])
         bins = [Bin(0) for _ in range(world // shape.size)]
         return makespan(inst, bins) if list_schedule(inst, bins, list(range(len(ids)))) else None
 
     try:
-        return float(sum(split(lengths, cost, work.min(axis=1), one, sum)))
+        parts: list[float] = split(lengths, cost, work.min(axis=1), one, sum)
+        return float(sum(parts))
     except ValueError:
         return None
 

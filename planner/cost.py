@@ -103,9 +103,7 @@ class CostModel:
         return m.layers * exposed
 
     def seq_time_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
-        return (
-            self.compute_s(length, shape.size) + self.a2a_s(length, shape) + self.ring_exposed_s(length, shape)
-        )
+        return self.compute_s(length, shape.size) + self.a2a_s(length, shape) + self.ring_exposed_s(length, shape)
 
     @property
     def beta_s(self) -> float:

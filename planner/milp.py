@@ -11,7 +11,9 @@ many sequences of each length bucket each shape runs (``x_bk``, integer), such t
          x_bk = 0 where tmax_bk > T - beta or Lmax_b > C_k/1  a sequence is never split across groups
          n_k <= N / P_k,  x, n integer
 
-T is feasible when such a point exists (leftover GPUs join as extra groups). The planner searches
+T is feasible when such a point exists (leftover GPUs join as extra groups). Small micro-steps use the exact
+model instead (:func:`solve_instances`: one binary per (sequence, group instance)), for which infeasibility
+at T proves that no plan reaches T. The planner searches
 T between the fluid lower bound and the greedy plan (bisection), packs each feasible solution into concrete
 groups, and keeps the best packed plan. Fixing T makes the model linear (``n_k * T`` would be bilinear).
 """
@@ -50,6 +52,50 @@ class MilpResult:
     dual_bound: float
 
 
+INFEASIBLE = np.zeros(0, dtype=np.int64)  # sentinel: the solver proved that no point exists
+
+
+def _solve(
+    cols: int, rows: list[int], colidx: list[int], vals: list[float], row_lo, row_hi, col_hi, time_limit_s: float
+) -> np.ndarray | None:
+    """Solve the all-integer feasibility problem ``row_lo <= A x <= row_hi, 0 <= x <= col_hi``: a point,
+    ``INFEASIBLE`` when proven impossible, or None when the time limit came first."""
+    order = np.lexsort((np.array(rows), np.array(colidx)))
+    r_a, c_a, v_a = np.array(rows)[order], np.array(colidx)[order], np.array(vals, dtype=float)[order]
+    lp = highspy.HighsLp()
+    lp.num_col_ = cols
+    lp.num_row_ = len(row_lo)
+    lp.col_cost_ = np.zeros(cols)  # pure feasibility: HiGHS stops at the first plan that fits
+    lp.col_lower_ = np.zeros(cols)
+    lp.col_upper_ = np.asarray(col_hi, dtype=float)
+    lp.row_lower_ = np.asarray(row_lo, dtype=float)
+    lp.row_upper_ = np.asarray(row_hi, dtype=float)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.searchsorted(c_a, np.arange(cols + 1)).astype(np.int32)
+    lp.a_matrix_.index_ = r_a.astype(np.int32)
+    lp.a_matrix_.value_ = v_a
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * cols
+    with _quiet_stdout():
+        h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("threads", 1)
+    h.passModel(lp)
+    h.run()
+    if h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:
+        return INFEASIBLE
+    if h.getInfo().primal_solution_status != 2:  # 2 = feasible point found
+        return None
+    return np.round(np.asarray(h.getSolution().col_value)).astype(np.int64)
+
+
+def proven_infeasible(result: object) -> bool:
+    return result is INFEASIBLE
+
+
+INF = highspy.kHighsInf
+
+
 def solve_counts(
     counts: np.ndarray,  # [B] sequences per bucket
     tbar: np.ndarray,  # [B, K] mean seconds of a bucket's sequence on shape k
@@ -61,54 +107,83 @@ def solve_counts(
     budget_s: float,
     time_limit_s: float,
 ) -> MilpResult:
+    """Aggregated model: ``n_k`` groups per shape share shape k's work (see the module docstring)."""
     b_n, k_n = tbar.shape
     allowed = (tmax <= budget_s) & (lmax[:, None] <= capacity[None, :])
+    empty = MilpResult(False, 0, np.zeros(k_n), np.zeros((b_n, k_n)), 0.0)
     if not allowed.any(axis=1).all():
-        return MilpResult(False, 0, np.zeros(k_n), np.zeros((b_n, k_n)), float("inf"))
+        return empty
     bi, ki = np.nonzero(allowed)
     nx = len(bi)
-    ncol = nx + k_n
-    # columns: x (allowed pairs) then n_k; rows: B assignment, K time, K memory
+    # columns: x (allowed pairs) then n_k; rows: B assignment, K time, K memory, 1 GPU count
     rows, cols, vals = [], [], []
-    for c, (b, k) in enumerate(zip(bi, ki)):
+    for c, (b, k) in enumerate(zip(bi.tolist(), ki.tolist())):
         rows += [b, b_n + k, b_n + k_n + k]
         cols += [c, c, c]
         vals += [1.0, float(tbar[b, k]), float(lmax[b])]
-    for k in range(k_n):
+    for k in range(k_n):  # noqa: B007 - k indexes rows and columns
         rows += [b_n + k, b_n + k_n + k, b_n + 2 * k_n]
-        cols += [nx + k, nx + k, nx + k]
+        cols += [nx + k] * 3
         vals += [-budget_s, -float(capacity[k]), float(sizes[k])]
-    order = np.lexsort((np.array(rows), np.array(cols)))
-    rows_a, cols_a, vals_a = np.array(rows)[order], np.array(cols)[order], np.array(vals)[order]
-    lp = highspy.HighsLp()
-    lp.num_col_ = ncol
-    lp.num_row_ = b_n + 2 * k_n + 1
-    lp.col_cost_ = np.zeros(ncol)  # pure feasibility: HiGHS stops at the first plan that fits
-    lp.col_lower_ = np.zeros(ncol)
-    lp.col_upper_ = np.concatenate([counts[bi].astype(float), (world // sizes).astype(float)])
-    lp.row_lower_ = np.concatenate([counts.astype(float), np.full(2 * k_n + 1, -highspy.kHighsInf)])
-    lp.row_upper_ = np.concatenate([counts.astype(float), np.zeros(2 * k_n), [float(world)]])
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.searchsorted(cols_a, np.arange(ncol + 1)).astype(np.int32)
-    lp.a_matrix_.index_ = rows_a.astype(np.int32)
-    lp.a_matrix_.value_ = vals_a
-    lp.integrality_ = [highspy.HighsVarType.kInteger] * ncol
-    with _quiet_stdout():
-        h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(time_limit_s))
-    h.setOptionValue("mip_rel_gap", 1e-4)
-    h.setOptionValue("threads", 1)
-    h.passModel(lp)
-    h.run()
-    status = h.getModelStatus()
-    info = h.getInfo()
-    dual = float(info.mip_dual_bound) if info.mip_dual_bound == info.mip_dual_bound else 0.0
-    if status not in (highspy.HighsModelStatus.kOptimal,) and info.primal_solution_status != 2:
-        return MilpResult(False, 0, np.zeros(k_n), np.zeros((b_n, k_n)), dual)
-    sol = np.round(np.asarray(h.getSolution().col_value)).astype(np.int64)
+    row_lo = np.concatenate([counts, np.full(2 * k_n + 1, -INF)])
+    row_hi = np.concatenate([counts, np.zeros(2 * k_n), [world]])
+    col_hi = np.concatenate([counts[bi], world // sizes])
+    sol = _solve(nx + k_n, rows, cols, vals, row_lo, row_hi, col_hi, time_limit_s)
+    if sol is None or sol is INFEASIBLE:
+        return empty
     x = np.zeros((b_n, k_n), dtype=np.int64)
     x[bi, ki] = sol[:nx]
     n = sol[nx:]
-    gpus = int((n * sizes).sum())
-    return MilpResult(gpus <= world, gpus, n, x, dual)
+    return MilpResult(True, int((n * sizes).sum()), n, x, 0.0)
+
+
+def solve_instances(
+    lengths: np.ndarray,  # [S] exact lengths
+    tmat: np.ndarray,  # [S, K] exact seconds
+    sizes: np.ndarray,
+    capacity: np.ndarray,
+    world: int,
+    budget_s: float,
+    time_limit_s: float,
+) -> list[tuple[int, list[int]]] | np.ndarray | None:
+    """Exact model for small micro-steps: one binary per candidate group instance, one per (sequence, instance).
+
+    Instances of shape k: ``min(N / P_k, S)``, used in order (``z_ki >= z_k,i+1``, symmetry breaking). Returns
+    the groups ``(shape, sequences)`` of a plan whose every group's work is <= ``budget_s``; ``INFEASIBLE``
+    when the solver proved there is none; None when it ran out of time.
+    """
+    s_n, k_n = tmat.shape
+    inst = [(k, i) for k in range(k_n) for i in range(min(world // int(sizes[k]), s_n))]
+    ok = (tmat <= budget_s) & (lengths[:, None] <= capacity[None, :])
+    if not ok.any(axis=1).all():
+        return INFEASIBLE
+    pairs = [(s, j) for j, (k, _) in enumerate(inst) for s in range(s_n) if ok[s, k]]
+    nz = len(inst)
+    rows, cols, vals = [], [], []
+    # rows: S assignment | I time | I memory | I link (x <= z) folded into time | 1 GPU count | I-1 symmetry
+    for c, (s, j) in enumerate(pairs):
+        k = inst[j][0]
+        rows += [s, s_n + j, s_n + nz + j]
+        cols += [nz + c] * 3
+        vals += [1.0, float(tmat[s, k]), float(lengths[s])]
+    sym = 0
+    for j, (k, i) in enumerate(inst):
+        rows += [s_n + j, s_n + nz + j, s_n + 2 * nz]
+        cols += [j] * 3
+        vals += [-budget_s - 1e-12, -float(capacity[k]), float(sizes[k])]
+        if i > 0:
+            rows += [s_n + 2 * nz + 1 + sym, s_n + 2 * nz + 1 + sym]
+            cols += [j - 1, j]
+            vals += [1.0, -1.0]
+            sym += 1
+    row_lo = np.concatenate([np.ones(s_n), np.full(2 * nz + 1, -INF), np.zeros(sym)])
+    row_hi = np.concatenate([np.ones(s_n), np.zeros(2 * nz), [world], np.full(sym, INF)])
+    col_hi = np.ones(nz + len(pairs))
+    sol = _solve(nz + len(pairs), rows, cols, vals, row_lo, row_hi, col_hi, time_limit_s)
+    if sol is None or sol is INFEASIBLE:
+        return sol
+    groups: dict[int, list[int]] = {}
+    for c, (s, j) in enumerate(pairs):
+        if sol[nz + c]:
+            groups.setdefault(j, []).append(s)
+    return [(inst[j][0], seqs) for j, seqs in groups.items()]

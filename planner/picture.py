@@ -26,7 +26,9 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
                 d = float(cost.seq_time_s(float(plan.lengths[s]), g.shape))
                 ax.barh(row, d, left=t, color=COLOURS[g.shape.strategy], edgecolor="white", linewidth=0.5)
                 if d > 0.06 * plan.time_s:
-                    ax.text(t + d / 2, row, f"{plan.lengths[s] // 1024}K", ha="center", va="center", fontsize=7, color="w")
+                    ax.text(
+                        t + d / 2, row, f"{plan.lengths[s] // 1024}K", ha="center", va="center", fontsize=7, color="w"
+                    )
                 t += d
         x0 += micro.time_s
         if mi + 1 < len(plan.micro_steps):

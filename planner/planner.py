@@ -11,6 +11,9 @@
 4. stop at ``gap_tol`` between the best plan and the search's lower end, at ``max_probes``, or at the time
    limit. The reported bound is the fluid bound (valid for the exact problem).
 
+Small micro-steps (``exact_max_pairs``) skip pruning and use the exact instance model instead of 3.: every
+infeasible probe then proves its T unreachable, so the bound rises to meet the plan (optimal up to ``gap_tol``).
+
 A batch whose tokens do not fit the cluster's memory at once is split into the fewest micro-steps that fit
 (:func:`planner.microsteps.split`).
 """
@@ -28,8 +31,8 @@ from planner.bucketing import bucketize
 from planner.candidates import STRATEGIES, candidate_shapes
 from planner.cost import CostModel
 from planner.microsteps import check_lengths, split
-from planner.milp import solve_counts
-from planner.packing import Bin, Instance, improve, list_schedule, makespan, to_micro_step
+from planner.milp import proven_infeasible, solve_counts, solve_instances
+from planner.packing import Bin, Instance, add, improve, list_schedule, makespan, to_micro_step
 from planner.types import GroupShape, MicroStep, StepPlan
 
 
@@ -42,6 +45,7 @@ class PlannerConfig:
     max_buckets: int = 24
     strategies: tuple[str, ...] = STRATEGIES
     use_milp: bool = True
+    exact_max_pairs: int = 1500  # micro-steps with at most this many (sequence, group instance) pairs solve exactly
 
 
 class Planner:
@@ -61,7 +65,11 @@ class Planner:
         full = self.instance(arr)
         work = np.where(full.lengths[:, None] <= full.capacity[None, :], full.tmat * full.sizes[None, :], np.inf)
         micro = split(
-            arr, self.cost, work.min(axis=1), lambda ids: self.plan_micro(arr, ids), lambda ms: sum(m.time_s for m in ms)
+            arr,
+            self.cost,
+            work.min(axis=1),
+            lambda ids: self.plan_micro(arr, ids),
+            lambda ms: sum(m.time_s for m in ms),
         )
         return StepPlan(tuple(int(x) for x in arr), tuple(micro), time.perf_counter() - t0, self.method)
 
@@ -75,17 +83,54 @@ class Planner:
     def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray) -> MicroStep | None:
         """Plan one micro-step over sequences ``ids``; None when it cannot fit in memory."""
         deadline = time.perf_counter() + self.config.time_limit_s
-        inst = self._pruned(self.instance(all_lengths[ids]))
+        inst = self.instance(all_lengths[ids])
+        exact = self._exact_size(inst) <= self.config.exact_max_pairs
+        if not exact:
+            inst = self._pruned(inst)
         fits = inst.lengths[:, None] <= inst.capacity[None, :]
         if inst.lengths.sum() > inst.capacity.max() / inst.sizes.max() * self.world:
             return None
         bound = fluid_bound(inst.tmat, inst.sizes.astype(float), fits, self.world, inst.beta)
         best = self._greedy(inst, bound)
-        if self.config.use_milp:
+        if self.config.use_milp and exact:
+            best, bound = self._search_exact(inst, bound, best, deadline)
+        elif self.config.use_milp:
             best = self._search(inst, bound, best, deadline)
         if best is None:
             return None
         return to_micro_step(inst, best, ids, self.cost, bound)
+
+    def _exact_size(self, inst: Instance) -> int:
+        n = len(inst.lengths)
+        return n * sum(min(self.world // int(p), n) for p in inst.sizes)
+
+    def _search_exact(
+        self, inst: Instance, bound: float, best: list[Bin] | None, deadline: float
+    ) -> tuple[list[Bin] | None, float]:
+        """Bisection on T with the exact instance model: an infeasible probe proves a better bound."""
+        best_t = makespan(inst, best) if best is not None else math.inf
+        lo, hi = bound, best_t if math.isfinite(best_t) else bound * 4
+        for _ in range(self.config.max_probes * 3):
+            if hi - lo <= self.config.gap_tol * hi + 1e-12 * hi or time.perf_counter() > deadline:
+                break
+            target = 0.5 * (lo + hi)
+            left = max(1e-3, min(self.config.milp_time_limit_s, deadline - time.perf_counter()))
+            res = solve_instances(
+                inst.lengths, inst.tmat, inst.sizes, inst.capacity, self.world, target - inst.beta, left
+            )
+            if res is None:
+                break  # out of time: keep what we have
+            if proven_infeasible(res):
+                lo = target
+                continue
+            bins = [Bin(k) for k, _ in res]
+            for b, (_, seqs) in zip(bins, res):
+                for s in seqs:
+                    add(inst, b, s)
+            hi = makespan(inst, bins)
+            if hi < best_t:
+                best, best_t = bins, hi
+        return best, max(bound, lo)
 
     # ---- steps ----
     def _pruned(self, inst: Instance) -> Instance:
@@ -142,9 +187,11 @@ class Planner:
     def _search(self, inst: Instance, bound: float, best: list[Bin] | None, deadline: float) -> list[Bin] | None:
         buckets = bucketize(inst.lengths, self.config.max_buckets)
         nb = int(buckets.max()) + 1
-        counts = np.bincount(buckets, minlength=nb)
-        tbar = np.stack([np.bincount(buckets, weights=inst.tmat[:, k], minlength=nb) for k in range(len(inst.sizes))], 1)
-        tbar /= counts[:, None]
+        counts = np.bincount(buckets, minlength=nb).astype(float)
+        tbar = np.stack(
+            [np.bincount(buckets, weights=inst.tmat[:, k], minlength=nb) for k in range(len(inst.sizes))], 1
+        )
+        tbar = np.asarray(tbar, dtype=float) / counts[:, None]
         tmax = np.full_like(tbar, 0.0)
         np.maximum.at(tmax, buckets, inst.tmat)
         lmax = np.zeros(nb)
@@ -156,7 +203,9 @@ class Planner:
                 break
             target = lo + (hi - lo) * (0.25 if probe == 0 else 0.5)
             left = max(1e-3, min(self.config.milp_time_limit_s, deadline - time.perf_counter()))
-            res = solve_counts(counts, tbar, tmax, lmax, inst.sizes, inst.capacity, self.world, target - inst.beta, left)
+            res = solve_counts(
+                counts, tbar, tmax, lmax, inst.sizes, inst.capacity, self.world, target - inst.beta, left
+            )
             if not res.feasible:
                 lo = target
                 continue

@@ -11,9 +11,11 @@ from planner.types import StepPlan
 def model_flops(cost: CostModel, lengths: tuple[int, ...]) -> float:
     """Useful training FLOPs of a batch (no recomputation counted)."""
     m = cost.model
-    arr = np.asarray(lengths, dtype=float)
+    arr: np.ndarray = np.asarray(lengths, dtype=float)
     recompute = 4.0 / 3.0 if m.checkpointing == "full" else 1.0
-    return float((6.0 * (m.linear_params + m.vocab * m.hidden) * arr).sum() + cost.attention_flops(arr).sum() / recompute)
+    return float(
+        (6.0 * (m.linear_params + m.vocab * m.hidden) * arr).sum() + np.sum(cost.attention_flops(arr)) / recompute
+    )
 
 
 def summarise(cost: CostModel, plans: list[StepPlan], baselines: list[dict[str, float | None]]) -> dict:
@@ -42,8 +44,9 @@ def summarise(cost: CostModel, plans: list[StepPlan], baselines: list[dict[str, 
         "baselines": base,
     }
     for k in ("best_static", "ulysses_hetero", "greedy"):
-        if base.get(k):
-            out[f"speedup_vs_{k}"] = base[k] / planned
+        ref = base.get(k)
+        if ref:
+            out[f"speedup_vs_{k}"] = ref / planned
     return out
 
 
@@ -78,12 +81,14 @@ def table(plan: StepPlan, summary: dict) -> str:
             longest = max(plan.lengths[s] for s in g.seqs)
             ranks = f"{g.first_rank}-{g.first_rank + g.shape.size - 1}"
             lines.append(
-                f"{i:>5} {ranks:>9} {str(g.shape):>22} {len(g.seqs):>5} {longest:>8} {g.time_s:>8.3f} {g.memory_gib:>8.1f}"
+                f"{i:>5} {ranks:>9} {str(g.shape):>22} {len(g.seqs):>5} {longest:>8} "
+                f"{g.time_s:>8.3f} {g.memory_gib:>8.1f}"
             )
     lines.append("")
     lines.append(
         f"planned step {summary['planned_step_s']:.3f} s | lower bound {summary['lower_bound_s']:.3f} s | "
-        f"gap {summary['gap']:.1%} | solve p50 {summary['solve_s_p50'] * 1e3:.0f} ms, max {summary['solve_s_max'] * 1e3:.0f} ms"
+        f"gap {summary['gap']:.1%} | solve p50 {summary['solve_s_p50'] * 1e3:.0f} ms, "
+        f"max {summary['solve_s_max'] * 1e3:.0f} ms"
     )
     lines.append(
         f"peak memory {summary['peak_memory_gib']:.1f} / {summary['memory_limit_gib']} GiB per GPU | "

@@ -1,7 +1,7 @@
 """``sp-plan``: dry-run planner for a cluster you may not have. Hydra overrides on the command line, e.g.
 
-    sp-plan cluster=a100x64_flexsp model=gpt-7b lengths.path=FILE lengths.global_batch=512 output.format=json
-    sp-plan cluster=h100x64 model=llama3-8b lengths.fixed=[1048576]
+sp-plan cluster=a100x64_flexsp model=gpt-7b lengths.path=FILE lengths.global_batch=512 output.format=json
+sp-plan cluster=h100x64 model=llama3-8b lengths.fixed=[1048576]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, cfg.zero_stage)
     pcfg = freeze(PlannerConfig, cfg.planner)
     lc = cfg.lengths
+    batches: list = []
     if lc.fixed:
         batches = [list(lc.fixed)]
     elif lc.path:
