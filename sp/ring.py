@@ -34,6 +34,7 @@ class RingStats:
 
 
 Pair = tuple[Segment, Segment, bool, int]  # (q segment, k segment, causal mask?, valid keys)
+CAUSAL_TILE = 512  # query rows per tile of a causal diagonal block
 
 
 def block_pairs(ctx: SPContext, src: int) -> list[Pair]:
@@ -46,9 +47,24 @@ def block_pairs(ctx: SPContext, src: int) -> list[Pair]:
     for qs in ctx.ring_segments[ctx.ring_rank]:
         for ks in by_seq.get(qs.seq, ()):
             vis, nk = classify(qs.pos, qs.length, ks.pos, ks.length, lens[qs.seq], ctx.causal)
-            if vis is not Visibility.SKIP:
+            if vis is Visibility.CAUSAL and qs.length > CAUSAL_TILE:
+                pairs.extend(_causal_tiles(qs, ks, nk))
+            elif vis is not Visibility.SKIP:
                 pairs.append((qs, ks, vis is Visibility.CAUSAL, nk))
     return pairs
+
+
+def _causal_tiles(qs: Segment, ks: Segment, nk: int) -> list[Pair]:
+    """Split a causal pair into query tiles, each against the keys up to its last position, so the kernel
+    skips the masked upper triangle (about half the work of a long diagonal block)."""
+    out: list[Pair] = []
+    for a in range(0, qs.length, CAUSAL_TILE):
+        n = min(CAUSAL_TILE, qs.length - a)
+        tile = Segment(qs.seq, qs.start + a, n, qs.pos + a)
+        keys = min(nk, tile.pos + n - ks.pos)
+        if keys > 0:
+            out.append((tile, ks, tile.pos < ks.pos + keys - 1, keys))
+    return out
 
 
 def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: RingStats | None) -> Exchange:

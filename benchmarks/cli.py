@@ -1,0 +1,54 @@
+"""``sp-bench``: benchmarks that print one JSON object per line.
+
+    sp-bench attention [--world 4] [--tokens 16384 65536]
+    sp-bench planner --lengths ../shared/data/lengths/wikipedia.txt.gz [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="sp-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("attention", help="SP attention fwd+bwd per strategy on gloo ranks")
+    a.add_argument("--world", type=int, default=4)
+    a.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
+    a.add_argument("--scaling", action="store_true", help="also run P=1,2 at the smallest size (memory ~1/P)")
+    p = sub.add_parser("planner", help="planner vs baselines on real lengths, and solve time at scale")
+    p.add_argument("--lengths", default=os.environ.get("SP_LENGTHS", "../shared/data/lengths/wikipedia.txt.gz"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--global-batch", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=262144)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale-seqs", type=int, default=4096)
+    p.add_argument("--scale-nodes", type=int, default=128)
+    p.add_argument("--scale-steps", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.cmd == "attention":
+        from benchmarks.attention import run
+
+        shapes = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)], 8: [(8, 1), (1, 8), (4, 2), (2, 4)]}
+        if args.world not in shapes:
+            raise SystemExit(f"--world must be one of {sorted(shapes)}, got {args.world}")
+        rows = run(args.world, args.tokens, shapes[args.world])
+        if args.scaling:
+            for w in (1, 2):
+                rows += run(w, [min(args.tokens)], shapes[w])
+        for row in rows:
+            print(json.dumps(row), flush=True)
+    else:
+        from benchmarks.planner_bench import quality, scale
+
+        print(json.dumps(quality(args.lengths, args.steps, args.global_batch, args.max_len, args.seed)), flush=True)
+        print(
+            json.dumps(scale(args.lengths, args.scale_seqs, args.scale_nodes, args.scale_steps, args.max_len, args.seed)),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
