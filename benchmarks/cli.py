@@ -1,7 +1,7 @@
 """``sp-bench``: benchmarks that print one JSON object per line.
 
-    sp-bench attention [--world 4] [--tokens 16384 65536]
-    sp-bench planner --lengths ../shared/data/lengths/wikipedia.txt.gz [--steps 20]
+sp-bench attention [--world 4] [--tokens 16384 65536]
+sp-bench planner --lengths ../shared/data/lengths/wikipedia.txt.gz [--steps 20]
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(json.dumps(quality(args.lengths, args.steps, args.global_batch, args.max_len, args.seed)), flush=True)
         print(
-            json.dumps(scale(args.lengths, args.scale_seqs, args.scale_nodes, args.scale_steps, args.max_len, args.seed)),
+            json.dumps(
+                scale(args.lengths, args.scale_seqs, args.scale_nodes, args.scale_steps, args.max_len, args.seed)
+            ),
             flush=True,
         )
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from planner.cost import CostModel
-from planner.microsteps import check_lengths, split
-from planner.packing import Bin, list_schedule, makespan
+from planner.microsteps import check_lengths
 from planner.planner import Planner, PlannerConfig
+from planner.static import static_plan
 from planner.types import GroupShape
 
 FAMILIES = {
@@ -30,20 +30,10 @@ FAMILIES = {
 def static_step_s(planner: Planner, lengths: np.ndarray, shape: GroupShape) -> float | None:
     """Step time of one static layout, or None when its groups cannot hold the longest sequence."""
     cost = planner.cost
-    world = cost.cluster.world
-    if world % shape.size or lengths.max() > cost.tokens_capacity(shape.size):
+    if cost.cluster.world % shape.size or lengths.max() > cost.tokens_capacity(shape.size):
         return None
-    full = planner.instance(lengths)
-    work = np.where(full.lengths[:, None] <= full.capacity[None, :], full.tmat * full.sizes[None, :], np.inf)
-
-    def one(ids: np.ndarray) -> float | None:  # the makespan of one micro-step, None if it does not fit
-        inst = planner.instance(lengths[ids], [shape])
-        bins = [Bin(0) for _ in range(world // shape.size)]
-        return makespan(inst, bins) if list_schedule(inst, bins, list(range(len(ids)))) else None
-
     try:
-        parts: list[float] = split(lengths, cost, work.min(axis=1), one, sum)
-        return float(sum(parts))
+        return static_plan(cost, lengths, shape).time_s
     except ValueError:
         return None
 

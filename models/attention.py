@@ -1,0 +1,57 @@
+"""Megatron-core ``core_attention`` plug-in that runs :func:`sp.attention` with the step's SPContext.
+
+Megatron passes ``packed_seq_params`` down to every layer's core attention; :class:`SPPackedSeqParams`
+carries our :class:`~sp.context.SPContext` in it, so the groups travel with the batch and no module holds
+process-group state. RoPE is applied here, at each token's true in-sequence position (``ctx.position_ids``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+import sp
+from models.rope import apply_rope
+from sp.context import SPContext
+
+
+@dataclass
+class SPPackedSeqParams(PackedSeqParams):
+    sp_ctx: SPContext | None = None
+
+
+class SPCoreAttention(MegatronModule):
+    """Drop-in for Megatron's DotProductAttention: ``[s, b=1, heads, dim]`` in, ``[s, 1, heads * dim]`` out."""
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str, **kwargs: Any):
+        super().__init__(config=config)
+        self.rope_base = getattr(config, "sp_rope_base", 10000.0)
+        self.use_rope = getattr(config, "sp_use_rope", True)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any = None,
+        attn_mask_type: Any = None,
+        attention_bias: Any = None,
+        packed_seq_params: SPPackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if packed_seq_params is None or packed_seq_params.sp_ctx is None:
+            raise ValueError("SPCoreAttention needs packed_seq_params=SPPackedSeqParams(sp_ctx=...) in the forward")
+        ctx = packed_seq_params.sp_ctx
+        if query.shape[1] != 1:
+            raise ValueError(f"packed SP batches have batch size 1, got query shape {tuple(query.shape)}")
+        # [s, 1, heads, dim] -select batch-> [s, heads, dim]
+        q, k, v = query[:, 0], key[:, 0], value[:, 0]
+        if self.use_rope:
+            pos = ctx.position_ids
+            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        out = sp.attention(q.contiguous(), k.contiguous(), v.contiguous(), ctx)
+        # [s, heads, dim] -reshape-> [s, 1, heads * dim]
+        return out.reshape(out.shape[0], 1, -1)

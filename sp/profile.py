@@ -1,0 +1,78 @@
+"""Measure compute and communication on the ranks at hand and write a cluster profile YAML.
+
+Compute: dense matmul throughput (-> ``peak_tflops`` with ``mfu = 1``) and causal attention throughput of the
+torch kernel. Communication: ``all_to_all_single`` and ring P2P bandwidth per group size (aligned ranges),
+and the latency of a tiny all-to-all. Runs on local gloo ranks through :mod:`sp.spawn`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _best(fn, reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _worker(rank: int, world: int, mbytes: float) -> dict:
+    import torch.distributed as dist
+
+    from sp.comm import ring_exchange
+    from sp.groups import GroupPool
+    from sp.kernels import TorchKernel
+
+    pool = GroupPool()
+    out: dict = {}
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out["matmul_tflops"] = 2 * n**3 / _best(lambda: a @ b) / 1e12
+    q = torch.randn(2048, 4, 64)
+    t_attn = _best(lambda: TorchKernel().forward(q, q, q, 0, 0, True, 0.125))
+    out["attention_tflops"] = 2 * 2048**2 * 4 * 64 / t_attn / 1e12
+    numel = int(mbytes * 2**20 / 4)
+    a2a, p2p = {}, {}
+    size = 2
+    while size <= world:
+        ranks = tuple(range((rank // size) * size, (rank // size) * size + size))
+        g = pool.group(ranks)
+        x = torch.randn(numel // size * size)
+        y = torch.empty_like(x)
+        dist.barrier()
+        t = _best(lambda g=g, x=x, y=y: dist.all_to_all_single(y, x, group=g))
+        a2a[size] = x.numel() * 4 * (size - 1) / size / t / 1e9
+        dist.barrier()
+        t = _best(lambda g=g, ranks=ranks, x=x: ring_exchange(x, ranks, ranks.index(rank), g).wait())
+        p2p[size] = x.numel() * 4 / t / 1e9
+        size *= 2
+    tiny = torch.zeros(world)
+    dist.barrier()
+    out["latency_us"] = 1e6 * _best(lambda: dist.all_to_all_single(torch.empty_like(tiny), tiny), reps=20)
+    out["a2a_gbs"], out["p2p_gbs"] = a2a, p2p
+    return out
+
+
+def profile(world: int, mbytes: float = 16.0) -> dict:
+    from sp.spawn import run_distributed
+
+    res = run_distributed(_worker, world, mbytes, timeout=600)
+    sizes = res[0]["a2a_gbs"].keys()
+    return {
+        "name": "cpu",
+        "nodes": 1,
+        "gpus_per_node": world,
+        "peak_tflops": min(r["matmul_tflops"] for r in res),
+        "mfu": 1.0,
+        "attention_tflops": min(r["attention_tflops"] for r in res),
+        "a2a_gbs": {s: min(r["a2a_gbs"][s] for r in res) for s in sizes},
+        "p2p_gbs": {s: min(r["p2p_gbs"][s] for r in res) for s in sizes},
+        "intra_latency_us": max(r["latency_us"] for r in res),
+        "inter_latency_us": max(r["latency_us"] for r in res),
+    }

@@ -1,0 +1,1 @@
+"""The training job: per-step plans executed by the SP runtime on a Megatron-core GPT."""

@@ -1,0 +1,54 @@
+"""Frozen trainer configs (Hydra twins are generated in :mod:`sp.cli.schema`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: str = "stdlib"  # stdlib | glob | jsonl | indexed
+    path: str | None = None  # glob pattern, .jsonl file, or Megatron indexed-dataset prefix (no .bin/.idx)
+    text_field: str = "text"
+    tokenizer: str | None = None  # a HuggingFace tokenizers JSON file; None = bytes (vocab 256)
+    max_len: int = 4096  # longest training sequence (tokens); longer documents are split or rejected
+    long_docs: str = "split"  # split | reject
+    tokens_per_step: int = 32768
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in ("stdlib", "glob", "jsonl", "indexed"):
+            raise ValueError(f"data.source={self.source!r}; valid: 'stdlib', 'glob', 'jsonl', 'indexed'")
+        if self.long_docs not in ("split", "reject"):
+            raise ValueError(f"data.long_docs={self.long_docs!r}; valid: 'split', 'reject'")
+        if self.max_len < 2 or self.tokens_per_step < 2:
+            raise ValueError(
+                f"data.max_len and data.tokens_per_step must be >= 2, got {self.max_len}, {self.tokens_per_step}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 20
+    strategy: str = "adaptive"  # adaptive | ulysses | ring | hybrid | none (static, one group shape)
+    sp_size: int = 0  # static strategies: GPUs per group (0 = the whole world)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 2
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 1
+    picture_every: int = 10
+    checkpoint_every: int = 10
+    resume: bool = True
+    max_bad_steps: int = 3  # stop after this many non-finite losses in a row
+    bucket_mb: float = 4.0
+    collective_timeout_s: float = 120.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        valid = ("adaptive", "ulysses", "ring", "hybrid", "none")
+        if self.strategy not in valid:
+            raise ValueError(f"train.strategy={self.strategy!r}; valid: {list(valid)}")
