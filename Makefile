@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,mpi]"
 	touch $(STAMP)
 
-# Until the trainer lands (see README, status), the main job is the dry-run planner on its defaults.
+# The main job: 4 CPU ranks (torchrun, gloo) train the tiny GPT on the stdlib corpus with the adaptive planner.
+NPROC ?= 4
+TRAIN_ARGS ?=
 train: $(STAMP)
-	$(BIN)/sp-plan
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m sp.cli.train $(TRAIN_ARGS)
 
 plan: $(STAMP)
 	$(BIN)/sp-plan

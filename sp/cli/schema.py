@@ -14,6 +14,7 @@ from typing import Any
 
 from planner.planner import PlannerConfig
 from planner.types import Cluster, ModelShape
+from sp.trainer.config import DataConfig, TrainConfig
 
 _TWINS: dict[type, type] = {}
 
@@ -50,6 +51,8 @@ def freeze(cls: type, obj: Any) -> Any:
 ClusterSchema = twin(Cluster)
 ModelSchema = twin(ModelShape)
 PlannerSchema = twin(PlannerConfig)
+DataSchema = twin(DataConfig)
+TrainSchema = twin(TrainConfig)
 
 
 @dataclass
@@ -80,6 +83,15 @@ class PlanJobSchema:
     zero_stage: int = 3
 
 
+@dataclass
+class TrainJobSchema:
+    cluster: Any = field(default_factory=ClusterSchema)
+    model: Any = field(default_factory=ModelSchema)
+    planner: Any = field(default_factory=PlannerSchema)
+    data: Any = field(default_factory=DataSchema)
+    train: Any = field(default_factory=TrainSchema)
+
+
 def register() -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -88,3 +100,6 @@ def register() -> None:
     cs.store(group="cluster", name="cluster_schema", node=ClusterSchema)
     cs.store(group="model", name="model_schema", node=ModelSchema)
     cs.store(group="planner", name="planner_schema", node=PlannerSchema)
+    cs.store(name="train_schema", node=TrainJobSchema)
+    cs.store(group="data", name="data_schema", node=DataSchema)
+    cs.store(group="train", name="train_schema", node=TrainSchema)

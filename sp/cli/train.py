@@ -1,19 +1,71 @@
-"""``sp-train``: the training entry point.
+"""``sp-train``: train a Megatron-core GPT with per-step adaptive SP plans. Hydra overrides, e.g.
 
-Training (Megatron-core GPT driven by per-step plans) is tracked in the trainer issue and is not implemented
-in this version: this command says so and exits with status 2 rather than pretending to train. What works
-today: ``sp-plan`` (dry-run planning), ``sp-profile`` (calibration), ``sp-bench`` (benchmarks) and the
-``sp`` runtime's exact SP attention (``sp.attention``).
+    torchrun --nproc_per_node 4 -m sp.cli.train model=tiny train.steps=50
+    sp-train train.strategy=ring data.source=jsonl data.path=corpus.jsonl   # any launcher: torchrun, srun, mpiexec
+
+SIGUSR1 (Slurm's ``--signal``) makes every rank finish the current step, checkpoint and exit 0.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from pathlib import Path
+
+CONFIG_DIR = os.environ.get("SP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs"))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    print(__doc__.strip())
-    if args and args[0] in ("-h", "--help"):
-        return
-    sys.exit(2)
+def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
+    from planner.planner import PlannerConfig
+    from planner.types import Cluster, ModelShape
+    from sp.cli.schema import freeze
+    from sp.launch.bootstrap import init_distributed
+    from sp.trainer.config import DataConfig, TrainConfig
+    from sp.trainer.loop import Trainer, TrainJob
+
+    job = TrainJob(
+        model=freeze(ModelShape, cfg.model),
+        cluster=freeze(Cluster, cfg.cluster),
+        planner=freeze(PlannerConfig, cfg.planner),
+        data=freeze(DataConfig, cfg.data),
+        train=freeze(TrainConfig, cfg.train),
+    )
+    env = init_distributed(job.train.collective_timeout_s)
+    trainer = Trainer(job)
+    signal.signal(signal.SIGUSR1, lambda *_: trainer.request_stop())
+    losses = trainer.run()
+    if env.rank == 0:
+        out = Path(job.train.out_dir).resolve()
+        state = "stopped on request" if trainer.stopped else "done"
+        print(f"[sp-train] {state} at step {trainer.step} (launcher {env.launcher}, {env.world} ranks); "
+              f"last loss {losses[-1] if losses else float('nan'):.4f}")  # fmt: skip
+        print(f"[sp-train] TensorBoard: tensorboard --logdir {out / 'tb'}")
+        print(f"[sp-train] checkpoints: {out / 'checkpoints'}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from sp.cli.schema import register
+
+    register()
+
+    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
+    def _app(cfg) -> None:
+        try:
+            run(OmegaConf.to_object(cfg))
+        except ValueError as e:
+            print(f"sp-train: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    _app()
+
+
+if __name__ == "__main__":
+    main()

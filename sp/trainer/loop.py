@@ -71,6 +71,13 @@ class Trainer:
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(1, 1)
         self.cost = CostModel(job.cluster, job.model)
+        cap = self.cost.tokens_capacity(self.world)
+        if job.data.max_len > cap:
+            raise ValueError(
+                f"data.max_len={job.data.max_len} tokens cannot be held by any plan: the whole cluster holds "
+                f"{int(cap)} tokens of one sequence (cluster.memory_gib={job.cluster.memory_gib}, "
+                f"model.checkpointing={job.model.checkpointing!r}); lower data.max_len or use more memory"
+            )
         self.shape = None if job.train.strategy == "adaptive" else static_shape(job, self.world)
         self.planner = Planner(self.cost, job.planner)
         self.model = build_gpt(job.model, job.data.max_len, seed=job.train.seed)
@@ -81,16 +88,24 @@ class Trainer:
         self.out = Path(job.train.out_dir)
         self.step = 0
         self.bad_in_row = 0
+        self.stopped = False
+        self._stop_flag = False
         if job.train.resume and (ck := checkpoint.latest(str(self.out))) is not None:
             extra = checkpoint.load(ck, self.model, self.optim)
             self.step = int(extra["step"])
             self.loader.load_state(extra["loader"])
+            if self.rank == 0:
+                print(f"[sp-train] resumed from {ck} (step {self.step})")
         self.board = Board(str(self.out / "tb")) if self.rank == 0 else None
         self.gpu = GpuMonitor() if self.rank == 0 else None
         self.pool_exec = ThreadPoolExecutor(max_workers=1) if self.rank == 0 else None
         if self.rank == 0 and (self.loader.split or self.loader.rejected):
             print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
                   f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
+
+    def request_stop(self) -> None:
+        """Signal-safe: finish the current step, checkpoint, and return from :meth:`run`."""
+        self._stop_flag = True
 
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.job.train
@@ -162,8 +177,16 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
-            if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+            flag = torch.tensor([1.0 if self._stop_flag else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            self.stopped = bool(flag.item())
+            periodic = t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps)
+            if periodic or self.stopped:
                 checkpoint.save(str(self.out), self.step, self.model, self.optim, {"loader": loader_state})
+            if self.stopped:
+                if self.rank == 0:
+                    print(f"[sp-train] stop requested: checkpointed step {self.step}, exiting for requeue")
+                break
             if nxt is not None:
                 docs = nxt
         if bar is not None:

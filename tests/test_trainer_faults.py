@@ -1,0 +1,131 @@
+"""Trainer bad inputs and faults: clear messages, no hangs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import pytest
+
+from planner.types import ModelShape
+from sp.trainer.config import DataConfig
+from sp.trainer.data import Corpus, StepLoader
+from tests.dist import RankError, run_distributed
+from tests.test_trainer import _job
+
+
+def test_missing_data_path():
+    with pytest.raises(ValueError, match="JSONL file not found"):
+        Corpus(DataConfig(source="jsonl", path="/no/such/file.jsonl"))
+    with pytest.raises(ValueError, match="no Megatron indexed dataset"):
+        Corpus(DataConfig(source="indexed", path="/no/such/prefix"))
+
+
+def test_empty_data(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="holds no document"):
+        Corpus(DataConfig(source="glob", path=str(tmp_path / "*.txt")))
+    with pytest.raises(ValueError, match="valid: 'stdlib', 'glob', 'jsonl', 'indexed'"):
+        DataConfig(source="s3")
+
+
+def test_long_documents_split_or_rejected(tmp_path):
+    (tmp_path / "doc.jsonl").write_text('{"text": "' + "x" * 100 + '"}\n{"text": "short one"}\n')
+    cfg = DataConfig(source="jsonl", path=str(tmp_path / "doc.jsonl"), max_len=30, tokens_per_step=64)
+    loader = StepLoader(Corpus(cfg), cfg)
+    assert loader.split == 1 and loader.rejected == 0
+    assert sorted(p.length for p in loader.items) == [8, 9, 30, 30, 30]  # 99 targets in pieces of <= 30
+    rej = DataConfig(source="jsonl", path=str(tmp_path / "doc.jsonl"), max_len=30, long_docs="reject")
+    assert StepLoader(Corpus(rej), rej).rejected == 1
+    only_long = DataConfig(source="jsonl", path=str(tmp_path / "doc.jsonl"), max_len=5, long_docs="reject")
+    with pytest.raises(ValueError, match="no trainable document"):
+        StepLoader(Corpus(only_long), only_long)
+
+
+def _bad_configs(rank, world, tmp):
+    from dataclasses import replace
+
+    from sp.trainer.loop import Trainer
+
+    errors = {}
+    job = _job(f"{tmp}/heads", "ulysses")
+    job = replace(job, model=replace(job.model, heads=6, kv_heads=6, head_dim=8, hidden=48))
+    for name, j in [
+        ("heads", job),
+        ("too_long", replace(_job(f"{tmp}/long"), data=replace(_job(tmp).data, max_len=10**9))),
+    ]:
+        try:
+            Trainer(j)
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    # NaN loss: poison the embedding; every step is skipped, then the run stops with a clear message
+    tr = Trainer(replace(_job(f"{tmp}/nan", steps=5), train=replace(_job(tmp).train, steps=5, max_bad_steps=2)))
+    tr.model.embedding.word_embeddings.weight.data.fill_(float("nan"))
+    try:
+        tr.run()
+        errors["nan"] = None
+    except RuntimeError as e:
+        errors["nan"] = str(e)
+    return errors
+
+
+def test_bad_configs_and_nan_loss(tmp_path):
+    for errors in run_distributed(_bad_configs, 4, str(tmp_path), timeout=180):
+        assert "valid Ulysses degrees: [1, 2]" in errors["heads"] and "q heads=6" in errors["heads"]
+        assert "cannot be held by any plan" in errors["too_long"]
+        assert "2 non-finite losses in a row" in errors["nan"]
+
+
+def _dying(rank, world, store, out_file):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from sp.trainer.loop import Trainer
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=10))  # fmt: skip
+    tr = Trainer(_job(os.path.dirname(out_file) + "/run", steps=50))
+    if rank == 1:
+        orig = tr._observe
+
+        def die(*a, **k):
+            orig(*a, **k)
+            if tr.step == 1:
+                os._exit(3)
+
+        tr._observe = die
+    t0 = time.monotonic()
+    try:
+        tr.run()
+        msg = "finished"
+    except Exception:
+        msg = "raised: " + traceback.format_exc(limit=1)
+    with open(out_file, "w") as f:
+        f.write(f"{time.monotonic() - t0:.1f} {msg}")
+
+
+def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
+    ctx = mp.get_context("spawn")
+    out = str(tmp_path / "rank0.txt")
+    procs = [ctx.Process(target=_dying, args=(r, 2, str(tmp_path / "store"), out if r == 0 else out + ".1"))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank hung after its peer died")
+    assert procs[1].exitcode == 3
+    text = open(out).read()
+    assert "raised" in text, text
+
+
+def test_rank_error_type_is_exported():
+    assert issubclass(RankError, RuntimeError)
+    assert ModelShape(layers=1, hidden=8, heads=2).ulysses_degrees(4) == [1, 2]
