@@ -122,7 +122,7 @@ def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
             p.kill()
             pytest.fail("a rank hung after its peer died")
     assert procs[1].exitcode == 3
-    text = open(out).read()
+    text = (tmp_path / "rank0.txt").read_text()
     assert "raised" in text, text
 
 

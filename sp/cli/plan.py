@@ -71,3 +71,7 @@ def main() -> None:
 
     sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,9 @@ def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
 
 
 def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # "Apex is not installed" etc.
     import hydra
     from omegaconf import OmegaConf
 

@@ -86,6 +86,7 @@ class Trainer:
         self.optim = self._optimizer()
         self.loader = StepLoader(Corpus(job.data), job.data)
         self.out = Path(job.train.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.step = 0
         self.bad_in_row = 0
         self.stopped = False
@@ -193,6 +194,8 @@ class Trainer:
             bar.close()
         if self.board is not None:
             self.board.close()
+        if self.rank == 0 and self.step >= t.steps:
+            (self.out / "COMPLETE").write_text(f"{self.step}\n")  # launchers: no requeue needed
         return losses
 
     def _observe(
@@ -200,7 +203,8 @@ class Trainer:
     ) -> None:
         t = self.job.train
         gathered = torch.zeros(self.world, len(busy), dtype=torch.float64)
-        dist.all_gather_into_tensor(gathered, torch.tensor(busy, dtype=torch.float64)[None].contiguous())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, torch.tensor(busy, dtype=torch.float64)[None].contiguous())
         if self.board is None or self.step % t.log_every:
             return
         imbalance = []

@@ -1,0 +1,160 @@
+"""Real launchers: a single-node Slurm cluster started here (sbatch + preemption/requeue), mpiexec, torchrun."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sp.launch.bootstrap import read_env
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+QUICK = ["data.tokens_per_step=4096", "train.progress=false"]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+# ---- bootstrap: every launcher's variables ----
+
+
+def test_read_env_per_launcher():
+    assert read_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}) \
+        .launcher == "torchrun"  # fmt: skip
+    s = read_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "7",
+                  "SLURM_JOB_NODELIST": "gpu[03-04]", "PATH": ""})  # fmt: skip
+    assert (s.rank, s.world, s.local_rank, s.launcher) == (3, 8, 1, "slurm")
+    assert s.master_addr in ("gpu03", ["gpu", "03-04]"][0] + "03")
+    o = read_env({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                  "MASTER_ADDR": "a"})  # fmt: skip
+    assert (o.rank, o.world, o.launcher) == (1, 2, "openmpi")
+    m = read_env({"PMI_RANK": "0", "PMI_SIZE": "1"})
+    assert (m.rank, m.world, m.launcher) == (0, 1, "mpich")
+    assert read_env({}).launcher == "single"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"RANK": "4", "WORLD_SIZE": "4"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, {"RANK": "x", "WORLD_SIZE": "2"}],
+)
+def test_inconsistent_env_is_a_clear_error(env):
+    with pytest.raises(ValueError, match="inconsistent|not an integer"):
+        read_env(env)
+
+
+# ---- torchrun and mpiexec ----
+
+
+def test_torchrun_four_ranks(tmp_path):
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "sp.cli.train",
+           "train.steps=2", f"train.out_dir={tmp_path}", *QUICK]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "launcher torchrun, 4 ranks" in out.stdout
+    assert (tmp_path / "COMPLETE").exists()
+
+
+def test_mpiexec_four_ranks(tmp_path):
+    mpiexec = Path(PY).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("mpiexec not installed (pip install '.[mpi]')")
+    cmd = [str(mpiexec), "-n", "4", PY, "-m", "sp.cli.train", "train.steps=2", f"train.out_dir={tmp_path}", *QUICK]
+    out = subprocess.run(cmd, cwd=tmp_path, env=_env(MASTER_PORT="29517"), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "launcher mpich, 4 ranks" in out.stdout
+
+
+# ---- Slurm ----
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    script = REPO / "slurm" / "local_cluster.sh"
+    inst = subprocess.run(["bash", str(script), "install"], capture_output=True, text=True, timeout=600)
+    if inst.returncode == 3:
+        pytest.skip(f"cannot install Slurm here: {inst.stderr.strip()}")
+    assert inst.returncode == 0, inst.stderr
+    d = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(["bash", str(script), "start", str(d / "cluster")], capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr + up.stdout
+    env = _env(SLURM_CONF=str(d / "cluster" / "slurm.conf"), SP_PYTHON=PY)
+    yield env, d
+    subprocess.run(["bash", str(script), "stop", str(d / "cluster")], env=env, capture_output=True, timeout=60)
+
+
+def _sbatch(env, cwd, *args):
+    out = subprocess.run(["sbatch", f"--chdir={cwd}", str(REPO / "slurm" / "train.sbatch"), *args],
+                         env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return re.search(r"(\d+)", out.stdout).group(1)
+
+
+def _state(env, job):
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"JobState=(\w+)", out)
+    return m.group(1) if m else "UNKNOWN"
+
+
+def _wait(env, job, want, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = _state(env, job)
+        if st == want:
+            return
+        if st in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and st != want:
+            break
+        time.sleep(1)
+    pytest.fail(f"job {job} is {_state(env, job)}, wanted {want}")
+
+
+def _scalars(tb_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = set()
+    for f in Path(tb_dir).glob("events.*"):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps |= {e.step for e in acc.Scalars(tag)}
+    return steps
+
+
+def test_sbatch_train_job_completes(slurm):
+    env, d = slurm
+    job = _sbatch(env, d, "train.steps=3", "train.checkpoint_every=3", *QUICK)
+    _wait(env, job, "COMPLETED", 180)
+    run = d / "runs" / f"sp-train-{job}"
+    assert (run / "COMPLETE").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    assert _scalars(run / "tb", "train/loss") == {0, 1, 2}
+    log = (d / f"sp-train-{job}.out").read_text()
+    assert "launcher slurm, 4 ranks" in log
+
+
+def test_sbatch_preemption_checkpoints_requeues_and_resumes(slurm):
+    env, d = slurm
+    job = _sbatch(env, d, "train.steps=40", "train.checkpoint_every=100", *QUICK)
+    log = d / f"sp-train-{job}.out"
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not list((d / "runs" / f"sp-train-{job}" / "tb").glob("events.*")):
+        time.sleep(1)
+    time.sleep(3)  # a few steps in
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
+    _wait(env, job, "COMPLETED", 400)
+    text = log.read_text()
+    stopped = re.search(r"stop requested: checkpointed step (\d+)", text)
+    assert stopped, text[-2000:]
+    k = int(stopped.group(1))
+    assert 0 < k < 40
+    assert "resumed from" in text and f"(step {k})" in text
+    assert "requeueing job" in text and "training complete" in text
+    assert _scalars(d / "runs" / f"sp-train-{job}" / "tb", "train/loss") == set(range(40))
