@@ -1,6 +1,7 @@
 """``sp-bench``: benchmarks that print one JSON object per line.
 
 sp-bench attention [--world 4] [--tokens 16384 65536]
+sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
 sp-bench planner --lengths ../shared/data/lengths/wikipedia.txt.gz [--steps 20]
 """
 
@@ -18,6 +19,13 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--world", type=int, default=4)
     a.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
     a.add_argument("--scaling", action="store_true", help="also run P=1,2 at the smallest size (memory ~1/P)")
+    e = sub.add_parser("e2e", help="real CPU training, adaptive vs static layouts, interleaved")
+    e.add_argument("--lengths", default=os.environ.get("SP_LENGTHS", "../shared/data/lengths/wikipedia.txt.gz"))
+    e.add_argument("--steps", type=int, default=6)
+    e.add_argument("--tokens", type=int, default=32768)
+    e.add_argument("--max-len", type=int, default=32768)
+    e.add_argument("--scale", type=float, default=4.0, help="multiply the file's lengths (longer tail)")
+    e.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("planner", help="planner vs baselines on real lengths, and solve time at scale")
     p.add_argument("--lengths", default=os.environ.get("SP_LENGTHS", "../shared/data/lengths/wikipedia.txt.gz"))
     p.add_argument("--steps", type=int, default=20)
@@ -40,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run(w, [min(args.tokens)], shapes[w])
         for row in rows:
             print(json.dumps(row), flush=True)
+    elif args.cmd == "e2e":
+        from benchmarks.e2e import run as run_e2e
+
+        print(
+            json.dumps(run_e2e(args.lengths, args.steps, args.tokens, args.max_len, args.scale, args.seed)), flush=True
+        )
     else:
         from benchmarks.planner_bench import quality, scale
 

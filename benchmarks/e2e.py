@@ -1,0 +1,145 @@
+"""``sp-bench e2e``: real training steps on CPU ranks, adaptive plans vs every static layout, interleaved.
+
+Every step draws one batch of documents (random tokens; lengths from the length file, times ``scale``,
+clipped to ``max_len``, filled to ``tokens_per_step``) and runs it once per strategy on the same weights
+(forward, backward, gradient all-reduce), then takes one optimizer step. Before that, each rank calibrates
+the cost model on the machine at hand: the model's fwd+bwd time at a few lengths (fits alpha1, alpha2, beta)
+and all-to-all / P2P bandwidth (``sp.profile``). Reported: tokens/s per strategy, and the median
+|predicted - measured| / measured step time per strategy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TINY = dict(name="e2e", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=256,
+            checkpointing="none", bytes_per_value=4)  # fmt: skip
+STATIC = [(1, 1), (2, 1), (1, 2), (4, 1), (1, 4), (2, 2)]
+
+
+def _fit(lengths: list[int], times: list[float]) -> tuple[float, float, float]:
+    x = np.array(lengths, dtype=float)
+    a = np.stack([x**2, x, np.ones_like(x)], 1)
+    coef, *_ = np.linalg.lstsq(a, np.array(times), rcond=None)
+    a1, a2, b = (max(float(c), 0.0) for c in coef)
+    return a1 * 1e3, a2 * 1e3, b * 1e3  # ms
+
+
+def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens: int, max_len: int, seed: int):
+    from megatron.core import parallel_state
+
+    from models.gpt import build_gpt
+    from planner.cost import CostModel
+    from planner.planner import Planner, PlannerConfig
+    from planner.static import static_plan
+    from planner.types import Cluster, GroupShape, ModelShape, StepPlan
+    from sp.groups import GroupPool
+    from sp.profile import _worker as measure_comm
+    from sp.trainer.grad_sync import GradSync
+    from sp.trainer.step import run_plan
+
+    parallel_state.initialize_model_parallel(1, 1)
+    shape = ModelShape(**TINY)
+    model = build_gpt(shape, max_len, seed=0)
+    pool = GroupPool()
+    sync = GradSync(list(model.parameters()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+
+    def docs_of(lengths):
+        return [rng.integers(0, 256, size=n + 1) for n in lengths]
+
+    def timed(plan: StepPlan, docs) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        run_plan(model, pool, plan, docs, rank, sync)
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    # ---- calibration: every rank at once (the contention of real training), world-1 plans ----
+    cal_lengths = [256, 1024, 2048, 4096, 8192]
+    cal_times = []
+    solo = Cluster(name="solo", nodes=1, gpus_per_node=1, peak_tflops=1.0, mfu=1.0, memory_gib=64.0)
+    for n in cal_lengths:
+        docs = docs_of([n])
+        plan = static_plan(CostModel(solo, shape), [n], GroupShape(1, 1))
+        for _ in range(2):  # the second run counts
+            dist.barrier()
+            t0 = time.perf_counter()
+            run_plan(model, _SoloPool(pool), plan, docs, 0, sync)
+            t = time.perf_counter() - t0
+        opt.zero_grad(set_to_none=True)
+        cal_times.append(t)
+    times = torch.tensor(cal_times, dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    a1, a2, beta = _fit(cal_lengths, times.tolist())
+    comm = measure_comm(rank, world, 4.0)
+    cluster = Cluster(name="cpu-calibrated", nodes=1, gpus_per_node=world, peak_tflops=1.0, mfu=1.0, memory_gib=16.0,
+                      alpha1_ms=a1, alpha2_ms=a2, beta_ms=beta, a2a_gbs=comm["a2a_gbs"], p2p_gbs=comm["p2p_gbs"],
+                      intra_gbs=min(comm["a2a_gbs"].values()), inter_gbs=min(comm["a2a_gbs"].values()),
+                      intra_latency_us=comm["latency_us"], inter_latency_us=comm["latency_us"])  # fmt: skip
+    cost = CostModel(cluster, shape)
+    planner = Planner(cost, PlannerConfig(time_limit_s=0.5))
+    # ---- interleaved steps ----
+    rows: dict[str, list[tuple[float, float, int]]] = {}
+    for _ in range(steps):
+        lengths, used = [], 0
+        while used < tokens:
+            n = int(min(max(2, rng.choice(pool_lengths)), max_len, tokens - used if lengths else max_len))
+            lengths.append(n)
+            used += n
+        docs = docs_of(lengths)
+        plans = {"adaptive": planner.plan(lengths)}
+        for u, r in STATIC:
+            plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
+        for name, plan in plans.items():
+            t = timed(plan, docs)
+            rows.setdefault(name, []).append((t, plan.time_s, sum(lengths)))
+            if name != "adaptive":
+                opt.zero_grad(set_to_none=True)
+        opt.step()  # one update per batch (the gradients of the last strategy run)
+        opt.zero_grad(set_to_none=True)
+    return {"calibration": {"alpha1_ms": a1, "alpha2_ms": a2, "beta_ms": beta, **comm}, "rows": rows}
+
+
+class _SoloPool:
+    """Calibration runs every rank as its own group of one."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def context(self, ranks, u, r, cu, **kw):
+        from sp.context import SPContext
+        from sp.layout import GroupLayout
+
+        return SPContext(GroupLayout.build(cu, 1, 1), 0)
+
+
+def run(lengths_path: str, steps: int, tokens: int, max_len: int, scale: float, seed: int) -> dict:
+    from planner.lengths import read_lengths
+    from sp.spawn import run_distributed
+
+    pool = np.minimum(read_lengths(lengths_path) * scale, max_len).astype(np.int64)
+    res = run_distributed(_worker, 4, pool, steps, tokens, max_len, seed, timeout=3000)[0]
+    out = {"bench": "e2e", "world": 4, "steps": steps, "tokens_per_step": tokens, "max_len": max_len,
+           "length_scale": scale, "calibration": res["calibration"], "strategies": {}}  # fmt: skip
+    for name, rows in res["rows"].items():
+        measured = np.array([r[0] for r in rows])
+        predicted = np.array([r[1] for r in rows])
+        toks = sum(r[2] for r in rows)
+        out["strategies"][name] = {
+            "tokens_per_s": toks / measured.sum(),
+            "step_s_mean": float(measured.mean()),
+            "predicted_step_s_mean": float(predicted.mean()),
+            "median_rel_error": float(np.median(np.abs(predicted - measured) / measured)),
+        }
+    statics = {k: v for k, v in out["strategies"].items() if k != "adaptive"}
+    best = max(statics, key=lambda k: statics[k]["tokens_per_s"])
+    out["best_static"] = best
+    out["speedup_vs_best_static"] = out["strategies"]["adaptive"]["tokens_per_s"] / statics[best]["tokens_per_s"]
+    out["median_rel_error_all"] = float(np.median([v["median_rel_error"] for v in out["strategies"].values()]))
+    return out
