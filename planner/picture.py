@@ -1,4 +1,5 @@
-"""Gantt picture of one planned step: one row per SP group, one bar per sequence, colour per strategy."""
+"""Gantt picture of one planned step: GPUs on the y axis (each SP group a band over its ranks, labelled
+u x r), time on the x axis, one bar per sequence, colour per strategy, micro-steps separated by dashed lines."""
 
 from __future__ import annotations
 
@@ -15,26 +16,30 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    rows = max(len(m.groups) for m in plan.micro_steps)
-    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.32 * rows))
+    world = cost.cluster.world
+    fig, ax = plt.subplots(figsize=(12, 2.0 + min(0.12 * world, 10)))
     x0 = 0.0
     for mi, micro in enumerate(plan.micro_steps):
-        for row, g in enumerate(micro.groups):
+        for g in micro.groups:
+            y, h = g.first_rank, g.shape.size * 0.92  # a group spans the rows of its GPUs
+            ax.barh(y, cost.beta_s, left=x0, height=h, align="edge", color="#eeeeee", edgecolor="none")
             t = x0 + cost.beta_s
-            ax.barh(row, cost.beta_s, left=x0, color="#eeeeee", edgecolor="none")
             for s in sorted(g.seqs, key=lambda s: -plan.lengths[s]):
                 d = float(cost.seq_time_s(float(plan.lengths[s]), g.shape))
-                ax.barh(row, d, left=t, color=COLOURS[g.shape.strategy], edgecolor="white", linewidth=0.5)
-                if d > 0.06 * plan.time_s:
-                    ax.text(
-                        t + d / 2, row, f"{plan.lengths[s] // 1024}K", ha="center", va="center", fontsize=7, color="w"
-                    )
+                ax.barh(y, d, left=t, height=h, align="edge", color=COLOURS[g.shape.strategy], edgecolor="white",
+                        linewidth=0.5)  # fmt: skip
+                if d > 0.05 * plan.time_s and h >= 0.9:
+                    ax.text(t + d / 2, y + h / 2, f"{plan.lengths[s] / 1024:.0f}K", ha="center", va="center",
+                            fontsize=7, color="w")  # fmt: skip
                 t += d
+            if g.shape.size > 1:
+                ax.text(x0 + cost.beta_s / 2, y + h / 2, f"u{g.shape.ulysses}r{g.shape.ring}", ha="center",
+                        va="center", fontsize=6)  # fmt: skip
         x0 += micro.time_s
         if mi + 1 < len(plan.micro_steps):
             ax.axvline(x0, color="k", linestyle="--", linewidth=0.8)
-    labels = [f"{g.shape} @{g.first_rank}" for g in max(plan.micro_steps, key=lambda m: len(m.groups)).groups]
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylim(0, world)
+    ax.set_ylabel("GPU rank (a group spans its ranks)")
     ax.invert_yaxis()
     ax.set_xlabel("seconds (micro-steps separated by dashed lines; grey = fixed per-group cost)")
     head = f"step {plan.time_s:.2f} s, bound {plan.lower_bound_s:.2f} s, gap {plan.gap:.1%}"

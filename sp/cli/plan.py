@@ -27,10 +27,10 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     pcfg = freeze(PlannerConfig, cfg.planner)
     lc = cfg.lengths
     batches: list = []
-    if lc.fixed:
-        batches = [list(lc.fixed)]
-    elif lc.path:
+    if lc.path:  # a file wins over the fixed example batch of configs/plan.yaml
         batches = sample_steps(read_lengths(lc.path), lc.global_batch, lc.steps, lc.max_len, lc.seed)
+    elif lc.fixed:
+        batches = [list(lc.fixed)]
     else:
         raise ValueError("no lengths: set lengths.path=FILE (.txt[.gz]/.jsonl/.npy) or lengths.fixed=[N,...]")
     planner = Planner(cost, pcfg)
