@@ -72,9 +72,11 @@ def split(
     work: np.ndarray,
     plan_one: Callable[[np.ndarray], T | None],
     score: Callable[[list[T]], float],
+    refine: Callable[[np.ndarray], T | None] | None = None,
 ) -> list[T]:
     """Fewest micro-steps (from the memory floor up) whose every part ``plan_one`` can plan; of the
-    contiguous and the balanced split, the one whose plans ``score`` lowest.
+    contiguous and the balanced split, the one whose plans ``score`` lowest. With ``refine``, the cheap
+    ``plan_one`` only chooses the split and ``refine`` (the expensive planner) plans the chosen one.
 
     ``work`` [S] is each sequence's cheapest GPU-seconds; balanced parts fill to 95% of the cluster's tokens,
     leaving the packer room.
@@ -82,8 +84,11 @@ def split(
     capacity = cost.tokens_capacity(1) * cost.cluster.world
     m = max(1, math.ceil(lengths.sum() / capacity))
     while m <= len(lengths):
-        found: list[list[T]] = []
-        for parts in (contiguous_split(lengths, m), balanced_split(lengths, m, work, capacity * 0.95)):
+        found: list[tuple[list[T], list[np.ndarray]]] = []
+        options = [contiguous_split(lengths, m)]
+        if m > 1:  # one micro-step: both splits are the whole batch
+            options.append(balanced_split(lengths, m, work, capacity * 0.95))
+        for parts in options:
             if parts is None:
                 continue
             plans = []
@@ -93,8 +98,12 @@ def split(
                     break
                 plans.append(p)
             else:
-                found.append(plans)
+                found.append((plans, parts))
         if found:
-            return min(found, key=score)
+            plans, parts = min(found, key=lambda f: score(f[0]))
+            if refine is None:
+                return plans
+            better = [refine(ids) for ids in parts]
+            return [b if b is not None and score([b]) <= score([p]) else p for b, p in zip(better, plans)]
         m += 1
     raise ValueError(f"could not fit {len(lengths)} sequences into micro-steps on {cost.cluster.world} GPUs")

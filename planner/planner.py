@@ -68,8 +68,9 @@ class Planner:
             arr,
             self.cost,
             work.min(axis=1),
-            lambda ids: self.plan_micro(arr, ids),
+            lambda ids: self.plan_micro(arr, ids, search=False),
             lambda ms: sum(m.time_s for m in ms),
+            (lambda ids: self.plan_micro(arr, ids)) if self.config.use_milp else None,
         )
         return StepPlan(tuple(int(x) for x in arr), tuple(micro), time.perf_counter() - t0, self.method)
 
@@ -80,8 +81,9 @@ class Planner:
         cap = np.array([self.cost.tokens_capacity(sh.size) for sh in shapes])
         return Instance(lengths, tmat, tuple(shapes), sizes, cap, self.cost.beta_s, self.world)
 
-    def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray) -> MicroStep | None:
-        """Plan one micro-step over sequences ``ids``; None when it cannot fit in memory."""
+    def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray, search: bool = True) -> MicroStep | None:
+        """Plan one micro-step over sequences ``ids``; None when it cannot fit in memory. ``search=False``
+        stops after the greedy plan (used to choose between micro-step splits)."""
         deadline = time.perf_counter() + self.config.time_limit_s
         inst = self.instance(all_lengths[ids])
         exact = self._exact_size(inst) <= self.config.exact_max_pairs
@@ -92,9 +94,10 @@ class Planner:
             return None
         bound = fluid_bound(inst.tmat, inst.sizes.astype(float), fits, self.world, inst.beta)
         best = self._greedy(inst, bound)
-        if self.config.use_milp and exact:
+        search = search or best is None  # the greedy found nothing: only the search can tell if it fits
+        if search and self.config.use_milp and exact:
             best, bound = self._search_exact(inst, bound, best, deadline)
-        elif self.config.use_milp:
+        elif search and self.config.use_milp:
             best = self._search(inst, bound, best, deadline)
         if best is None:
             return None

@@ -34,7 +34,7 @@ class RingStats:
 
 
 Pair = tuple[Segment, Segment, bool, int]  # (q segment, k segment, causal mask?, valid keys)
-CAUSAL_TILE = 512  # query rows per tile of a causal diagonal block
+TILE = 512  # query rows per kernel call
 
 
 def block_pairs(ctx: SPContext, src: int) -> list[Pair]:
@@ -46,24 +46,22 @@ def block_pairs(ctx: SPContext, src: int) -> list[Pair]:
     lens = ctx.layout.seqlens
     for qs in ctx.ring_segments[ctx.ring_rank]:
         for ks in by_seq.get(qs.seq, ()):
-            vis, nk = classify(qs.pos, qs.length, ks.pos, ks.length, lens[qs.seq], ctx.causal)
-            if vis is Visibility.CAUSAL and qs.length > CAUSAL_TILE:
-                pairs.extend(_causal_tiles(qs, ks, nk))
-            elif vis is not Visibility.SKIP:
-                pairs.append((qs, ks, vis is Visibility.CAUSAL, nk))
+            pairs.extend(_tiles(qs, ks, lens[qs.seq], ctx.causal))
     return pairs
 
 
-def _causal_tiles(qs: Segment, ks: Segment, nk: int) -> list[Pair]:
-    """Split a causal pair into query tiles, each against the keys up to its last position, so the kernel
-    skips the masked upper triangle (about half the work of a long diagonal block)."""
+def _tiles(qs: Segment, ks: Segment, seqlen: int, causal: bool) -> list[Pair]:
+    """The visible pairs of query tiles (``TILE`` rows) against ``ks``. Tiling bounds a block's score matrix
+    to ``TILE x keys`` and, for causal pairs, cuts each tile's keys at its last position, so the kernel skips
+    the masked upper triangle (about half the work of a long diagonal block)."""
     out: list[Pair] = []
-    for a in range(0, qs.length, CAUSAL_TILE):
-        n = min(CAUSAL_TILE, qs.length - a)
+    for a in range(0, qs.length, TILE):
+        n = min(TILE, qs.length - a)
         tile = Segment(qs.seq, qs.start + a, n, qs.pos + a)
-        keys = min(nk, tile.pos + n - ks.pos)
-        if keys > 0:
-            out.append((tile, ks, tile.pos < ks.pos + keys - 1, keys))
+        keys = min(ks.length, tile.pos + n - ks.pos) if causal else ks.length
+        vis, nk = classify(tile.pos, n, ks.pos, max(keys, 0), seqlen, causal)
+        if vis is not Visibility.SKIP:
+            out.append((tile, ks, vis is Visibility.CAUSAL, nk))
     return out
 
 
