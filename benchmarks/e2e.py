@@ -4,7 +4,8 @@ Every step draws one batch of documents (random tokens; lengths from the length 
 clipped to ``max_len``, filled to ``tokens_per_step``) and runs it once per strategy on the same weights
 (forward, backward, gradient all-reduce), then takes one optimizer step. Before that, each rank calibrates
 the cost model on the machine at hand: the model's fwd+bwd time at a few lengths (fits alpha1, alpha2, beta)
-and all-to-all / P2P bandwidth (``sp.profile``). Reported: tokens/s per strategy, and the median
+and all-to-all / P2P bandwidth (``sp.profile``). Each rank is given the memory of ``max_len / 2`` tokens, so
+the longest documents need SP and the static layouts are those whose groups hold ``max_len``. Reported: tokens/s per strategy, and the median
 |predicted - measured| / measured step time per strategy.
 """
 
@@ -78,7 +79,10 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     a1, a2, beta = _fit(cal_lengths, times.tolist())
     comm = measure_comm(rank, world, 4.0)
-    cluster = Cluster(name="cpu-calibrated", nodes=1, gpus_per_node=world, peak_tflops=1.0, mfu=1.0, memory_gib=16.0,
+    # each rank is a "device" that holds max_len / 2 tokens: the longest documents need SP (as on GPUs)
+    probe = CostModel(Cluster(name="p", nodes=1, gpus_per_node=world, memory_gib=1.0), shape)
+    mem = probe.states_gib() + probe.act_bytes_per_token * max_len / 2 / 2**30
+    cluster = Cluster(name="cpu-calibrated", nodes=1, gpus_per_node=world, peak_tflops=1.0, mfu=1.0, memory_gib=mem,
                       alpha1_ms=a1, alpha2_ms=a2, beta_ms=beta, a2a_gbs=comm["a2a_gbs"], p2p_gbs=comm["p2p_gbs"],
                       intra_gbs=min(comm["a2a_gbs"].values()), inter_gbs=min(comm["a2a_gbs"].values()),
                       intra_latency_us=comm["latency_us"], inter_latency_us=comm["latency_us"])  # fmt: skip
@@ -95,7 +99,8 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
         docs = docs_of(lengths)
         plans = {"adaptive": planner.plan(lengths)}
         for u, r in STATIC:
-            plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
+            if cost.tokens_capacity(u * r) >= max_len:  # static layouts whose groups hold max_len
+                plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
         for name, plan in plans.items():
             t = timed(plan, docs)
             rows.setdefault(name, []).append((t, plan.time_s, sum(lengths)))

@@ -129,3 +129,21 @@ def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
 def test_rank_error_type_is_exported():
     assert issubclass(RankError, RuntimeError)
     assert ModelShape(layers=1, hidden=8, heads=2).ulysses_degrees(4) == [1, 2]
+
+
+def test_megatron_indexed_dataset_reader(tmp_path):
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "corpus")
+    docs = [np.arange(5), np.arange(100, 140), np.array([7, 8])]
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for d in docs:
+        builder.add_item(torch.from_numpy(d.astype(np.int32)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    corpus = Corpus(DataConfig(source="indexed", path=prefix))
+    assert corpus.sizes.tolist() == [5, 40, 2]
+    for i, d in enumerate(docs):
+        assert corpus.doc(i).tolist() == d.tolist()

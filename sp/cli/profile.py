@@ -30,3 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.out, "w") as f:
             f.write(f"# written by sp-profile (attention kernel measured at {attn:.4f} TFLOP/s)\n")
             yaml.safe_dump(body, f, sort_keys=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""sp-profile measures this machine and writes a cluster profile the planner accepts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from planner.cost import CostModel
+from planner.planner import Planner
+from planner.types import Cluster, ModelShape
+
+
+def test_profile_writes_a_usable_cluster(tmp_path):
+    out = tmp_path / "cpu.yaml"
+    res = subprocess.run([sys.executable, "-m", "sp.cli.profile", "--world", "2", "--mbytes", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    measured = json.loads(res.stdout.strip().splitlines()[-1])
+    assert measured["peak_tflops"] > 0 and measured["a2a_gbs"]["2"] > 0 and measured["p2p_gbs"]["2"] > 0
+    body = yaml.safe_load(out.read_text())
+    assert body.pop("defaults") == ["cluster_schema"]
+    cluster = Cluster(**body)
+    assert cluster.world == 2 and cluster.a2a_gbs[2] > 0
+    plan = Planner(CostModel(cluster, ModelShape(layers=2, hidden=64, heads=4))).plan([100, 2000, 30])
+    assert plan.time_s > 0
