@@ -5,8 +5,8 @@ clipped to ``max_len``, filled to ``tokens_per_step``) and runs it once per stra
 (forward, backward, gradient all-reduce), then takes one optimizer step. Before that, each rank calibrates
 the cost model on the machine at hand: the model's fwd+bwd time at a few lengths (fits alpha1, alpha2, beta)
 and all-to-all / P2P bandwidth (``sp.profile``). Each rank is given the memory of ``max_len / 2`` tokens, so
-the longest documents need SP and the static layouts are those whose groups hold ``max_len``. Reported: tokens/s per strategy, and the median
-|predicted - measured| / measured step time per strategy.
+the longest documents need SP and the static layouts are those whose groups hold ``max_len``. Reported:
+tokens/s per strategy, and the median |predicted - measured| / measured step time per strategy.
 """
 
 from __future__ import annotations

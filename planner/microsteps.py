@@ -85,7 +85,7 @@ def split(
     m = max(1, math.ceil(lengths.sum() / capacity))
     while m <= len(lengths):
         found: list[tuple[list[T], list[np.ndarray]]] = []
-        options = [contiguous_split(lengths, m)]
+        options: list[list[np.ndarray] | None] = [contiguous_split(lengths, m)]
         if m > 1:  # one micro-step: both splits are the whole batch
             options.append(balanced_split(lengths, m, work, capacity * 0.95))
         for parts in options:
