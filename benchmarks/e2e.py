@@ -4,14 +4,17 @@ Every step draws one batch of documents (random tokens; lengths from the length 
 clipped to ``max_len``, filled to ``tokens_per_step``) and runs it once per strategy on the same weights
 (forward, backward, gradient all-reduce), then takes one optimizer step. Before that, each rank calibrates
 the cost model on the machine at hand: the model's fwd+bwd time at a few lengths (fits alpha1, alpha2, beta)
-and all-to-all / P2P bandwidth (``sp.profile``). Each rank is given the memory of ``max_len / 2`` tokens, so
-the longest documents need SP and the static layouts are those whose groups hold ``max_len``. Reported:
+and all-to-all / P2P bandwidth (``sp.profile``), then the constants are rescaled by a least-squares fit of
+whole plans' measured step times (two calibration batches of their own) on their predictions. Each rank is
+given the memory of ``max_len / 2`` tokens, so the longest documents need SP and the static layouts are
+those whose groups hold ``max_len``. Reported:
 tokens/s per strategy, and the median |predicted - measured| / measured step time per strategy.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -86,29 +89,55 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
                       alpha1_ms=a1, alpha2_ms=a2, beta_ms=beta, a2a_gbs=comm["a2a_gbs"], p2p_gbs=comm["p2p_gbs"],
                       intra_gbs=min(comm["a2a_gbs"].values()), inter_gbs=min(comm["a2a_gbs"].values()),
                       intra_latency_us=comm["latency_us"], inter_latency_us=comm["latency_us"])  # fmt: skip
-    cost = CostModel(cluster, shape)
-    planner = Planner(cost, PlannerConfig(time_limit_s=0.5))
-    # ---- interleaved steps ----
-    rows: dict[str, list[tuple[float, float, int]]] = {}
-    for _ in range(steps):
+
+    def batch():
         lengths, used = [], 0
         while used < tokens:
             n = int(min(max(2, rng.choice(pool_lengths)), max_len, tokens - used if lengths else max_len))
             lengths.append(n)
             used += n
-        docs = docs_of(lengths)
-        plans = {"adaptive": planner.plan(lengths)}
+        return lengths
+
+    def plans_for(cost, lengths):
+        plans = {"adaptive": Planner(cost, PlannerConfig(time_limit_s=0.5)).plan(lengths)}
         for u, r in STATIC:
             if cost.tokens_capacity(u * r) >= max_len:  # static layouts whose groups hold max_len
                 plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
-        for name, plan in plans.items():
+        return plans
+
+    # ---- calibration, part 2: regress measured steps of whole plans (own batches) on their predictions ----
+    cost = CostModel(cluster, shape)
+    xs, ys = [], []
+    for _ in range(2):
+        lengths = batch()
+        docs = docs_of(lengths)
+        for plan in plans_for(cost, lengths).values():
+            ys.append(timed(plan, docs))
+            xs.append(plan.time_s)
+            opt.zero_grad(set_to_none=True)
+    meas = torch.tensor(ys, dtype=torch.float64)
+    dist.all_reduce(meas, op=dist.ReduceOp.MAX)
+    (k, b), *_ = np.linalg.lstsq(np.stack([np.array(xs), np.ones(len(xs))], 1), meas.numpy(), rcond=None)
+    k, b = max(float(k), 1e-3), float(b)
+    scaled = {"alpha1_ms": a1 * k, "alpha2_ms": a2 * k, "beta_ms": max(beta * k + b * 1e3, 0.0)}
+    scaled_bw = {"a2a_gbs": {s: v / k for s, v in cluster.a2a_gbs.items()},
+                 "p2p_gbs": {s: v / k for s, v in cluster.p2p_gbs.items()}}  # fmt: skip
+    cost = CostModel(replace(cluster, **scaled, **scaled_bw), shape)
+    # ---- interleaved steps ----
+    rows: dict[str, list[tuple[float, float, int]]] = {}
+    for _ in range(steps):
+        lengths = batch()
+        docs = docs_of(lengths)
+        for name, plan in plans_for(cost, lengths).items():
             t = timed(plan, docs)
             rows.setdefault(name, []).append((t, plan.time_s, sum(lengths)))
             if name != "adaptive":
                 opt.zero_grad(set_to_none=True)
         opt.step()  # one update per batch (the gradients of the last strategy run)
         opt.zero_grad(set_to_none=True)
-    return {"calibration": {"alpha1_ms": a1, "alpha2_ms": a2, "beta_ms": beta, **comm}, "rows": rows}
+    calib = {"solo_alpha1_ms": a1, "solo_alpha2_ms": a2, "solo_beta_ms": beta, "plan_fit_scale": k,
+             "plan_fit_offset_s": b, **scaled, **comm}  # fmt: skip
+    return {"calibration": calib, "rows": rows}
 
 
 class _SoloPool:

@@ -8,7 +8,7 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
 - **Ulysses all-to-all** (u > 1): q, k, v, o per layer and pass (fwd, bwd, + recompute fwd under full
   checkpointing); per GPU ``(L / P) (2 H + 2 max(H_kv, u)) d_head bytes (u - 1) / u`` (kv heads replicate past
   u, GQA-aware), over the measured all-to-all bandwidth of a u-group, else intra- or inter-node bandwidth by
-  whether u fits in a node; plus a latency per collective.
+  whether u fits in a node.
 - **Ring P2P** (r > 1): K/V blocks of ``2 (L / r) (max(H_kv, u) / u) d_head bytes`` per step; forward r - 1
   steps, backward r - 1 K/V plus r dK/dV steps. Each step overlaps the block's attention compute, so only
   ``max(0, comm_step - attn_step)`` is exposed. Bandwidth is inter-node once the group spans nodes.
@@ -16,7 +16,8 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   activations ``a`` bytes per token times the group's tokens / P. ``a`` is measured (profile) or derived:
   full checkpointing keeps each layer's input (2 h bytes/layer) plus one layer's working set (34 h bytes);
   selective keeps 34 h per layer; logits add 4 V bytes per token on the last stage.
-- ``beta`` (ms) is a fixed cost per group and micro-step.
+- Per group and micro-step (:meth:`CostModel.group_overhead_s`): ``beta`` (ms) plus the latency of the
+  group's collectives, paid once per packed batch (all its sequences go through each layer together).
 """
 
 from __future__ import annotations
@@ -83,9 +84,7 @@ class CostModel:
         spans = u > cl.gpus_per_node
         kv = max(m.n_kv_heads, u)
         per_gpu = length / shape.size * (2 * m.heads + 2 * kv) * m.d_head * m.bytes_per_value * (u - 1) / u
-        lat = (cl.inter_latency_us if spans else cl.intra_latency_us) * 1e-6
-        n_coll = m.layers * self._passes * 4
-        return n_coll * lat + per_gpu * m.layers * self._passes / self._bw(cl.a2a_gbs, u, spans)
+        return per_gpu * m.layers * self._passes / self._bw(cl.a2a_gbs, u, spans)
 
     def ring_exposed_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
         r, u = shape.ring, shape.ulysses
@@ -93,10 +92,9 @@ class CostModel:
             return 0.0 * length
         m, cl = self.model, self.cluster
         spans = shape.size > cl.gpus_per_node
-        lat = (cl.inter_latency_us if spans else cl.intra_latency_us) * 1e-6
         kv = max(m.n_kv_heads, u)
         step_bytes = 2 * (length / r) * (kv / u) * m.d_head * m.bytes_per_value
-        comm = lat + step_bytes / self._bw(cl.p2p_gbs, r, spans)
+        comm = step_bytes / self._bw(cl.p2p_gbs, r, spans)
         attn_fwd = self.attention_s(length, shape.size) / self._recompute / 3.0 / r / m.layers  # one fwd step
         fwd_steps = (r - 1) * (2 if m.checkpointing == "full" else 1)
         exposed = fwd_steps * np.maximum(0.0, comm - attn_fwd) + (2 * r - 1) * np.maximum(0.0, comm - 2 * attn_fwd)
@@ -108,6 +106,21 @@ class CostModel:
     @property
     def beta_s(self) -> float:
         return self.cluster.beta_ms / 1e3
+
+    def group_overhead_s(self, shape: GroupShape) -> float:
+        """Fixed time of one group's micro-step: ``beta`` plus the latency of its collectives. A group runs
+        all its sequences as one packed batch, so each all-to-all and ring step is paid once per layer and
+        pass, not once per sequence."""
+        m, cl = self.model, self.cluster
+        spans = shape.size > cl.gpus_per_node
+        lat = (cl.inter_latency_us if spans else cl.intra_latency_us) * 1e-6
+        n = 0
+        if shape.ulysses > 1:
+            n += m.layers * self._passes * 4
+        if shape.ring > 1:
+            r = shape.ring
+            n += m.layers * ((r - 1) * (2 if m.checkpointing == "full" else 1) + 2 * r - 1)
+        return self.beta_s + n * lat
 
     # ---- memory ----
     @property

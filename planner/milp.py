@@ -6,12 +6,12 @@ many sequences of each length bucket each shape runs (``x_bk``, integer), such t
     find x, n (no objective: the first feasible point ends the solve)
     s.t. sum_k P_k n_k <= N                                   the groups fit the cluster
          sum_k x_bk = c_b                                    every sequence assigned once
-         sum_b tbar_bk x_bk <= (T - beta) n_k                 shape k's work fits in its n_k groups by T
+         sum_b tbar_bk x_bk <= (T - beta_k) n_k               shape k's work fits in its n_k groups by T
          sum_b Lmax_b x_bk <= C_k n_k                         memory: tokens fit the groups' capacity
-         x_bk = 0 where tmax_bk > T - beta or Lmax_b > C_k/1  a sequence is never split across groups
+         x_bk = 0 where tmax_bk > T - beta_k or Lmax_b > C_k  a sequence is never split across groups
          n_k <= N / P_k,  x, n integer
 
-T is feasible when such a point exists (leftover GPUs join as extra groups). Small micro-steps use the exact
+(beta_k: shape k's fixed cost per group, CostModel.group_overhead_s). T is feasible when such a point exists (leftover GPUs join as extra groups). Small micro-steps use the exact
 model instead (:func:`solve_instances`: one binary per (sequence, group instance)), for which infeasibility
 at T proves that no plan reaches T. The planner searches
 T between the fluid lower bound and the greedy plan (bisection), packs each feasible solution into concrete
@@ -104,12 +104,12 @@ def solve_counts(
     sizes: np.ndarray,  # [K] GPUs per group of shape k
     capacity: np.ndarray,  # [K] tokens one group of shape k holds
     world: int,
-    budget_s: float,
+    budget_s: np.ndarray,  # [K] T minus each shape's fixed overhead
     time_limit_s: float,
 ) -> MilpResult:
     """Aggregated model: ``n_k`` groups per shape share shape k's work (see the module docstring)."""
     b_n, k_n = tbar.shape
-    allowed = (tmax <= budget_s) & (lmax[:, None] <= capacity[None, :])
+    allowed = (tmax <= budget_s[None, :]) & (lmax[:, None] <= capacity[None, :])
     empty = MilpResult(False, 0, np.zeros(k_n), np.zeros((b_n, k_n)), 0.0)
     if not allowed.any(axis=1).all():
         return empty
@@ -124,7 +124,7 @@ def solve_counts(
     for k in range(k_n):  # noqa: B007 - k indexes rows and columns
         rows += [b_n + k, b_n + k_n + k, b_n + 2 * k_n]
         cols += [nx + k] * 3
-        vals += [-budget_s, -float(capacity[k]), float(sizes[k])]
+        vals += [-float(budget_s[k]), -float(capacity[k]), float(sizes[k])]
     row_lo = np.concatenate([counts, np.full(2 * k_n + 1, -INF)])
     row_hi = np.concatenate([counts, np.zeros(2 * k_n), [world]])
     col_hi = np.concatenate([counts[bi], world // sizes])
@@ -143,7 +143,7 @@ def solve_instances(
     sizes: np.ndarray,
     capacity: np.ndarray,
     world: int,
-    budget_s: float,
+    budget_s: np.ndarray,  # [K]
     time_limit_s: float,
 ) -> list[tuple[int, list[int]]] | np.ndarray | None:
     """Exact model for small micro-steps: one binary per candidate group instance, one per (sequence, instance).
@@ -154,7 +154,7 @@ def solve_instances(
     """
     s_n, k_n = tmat.shape
     inst = [(k, i) for k in range(k_n) for i in range(min(world // int(sizes[k]), s_n))]
-    ok = (tmat <= budget_s) & (lengths[:, None] <= capacity[None, :])
+    ok = (tmat <= budget_s[None, :]) & (lengths[:, None] <= capacity[None, :])
     if not ok.any(axis=1).all():
         return INFEASIBLE
     pairs = [(s, j) for j, (k, _) in enumerate(inst) for s in range(s_n) if ok[s, k]]
@@ -170,7 +170,7 @@ def solve_instances(
     for j, (k, i) in enumerate(inst):
         rows += [s_n + j, s_n + nz + j, s_n + 2 * nz]
         cols += [j] * 3
-        vals += [-budget_s - 1e-12, -float(capacity[k]), float(sizes[k])]
+        vals += [-float(budget_s[k]) - 1e-12, -float(capacity[k]), float(sizes[k])]
         if i > 0:
             rows += [s_n + 2 * nz + 1 + sym, s_n + 2 * nz + 1 + sym]
             cols += [j - 1, j]

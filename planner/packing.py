@@ -1,7 +1,7 @@
 """Turn shape counts into concrete groups: list scheduling, local search, and rank placement.
 
 A *bin* is one SP group: a shape index, its sequences, its work (seconds) and tokens. A group's time is
-``beta + work`` when it runs anything, 0 otherwise.
+``overhead[k] + work`` when it runs anything (k its shape), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ class Instance:
     shapes: tuple[GroupShape, ...]
     sizes: np.ndarray
     capacity: np.ndarray
-    beta: float
+    beta: np.ndarray  # [K] fixed seconds of one group's micro-step per shape (CostModel.group_overhead_s)
     world: int
 
     def time(self, b: Bin) -> float:
-        return self.beta + b.work if b.seqs else 0.0
+        return float(self.beta[b.k]) + b.work if b.seqs else 0.0
 
 
 def makespan(inst: Instance, bins: list[Bin]) -> float:
@@ -56,17 +56,22 @@ def remove(inst: Instance, b: Bin, s: int) -> None:
 
 def list_schedule(inst: Instance, bins: list[Bin], seqs: list[int]) -> bool:
     """Longest first, each sequence to the bin where it would finish earliest (memory permitting)."""
+    if not bins:
+        return not seqs
+    kb = np.array([b.k for b in bins])
+    work = np.array([b.work for b in bins])
+    tokens = np.array([b.tokens for b in bins], dtype=np.int64)
+    cap = inst.capacity[kb]
     for s in sorted(seqs, key=lambda s: -int(inst.lengths[s])):
-        best, best_t = None, np.inf
-        for b in bins:
-            if b.tokens + inst.lengths[s] > inst.capacity[b.k]:
-                continue
-            t = inst.beta + b.work + inst.tmat[s, b.k]
-            if t < best_t:
-                best, best_t = b, t
-        if best is None:
+        finish = np.where(tokens + inst.lengths[s] <= cap, inst.beta[kb] + work + inst.tmat[s, kb], np.inf)
+        i = int(np.argmin(finish))
+        if not np.isfinite(finish[i]):
             return False
-        add(inst, best, s)
+        work[i] += inst.tmat[s, kb[i]]
+        tokens[i] += int(inst.lengths[s])
+        bins[i].seqs.append(s)
+    for b, w, t in zip(bins, work, tokens):
+        b.work, b.tokens = float(w), int(t)
     return True
 
 
@@ -82,7 +87,8 @@ def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400) -> None:
     work = np.array([b.work for b in bins])
     tokens = np.array([b.tokens for b in bins], dtype=np.int64)
     cap = inst.capacity[kb]
-    lens, tm, beta, eps = inst.lengths, inst.tmat, inst.beta, 1e-12
+    lens, tm, eps = inst.lengths, inst.tmat, 1e-12
+    beta = inst.beta[kb]  # [bins]
     for _ in range(max_rounds):
         busy = np.bincount(where, minlength=len(bins)) > 0
         times = np.where(busy, beta + work, 0.0)
@@ -110,8 +116,8 @@ def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400) -> None:
                 continue
             h2 = where[others]
             dl = lens[others] - lens[s]
-            new_g = beta + work[g] - tm[s, kb[g]] + tm[others, kb[g]]
-            new_h = beta + work[h2] - tm[others, kb[h2]] + tm[s, kb[h2]]
+            new_g = beta[g] + work[g] - tm[s, kb[g]] + tm[others, kb[g]]
+            new_h = beta[h2] + work[h2] - tm[others, kb[h2]] + tm[s, kb[h2]]
             worst = np.maximum(new_g, new_h)
             ok = (tokens[g] + dl <= cap[g]) & (tokens[h2] - dl <= cap[h2]) & (worst < top - eps)
             if ok.any():

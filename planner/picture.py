@@ -22,8 +22,9 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
     for mi, micro in enumerate(plan.micro_steps):
         for g in micro.groups:
             y, h = g.first_rank, g.shape.size * 0.92  # a group spans the rows of its GPUs
-            ax.barh(y, cost.beta_s, left=x0, height=h, align="edge", color="#eeeeee", edgecolor="none")
-            t = x0 + cost.beta_s
+            fixed = cost.group_overhead_s(g.shape)
+            ax.barh(y, fixed, left=x0, height=h, align="edge", color="#eeeeee", edgecolor="none")
+            t = x0 + fixed
             for s in sorted(g.seqs, key=lambda s: -plan.lengths[s]):
                 d = float(cost.seq_time_s(float(plan.lengths[s]), g.shape))
                 ax.barh(y, d, left=t, height=h, align="edge", color=COLOURS[g.shape.strategy], edgecolor="white",
@@ -33,7 +34,7 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
                             fontsize=7, color="w")  # fmt: skip
                 t += d
             if g.shape.size > 1:
-                ax.text(x0 + cost.beta_s / 2, y + h / 2, f"u{g.shape.ulysses}r{g.shape.ring}", ha="center",
+                ax.text(x0 + fixed / 2, y + h / 2, f"u{g.shape.ulysses}r{g.shape.ring}", ha="center",
                         va="center", fontsize=6)  # fmt: skip
         x0 += micro.time_s
         if mi + 1 < len(plan.micro_steps):

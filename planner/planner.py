@@ -79,7 +79,8 @@ class Planner:
         tmat = np.stack([np.asarray(self.cost.seq_time_s(lengths.astype(float), sh)) for sh in shapes], axis=1)
         sizes = np.array([sh.size for sh in shapes])
         cap = np.array([self.cost.tokens_capacity(sh.size) for sh in shapes])
-        return Instance(lengths, tmat, tuple(shapes), sizes, cap, self.cost.beta_s, self.world)
+        beta = np.array([self.cost.group_overhead_s(sh) for sh in shapes])
+        return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.world)
 
     def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray, search: bool = True) -> MicroStep | None:
         """Plan one micro-step over sequences ``ids``; None when it cannot fit in memory. ``search=False``
@@ -150,41 +151,56 @@ class Planner:
             tuple(inst.shapes[k] for k in keep),
             inst.sizes[keep_a],
             inst.capacity[keep_a],
-            inst.beta,
+            inst.beta[keep_a],
             inst.world,
         )
 
     def _greedy(self, inst: Instance, bound: float) -> list[Bin] | None:
-        """Fluid sizing at the bound, then longest-first list scheduling and local search."""
-        budget = max(bound - inst.beta, 1e-12)
-        fits = (inst.lengths[:, None] <= inst.capacity[None, :]) & (inst.tmat <= budget * (1 + 1e-9))
-        gpu_time = np.where(fits, inst.tmat * inst.sizes[None, :], np.inf)
-        choice = np.argmin(gpu_time, axis=1)
-        load = np.bincount(choice, weights=inst.tmat[np.arange(len(choice)), choice], minlength=len(inst.sizes))
-        n = np.where(load > 0, np.maximum(1, np.floor(load / budget + 1e-9)), 0).astype(int)
-        while (n * inst.sizes).sum() > self.world:
-            used = np.nonzero(n)[0]
-            k = used[np.argmin(load[used] / n[used])]
-            n[k] -= 1
+        """Fluid sizing, then longest-first list scheduling and local search.
+
+        At a target T each sequence takes its cheapest-GPU-time shape that finishes by T; a shape with work W
+        gets ``max(1, round(W / (T - beta)))`` groups. T starts at the bound and grows 5% at a time until the
+        groups fit the cluster (a larger T lets sequences take smaller shapes and fewer groups)."""
+        fits_mem = inst.lengths[:, None] <= inst.capacity[None, :]
+        target = bound
+        for _ in range(200):
+            budget = np.maximum(target - inst.beta, 1e-12)  # [K]
+            ok = fits_mem & (inst.tmat <= budget[None, :] * (1 + 1e-9))
+            gpu_time = np.where(ok, inst.tmat * inst.sizes[None, :], np.inf)
+            choice = np.argmin(gpu_time, axis=1)
+            load = np.bincount(choice, weights=inst.tmat[np.arange(len(choice)), choice], minlength=len(inst.sizes))
+            n = np.where(load > 0, np.maximum(1, np.round(load / budget)), 0).astype(int)
+            if (n * inst.sizes).sum() <= self.world:
+                break
+            target *= 1.05
+        else:
+            return None
         bins = [Bin(int(k)) for k in range(len(n)) for _ in range(n[k])]
-        bins += self._fill(inst, self.world - int((n * inst.sizes).sum()))
+        bins += self._fill(inst, n, load)
         if not list_schedule(inst, bins, list(range(len(inst.lengths)))):
             return None
         improve(inst, bins)
         return bins
 
-    def _fill(self, inst: Instance, free: int) -> list[Bin]:
-        """Extra groups on leftover GPUs: the largest power-of-two sizes, each with its fastest shape."""
+    def _fill(self, inst: Instance, n: np.ndarray, load: np.ndarray) -> list[Bin]:
+        """Extra groups on the GPUs the counts ``n`` leave free: one more group of the used shape whose groups
+        are busiest (``load / n``) while one fits, else the fastest shape of the largest size that fits."""
+        n = n.astype(float).copy()
+        free = self.world - int((n * inst.sizes).sum())
         extra: list[Bin] = []
         while free > 0:
-            size = 1 << (free.bit_length() - 1)
-            ks = np.nonzero(inst.sizes <= size)[0]
-            if len(ks) == 0:
-                break
-            size = int(inst.sizes[ks].max())
-            ks = ks[inst.sizes[ks] == size]
-            extra.append(Bin(int(ks[np.argmin(inst.tmat[:, ks].mean(axis=0))])))
-            free -= size
+            used = np.nonzero((load > 0) & (inst.sizes <= free))[0]
+            if len(used):
+                k = int(used[np.argmax(load[used] / np.maximum(n[used], 1))])
+            else:
+                ks = np.nonzero(inst.sizes <= free)[0]
+                if len(ks) == 0:
+                    break
+                ks = ks[inst.sizes[ks] == inst.sizes[ks].max()]
+                k = int(ks[np.argmin(inst.tmat[:, ks].mean(axis=0))])
+            extra.append(Bin(k))
+            n[k] += 1
+            free -= int(inst.sizes[k])
         return extra
 
     def _search(self, inst: Instance, bound: float, best: list[Bin] | None, deadline: float) -> list[Bin] | None:
@@ -213,14 +229,16 @@ class Planner:
                 lo = target
                 continue
             hi = target
-            bins = self._realise(inst, buckets, res.x, res.n)
+            bins = self._realise(inst, buckets, res.x, res.n, (tbar * res.x).sum(axis=0))
             if bins is not None and makespan(inst, bins) < best_t:
                 best, best_t = bins, makespan(inst, bins)
         return best
 
-    def _realise(self, inst: Instance, buckets: np.ndarray, x: np.ndarray, n: np.ndarray) -> list[Bin] | None:
+    def _realise(
+        self, inst: Instance, buckets: np.ndarray, x: np.ndarray, n: np.ndarray, load: np.ndarray
+    ) -> list[Bin] | None:
         bins = [Bin(int(k)) for k in range(len(n)) for _ in range(int(n[k]))]
-        bins += self._fill(inst, self.world - int((n * inst.sizes).sum()))
+        bins += self._fill(inst, n, load)
         left = x.copy()
         by_shape: dict[int, list[int]] = {}
         for s in np.argsort(-inst.lengths, kind="stable"):

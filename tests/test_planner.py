@@ -60,7 +60,8 @@ def brute_force(lengths, cost=COST):
                 if any(tok[g] > cap[shapes[g].size] for g in range(len(shapes))):
                     continue
                 used = np.bincount(assign, minlength=len(shapes)) > 0
-                best = min(best, float(np.max(np.where(used, work + cost.beta_s, 0.0))))
+                fixed = np.array([cost.group_overhead_s(sh) for sh in shapes])
+                best = min(best, float(np.max(np.where(used, work + fixed, 0.0))))
     return best
 
 
@@ -69,7 +70,9 @@ def recompute_step(plan: StepPlan, cost=COST) -> float:
     total = 0.0
     for m in plan.micro_steps:
         times = [
-            cost.beta_s + sum(float(cost.seq_time_s(float(plan.lengths[s]), g.shape)) for s in g.seqs) for g in m.groups
+            cost.group_overhead_s(g.shape)
+            + sum(float(cost.seq_time_s(float(plan.lengths[s]), g.shape)) for s in g.seqs)
+            for g in m.groups
         ]
         total += max(times)
     return total
@@ -137,7 +140,9 @@ def test_static_baseline_matches_hand_computation():
     lengths = np.array([4000, 4000, 4000, 4000])
     planner = Planner(COST)
     t_seq = float(COST.seq_time_s(4000.0, GroupShape(2, 1)))
-    assert static_step_s(planner, lengths, GroupShape(2, 1)) == pytest.approx(COST.beta_s + 2 * t_seq)
+    assert static_step_s(planner, lengths, GroupShape(2, 1)) == pytest.approx(
+        COST.group_overhead_s(GroupShape(2, 1)) + 2 * t_seq
+    )
 
 
 def test_micro_steps_when_batch_exceeds_memory():
