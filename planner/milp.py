@@ -11,11 +11,11 @@ many sequences of each length bucket each shape runs (``x_bk``, integer), such t
          x_bk = 0 where tmax_bk > T - beta_k or Lmax_b > C_k  a sequence is never split across groups
          n_k <= N / P_k,  x, n integer
 
-(beta_k: shape k's fixed cost per group, CostModel.group_overhead_s). T is feasible when such a point exists (leftover GPUs join as extra groups). Small micro-steps use the exact
-model instead (:func:`solve_instances`: one binary per (sequence, group instance)), for which infeasibility
-at T proves that no plan reaches T. The planner searches
-T between the fluid lower bound and the greedy plan (bisection), packs each feasible solution into concrete
-groups, and keeps the best packed plan. Fixing T makes the model linear (``n_k * T`` would be bilinear).
+(beta_k: shape k's fixed cost per group, CostModel.group_overhead_s). T is feasible when such a point exists
+(leftover GPUs join as extra groups). Small micro-steps use the exact model instead (:func:`solve_instances`:
+one binary per (sequence, group instance)), for which infeasibility at T proves that no plan reaches T. The
+planner searches T between the fluid lower bound and the greedy plan (bisection), packs each feasible solution
+into concrete groups, and keeps the best packed plan. Fixing T makes the model linear (``n_k * T`` would be bilinear).
 """
 
 from __future__ import annotations
