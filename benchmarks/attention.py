@@ -9,9 +9,10 @@ block compute, 0 when it adds up serially. Activation memory is the bytes the at
 from __future__ import annotations
 
 import resource
-import time
 
 import torch
+
+from sp.profile import best_time
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 4, 32
 
@@ -20,15 +21,6 @@ def batch_lengths(total: int) -> list[int]:
     """Long-tailed packed batch of ``total`` tokens: one sequence of half, the rest in 16 short ones."""
     rest = total - total // 2
     return [total // 2] + [rest // 16 + (1 if i < rest % 16 else 0) for i in range(16)]
-
-
-def _time(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _case(rank: int, world: int, pool, u: int, r: int, total: int, reps: int) -> dict:
@@ -57,7 +49,7 @@ def _case(rank: int, world: int, pool, u: int, r: int, total: int, reps: int) ->
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     dist.barrier()
-    t_full = _time(step, reps)
+    t_full = best_time(step, reps, warmup=False)
     row = {
         "strategy": "ulysses" if r == 1 else ("ring" if u == 1 else "hybrid"),
         "world": world,
@@ -85,11 +77,11 @@ def _case(rank: int, world: int, pool, u: int, r: int, total: int, reps: int) ->
 
         ring("full", stats)()
         dist.barrier()
-        t_ring = _time(ring("full"), reps)
+        t_ring = best_time(ring("full"), reps, warmup=False)
         dist.barrier()
-        t_comp = _time(ring("compute"), reps)
+        t_comp = best_time(ring("compute"), reps, warmup=False)
         dist.barrier()
-        t_comm = _time(ring("comm"), reps)
+        t_comm = best_time(ring("comm"), reps, warmup=False)
         row.update(
             ring_ms=1e3 * t_ring,
             compute_only_ms=1e3 * t_comp,

@@ -28,7 +28,7 @@ def quality(path: str, steps: int, global_batch: int, max_len: int, seed: int) -
     batches = sample_steps(read_lengths(path), global_batch, steps, max_len, seed)
     planner = Planner(cost, CONFIG)
     plans = [planner.plan(b) for b in batches]
-    bases = [all_baselines(cost, b, CONFIG) for b in batches]
+    bases = [all_baselines(cost, b, CONFIG, p) for b, p in zip(batches, plans)]
     s = summarise(cost, plans, bases)
     return {"bench": "planner_quality", "cluster": "a100x64_flexsp", "model": "gpt-7b", "global_batch": global_batch,
             "max_len": max_len, "tokens_per_step_mean": float(np.mean([b.sum() for b in batches])), **s}  # fmt: skip

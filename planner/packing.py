@@ -6,6 +6,7 @@ A *bin* is one SP group: a shape index, its sequences, its work (seconds) and to
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +74,26 @@ def list_schedule(inst: Instance, bins: list[Bin], seqs: list[int]) -> bool:
     for b, w, t in zip(bins, work, tokens):
         b.work, b.tokens = float(w), int(t)
     return True
+
+
+def identical_schedule(inst: Instance, k: int, n_bins: int, seqs: list[int]) -> list[Bin] | None:
+    """``n_bins`` groups of shape k, longest first to the least-loaded group with memory room (a heap:
+    O(S log B)); None when a sequence fits nowhere."""
+    bins = [Bin(k) for _ in range(n_bins)]
+    heap = [(0.0, i) for i in range(n_bins)]
+    cap = inst.capacity[k]
+    for s in sorted(seqs, key=lambda s: -int(inst.lengths[s])):
+        skipped = []
+        while heap and bins[heap[0][1]].tokens + inst.lengths[s] > cap:
+            skipped.append(heapq.heappop(heap))
+        if not heap:
+            return None
+        _, i = heapq.heappop(heap)
+        add(inst, bins[i], s)
+        heapq.heappush(heap, (bins[i].work, i))
+        for item in skipped:
+            heapq.heappush(heap, item)
+    return bins
 
 
 def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400) -> None:

@@ -32,7 +32,16 @@ from planner.candidates import STRATEGIES, candidate_shapes
 from planner.cost import CostModel
 from planner.microsteps import check_lengths, split
 from planner.milp import proven_infeasible, solve_counts, solve_instances
-from planner.packing import Bin, Instance, add, improve, list_schedule, makespan, to_micro_step
+from planner.packing import (
+    Bin,
+    Instance,
+    add,
+    identical_schedule,
+    improve,
+    list_schedule,
+    makespan,
+    to_micro_step,
+)
 from planner.types import GroupShape, MicroStep, StepPlan
 
 
@@ -86,23 +95,37 @@ class Planner:
         """Plan one micro-step over sequences ``ids``; None when it cannot fit in memory. ``search=False``
         stops after the greedy plan (used to choose between micro-step splits)."""
         deadline = time.perf_counter() + self.config.time_limit_s
-        inst = self.instance(all_lengths[ids])
-        exact = self._exact_size(inst) <= self.config.exact_max_pairs
-        if not exact:
-            inst = self._pruned(inst)
-        fits = inst.lengths[:, None] <= inst.capacity[None, :]
-        if inst.lengths.sum() > inst.capacity.max() / inst.sizes.max() * self.world:
+        full = self.instance(all_lengths[ids])
+        if full.lengths.sum() > full.capacity.max() / full.sizes.max() * self.world:
             return None
-        bound = fluid_bound(inst.tmat, inst.sizes.astype(float), fits, self.world, inst.beta)
+        fits = full.lengths[:, None] <= full.capacity[None, :]
+        bound = fluid_bound(full.tmat, full.sizes.astype(float), fits, self.world, full.beta)  # over all shapes
+        exact = self._exact_size(full) <= self.config.exact_max_pairs
+        inst = full if exact else self._pruned(full)
         best = self._greedy(inst, bound)
         search = search or best is None  # the greedy found nothing: only the search can tell if it fits
         if search and self.config.use_milp and exact:
             best, bound = self._search_exact(inst, bound, best, deadline)
         elif search and self.config.use_milp:
             best = self._search(inst, bound, best, deadline)
-        if best is None:
-            return None
-        return to_micro_step(inst, best, ids, self.cost, bound)
+        plan = to_micro_step(inst, best, ids, self.cost, bound) if best is not None else None
+        static = self._best_static(full, ids, bound)
+        if static is not None and (plan is None or static.time_s < plan.time_s):
+            return static
+        return plan
+
+    def _best_static(self, full: Instance, ids: np.ndarray, bound: float) -> MicroStep | None:
+        """The best single-shape layout (N / P identical groups, longest-first) of this micro-step: a static
+        layout is a heterogeneous plan too, so the planner never returns anything slower on the same split."""
+        best, best_t = None, math.inf
+        seqs = list(range(len(full.lengths)))
+        for k, size in enumerate(full.sizes.tolist()):
+            if self.world % size:
+                continue
+            bins = identical_schedule(full, k, self.world // size, seqs)
+            if bins is not None and makespan(full, bins) < best_t:
+                best, best_t = bins, makespan(full, bins)
+        return to_micro_step(full, best, ids, self.cost, bound) if best is not None else None
 
     def _exact_size(self, inst: Instance) -> int:
         n = len(inst.lengths)

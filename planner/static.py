@@ -6,13 +6,18 @@ import numpy as np
 
 from planner.cost import CostModel
 from planner.microsteps import check_lengths, split
-from planner.packing import Bin, Instance, list_schedule, to_micro_step
+from planner.packing import Instance, identical_schedule, to_micro_step
 from planner.planner import Planner
 from planner.types import GroupShape, MicroStep, StepPlan
 
 
-def static_plan(cost: CostModel, lengths: list[int] | np.ndarray, shape: GroupShape) -> StepPlan:
-    """Plan a batch on ``world / shape.size`` identical groups (longest first to the earliest-finishing group)."""
+def static_plan(
+    cost: CostModel, lengths: list[int] | np.ndarray, shape: GroupShape, parts: list[np.ndarray] | None = None
+) -> StepPlan:
+    """Plan a batch on ``world / shape.size`` identical groups (longest first to the earliest-finishing group).
+
+    ``parts``: use this micro-step split (the planner's, so that the comparison is like for like) when every
+    part fits the layout; otherwise the layout gets its own fewest-micro-steps split."""
     world = cost.cluster.world
     if world % shape.size:
         raise ValueError(f"static group of {shape.size} GPUs does not divide the world of {world}")
@@ -23,10 +28,12 @@ def static_plan(cost: CostModel, lengths: list[int] | np.ndarray, shape: GroupSh
 
     def one(ids: np.ndarray) -> MicroStep | None:
         inst: Instance = planner.instance(arr[ids], [shape])
-        bins = [Bin(0) for _ in range(world // shape.size)]
-        if not list_schedule(inst, bins, list(range(len(ids)))):
-            return None
-        return to_micro_step(inst, bins, ids, cost, 0.0)
+        bins = identical_schedule(inst, 0, world // shape.size, list(range(len(ids))))
+        return to_micro_step(inst, bins, ids, cost, 0.0) if bins is not None else None
 
-    micro = split(arr, cost, work, one, lambda ms: sum(m.time_s for m in ms))
+    given = [one(np.asarray(ids)) for ids in parts] if parts else []
+    if parts and all(m is not None for m in given):
+        micro = [m for m in given if m is not None]
+    else:
+        micro = split(arr, cost, work, one, lambda ms: sum(m.time_s for m in ms))
     return StepPlan(tuple(int(x) for x in arr), tuple(micro), 0.0, f"static {shape}")

@@ -12,8 +12,10 @@ import time
 import torch
 
 
-def _best(fn, reps: int = 3) -> float:
-    fn()
+def best_time(fn, reps: int = 3, warmup: bool = True) -> float:
+    """The fastest of ``reps`` timed calls (after one untimed call with ``warmup``)."""
+    if warmup:
+        fn()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -33,9 +35,9 @@ def _worker(rank: int, world: int, mbytes: float) -> dict:
     out: dict = {}
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
-    out["matmul_tflops"] = 2 * n**3 / _best(lambda: a @ b) / 1e12
+    out["matmul_tflops"] = 2 * n**3 / best_time(lambda: a @ b) / 1e12
     q = torch.randn(2048, 4, 64)
-    t_attn = _best(lambda: TorchKernel().forward(q, q, q, 0, 0, True, 0.125))
+    t_attn = best_time(lambda: TorchKernel().forward(q, q, q, 0, 0, True, 0.125))
     out["attention_tflops"] = 2 * 2048**2 * 4 * 64 / t_attn / 1e12
     numel = int(mbytes * 2**20 / 4)
     a2a, p2p = {}, {}
@@ -46,15 +48,15 @@ def _worker(rank: int, world: int, mbytes: float) -> dict:
         x = torch.randn(numel // size * size)
         y = torch.empty_like(x)
         dist.barrier()
-        t = _best(lambda g=g, x=x, y=y: dist.all_to_all_single(y, x, group=g))
+        t = best_time(lambda g=g, x=x, y=y: dist.all_to_all_single(y, x, group=g))
         a2a[size] = x.numel() * 4 * (size - 1) / size / t / 1e9
         dist.barrier()
-        t = _best(lambda g=g, ranks=ranks, x=x: ring_exchange(x, ranks, ranks.index(rank), g).wait())
+        t = best_time(lambda g=g, ranks=ranks, x=x: ring_exchange(x, ranks, ranks.index(rank), g).wait())
         p2p[size] = x.numel() * 4 / t / 1e9
         size *= 2
     tiny = torch.zeros(world)
     dist.barrier()
-    out["latency_us"] = 1e6 * _best(lambda: dist.all_to_all_single(torch.empty_like(tiny), tiny), reps=20)
+    out["latency_us"] = 1e6 * best_time(lambda: dist.all_to_all_single(torch.empty_like(tiny), tiny), reps=20)
     out["a2a_gbs"], out["p2p_gbs"] = a2a, p2p
     return out
 

@@ -7,11 +7,6 @@ sp-plan cluster=h100x64 model=llama3-8b lengths.fixed=[1048576]
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
-
-CONFIG_DIR = os.environ.get("SP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs"))
 
 
 def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
@@ -35,7 +30,7 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
         raise ValueError("no lengths: set lengths.path=FILE (.txt[.gz]/.jsonl/.npy) or lengths.fixed=[N,...]")
     planner = Planner(cost, pcfg)
     plans = [planner.plan(b) for b in batches]
-    bases = [all_baselines(cost, b, pcfg) if cfg.output.baselines else {} for b in batches]
+    bases = [all_baselines(cost, b, pcfg, p) if cfg.output.baselines else {} for b, p in zip(batches, plans)]
     summary = summarise(cost, plans, bases)
     if cfg.output.picture:
         from planner.picture import draw_gantt
@@ -54,23 +49,9 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
 
 
 def main() -> None:
-    import hydra
-    from omegaconf import OmegaConf
+    from sp.cli.hydra_app import run_app
 
-    from sp.cli.schema import register
-
-    register()
-
-    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="plan")
-    def _app(cfg) -> None:
-        try:
-            run(OmegaConf.to_object(cfg))
-        except ValueError as e:
-            print(f"sp-plan: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    _app()
+    run_app("plan", "sp-plan", run)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,8 @@ SIGUSR1 (Slurm's ``--signal``) makes every rank finish the current step, checkpo
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from pathlib import Path
-
-CONFIG_DIR = os.environ.get("SP_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs"))
 
 
 def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
@@ -50,24 +46,10 @@ def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
 def main() -> None:
     import warnings
 
+    from sp.cli.hydra_app import run_app
+
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # "Apex is not installed" etc.
-    import hydra
-    from omegaconf import OmegaConf
-
-    from sp.cli.schema import register
-
-    register()
-
-    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
-    def _app(cfg) -> None:
-        try:
-            run(OmegaConf.to_object(cfg))
-        except ValueError as e:
-            print(f"sp-train: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    _app()
+    run_app("config", "sp-train", run)
 
 
 if __name__ == "__main__":

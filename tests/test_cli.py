@@ -1,0 +1,51 @@
+"""sp-plan end to end: clean JSON on stdout, the summary keys, the picture, and clear config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "lengths" / "wikipedia.txt.gz"
+
+
+def _plan(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "sp.cli.plan", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=180)  # fmt: skip
+
+
+def test_json_summary_and_picture(tmp_path):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("\n".join(str(n) for n in [70000, 30000, 9000, 4000, 1200, 800, 500, 300] * 8))
+    pic = tmp_path / "gantt.png"
+    out = _plan("cluster=a100x64_flexsp", "model=gpt-7b", f"lengths.path={lengths}", "lengths.global_batch=64",
+                "lengths.steps=2", "output.format=json", f"output.picture={pic}", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)  # stdout is exactly one JSON object (no solver banner)
+    s = result["summary"]
+    for key in ("planned_step_s", "lower_bound_s", "gap", "solve_s_p50", "solve_s_max", "baselines",
+                "speedup_vs_best_static", "peak_memory_gib"):  # fmt: skip
+        assert key in s
+    assert s["lower_bound_s"] <= s["planned_step_s"]
+    assert set(s["baselines"]) >= {"best_static", "static_ulysses", "static_ring", "static_hybrid", "ulysses_hetero"}
+    assert pic.stat().st_size > 10_000 and pic.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_million_tokens_on_h100(tmp_path):
+    out = _plan("cluster=h100x64", "model=llama3-8b", "lengths.fixed=[1048576]", "output.format=json",
+                "output.baselines=false", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout)["summary"]
+    assert s["peak_memory_gib"] <= 76.0
+
+
+def test_config_errors_are_clear(tmp_path):
+    out = _plan("cluster.no_such_key=1", cwd=tmp_path)
+    assert out.returncode != 0 and "no_such_key" in out.stderr
+    out = _plan("cluster=nosuch", cwd=tmp_path)
+    assert out.returncode != 0 and "a100x64_flexsp" in out.stderr  # lists the valid options
+    out = _plan("lengths.fixed=[100,0]", cwd=tmp_path)
+    assert out.returncode == 2 and ">= 1" in out.stderr
+    out = _plan("lengths.fixed=[100000000]", "model=gpt-7b", cwd=tmp_path)
+    assert out.returncode == 2 and "exceeds what the cluster can hold" in out.stderr
