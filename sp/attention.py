@@ -104,5 +104,10 @@ def _wait(posted: tuple[Any, torch.Tensor]) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> torch.Tensor:
     """Exact (causal or full) attention of this rank's packed shard; differentiable in q, k and v."""
+    if ctx.kernel == "ring_flash":
+        from sp.ring_flash import ring_flash_attention
+
+        _check(q, k, v, ctx)
+        return ring_flash_attention(q, k, v, ctx)
     out: torch.Tensor = _SPAttention.apply(q, k, v, ctx)
     return out

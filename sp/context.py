@@ -25,7 +25,7 @@ class SPContext:
     ring_global_ranks: tuple[int, ...] = ()  # global ranks of my ring, in ring order
     causal: bool = True
     softmax_scale: float | None = None
-    kernel: str = "torch"
+    kernel: str = "torch"  # block kernel: torch | flash; or ring_flash (ring-flash-attn's whole zigzag ring)
     head_chunks: int = 2  # Ulysses overlap: all-to-all of head chunk i+1 runs under attention of chunk i
 
     def __post_init__(self) -> None:
@@ -35,6 +35,8 @@ class SPContext:
             raise ValueError(
                 f"ring of degree {self.layout.r} needs {self.layout.r} ranks, got {self.ring_global_ranks}"
             )
+        if self.kernel not in ("torch", "flash", "ring_flash"):
+            raise ValueError(f"unknown kernel {self.kernel!r}; valid: 'torch', 'flash', 'ring_flash'")
         if self.head_chunks < 1:
             raise ValueError(f"head_chunks must be >= 1, got {self.head_chunks}")
 

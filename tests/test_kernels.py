@@ -1,0 +1,46 @@
+"""Single-process unit tests of the runtime's pure pieces: pair classification, the LSE merge, kernel choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sp
+from sp.kernels import Visibility, classify, get_kernel
+from sp.merge import merge_into
+
+
+def test_classify_pairs():
+    assert classify(0, 4, 0, 4, 100, True) == (Visibility.CAUSAL, 4)
+    assert classify(8, 4, 0, 4, 100, True) == (Visibility.FULL, 4)  # keys all in the past
+    assert classify(0, 4, 8, 4, 100, True) == (Visibility.SKIP, 0)  # keys all in the future
+    assert classify(0, 4, 8, 4, 100, False) == (Visibility.FULL, 4)
+    assert classify(0, 4, 8, 4, 10, False) == (Visibility.FULL, 2)  # keys 10, 11 are padding
+    assert classify(0, 4, 12, 4, 10, False) == (Visibility.SKIP, 0)
+
+
+def test_merge_matches_softmax_over_the_union_and_handles_empty_rows():
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    v1, v2 = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64)
+    full = torch.softmax(torch.cat([s1, s2], 1), 1) @ torch.cat([v1, v2])
+    out = (torch.softmax(s1, 1) @ v1)[:, None]  # [tokens, heads=1, dim]
+    lse = torch.logsumexp(s1, 1)[None].clone()  # [heads=1, tokens]
+    merge_into(out, lse, (torch.softmax(s2, 1) @ v2)[:, None], torch.logsumexp(s2, 1)[None])
+    assert torch.allclose(out[:, 0], full, atol=1e-12)
+    empty_out, empty_lse = torch.zeros(3, 1, 2, dtype=torch.float64), torch.full((1, 3), -math.inf, dtype=torch.float64)
+    merge_into(empty_out, empty_lse, torch.zeros(3, 1, 2, dtype=torch.float64), empty_lse.clone())
+    assert torch.isinf(empty_lse).all() and not torch.isnan(empty_out).any()
+
+
+def test_kernel_choice_errors():
+    with pytest.raises(ValueError, match="valid kernels"):
+        get_kernel("xla")
+    with pytest.raises(ValueError, match="valid: 'torch', 'flash', 'ring_flash'"):
+        sp.SPContext(sp.GroupLayout.build([0, 5]), 0, kernel="xla")
+    ctx = sp.SPContext(sp.GroupLayout.build([0, 5], 1, 1), 0, kernel="ring_flash")
+    x = torch.zeros(5, 2, 8)
+    with pytest.raises(ValueError, match="pure ring groups"):
+        sp.attention(x, x, x, ctx)
