@@ -82,7 +82,8 @@ def identical_schedule(inst: Instance, k: int, n_bins: int, seqs: list[int]) -> 
     bins = [Bin(k) for _ in range(n_bins)]
     heap = [(0.0, i) for i in range(n_bins)]
     cap = inst.capacity[k]
-    for s in sorted(seqs, key=lambda s: -int(inst.lengths[s])):
+    order = np.asarray(seqs)[np.argsort(-inst.lengths[seqs], kind="stable")].tolist()
+    for s in order:
         skipped = []
         while heap and bins[heap[0][1]].tokens + inst.lengths[s] > cap:
             skipped.append(heapq.heappop(heap))
