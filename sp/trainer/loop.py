@@ -80,7 +80,12 @@ class Trainer:
             )
         self.shape = None if job.train.strategy == "adaptive" else static_shape(job, self.world)
         self.planner = Planner(self.cost, job.planner)
-        self.model = build_gpt(job.model, job.data.max_len, seed=job.train.seed)
+        cuda = torch.cuda.is_available()  # fp32 on CPU, bf16 on CUDA (the GPU path is not exercised by CI)
+        self.model = build_gpt(
+            job.model, job.data.max_len, seed=job.train.seed, dtype=torch.bfloat16 if cuda else torch.float32
+        )
+        if cuda:
+            self.model = self.model.to(f"cuda:{torch.cuda.current_device()}")
         self.pool = GroupPool()
         self.sync = GradSync(list(self.model.parameters()), job.train.bucket_mb)
         self.optim = self._optimizer()

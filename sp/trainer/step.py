@@ -32,7 +32,7 @@ def run_plan(
     docs: list[np.ndarray],
     rank: int,
     sync: GradSync,
-    kernel: str = "torch",
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, list[float]]:
     """Returns this rank's token-loss sum (detached) and its busy seconds per micro-step."""
     global_tokens = sum(len(d) - 1 for d in docs)
@@ -46,13 +46,16 @@ def run_plan(
             busy.append(0.0)
             continue
         t0 = time.perf_counter()
-        inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs]))
-        labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs]))
+        device = next(model.parameters()).device
+        inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
+        labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
         cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
+        if kernel == "auto":  # flash block kernel on CUDA when flash_attn is importable, the reference otherwise
+            kernel = "flash" if device.type == "cuda" and _has_flash() else "torch"
         ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False)
         tok = shard(inputs, ctx.layout, ctx.rank)
         lab = shard(labels, ctx.layout, ctx.rank)
-        valid = ctx.layout.token_index(ctx.rank) >= 0
+        valid = (ctx.layout.token_index(ctx.rank) >= 0).to(device)
         params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
         # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]
         per_token = model(tok[None], None, None, labels=lab[None], packed_seq_params=params)
@@ -62,3 +65,9 @@ def run_plan(
         busy.append(time.perf_counter() - t0)
     sync.finish()
     return total, busy
+
+
+def _has_flash() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
