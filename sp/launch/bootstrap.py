@@ -42,10 +42,11 @@ def _int(env: dict[str, str], key: str) -> int:
 def _first_host(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+        hosts = out.stdout.split() if out.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):  # no Slurm client here: expand the simple forms ourselves
+        hosts = []
+    if hosts:
+        return hosts[0]
     head = nodelist.split(",")[0]
     if "[" in head:  # node[01-04] -> node01
         base, rng = head.split("[", 1)

@@ -116,13 +116,9 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.job.train
         params = list(self.model.parameters())
-        if torch.cuda.is_available():
-            try:
-                from apex.optimizers import FusedAdam
-
-                return FusedAdam(params, lr=t.lr, weight_decay=t.weight_decay, adam_w_mode=True)
-            except ImportError:
-                pass
+        fused = _apex_fused_adam() if torch.cuda.is_available() else None
+        if fused is not None:
+            return fused(params, lr=t.lr, weight_decay=t.weight_decay, adam_w_mode=True)
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     def _plan(self, lengths: list[int]) -> StepPlan:
@@ -240,6 +236,15 @@ class Trainer:
         self.board.scalars(self.step, values)
         if t.picture_every and self.step % t.picture_every == 0:
             self.board.picture(self.step, plan, self.cost)
+
+
+def _apex_fused_adam() -> type | None:
+    """NVIDIA apex's FusedAdam when apex is built (GPU clusters build it from source; PyPI's apex is unrelated)."""
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        return None
+    return FusedAdam
 
 
 def train(job: TrainJob) -> list[float]:
