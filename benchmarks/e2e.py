@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
     from planner.static import static_plan
     from planner.types import Cluster, GroupShape, ModelShape, StepPlan
     from sp.groups import GroupPool
-    from sp.profile import _worker as measure_comm
+    from sp.profile import measure as measure_comm
     from sp.trainer.grad_sync import GradSync
     from sp.trainer.step import run_plan
 

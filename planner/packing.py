@@ -35,6 +35,11 @@ class Instance:
     beta: np.ndarray  # [K] fixed seconds of one group's micro-step per shape (CostModel.group_overhead_s)
     world: int
 
+    def cheapest_work(self) -> np.ndarray:
+        """[S] each sequence's GPU-seconds on its cheapest memory-feasible shape (balances micro-step splits)."""
+        fits = self.lengths[:, None] <= self.capacity[None, :]
+        return np.where(fits, self.tmat * self.sizes[None, :], np.inf).min(axis=1)
+
     def time(self, b: Bin) -> float:
         return float(self.beta[b.k]) + b.work if b.seqs else 0.0
 

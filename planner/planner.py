@@ -71,12 +71,10 @@ class Planner:
     def plan(self, lengths: list[int] | np.ndarray) -> StepPlan:
         t0 = time.perf_counter()
         arr = check_lengths(lengths, self.cost, self.shapes)
-        full = self.instance(arr)
-        work = np.where(full.lengths[:, None] <= full.capacity[None, :], full.tmat * full.sizes[None, :], np.inf)
         micro = split(
             arr,
             self.cost,
-            work.min(axis=1),
+            self.instance(arr).cheapest_work(),
             lambda ids: self.plan_micro(arr, ids, search=False),
             lambda ms: sum(m.time_s for m in ms),
             (lambda ids: self.plan_micro(arr, ids)) if self.config.use_milp else None,

@@ -23,8 +23,6 @@ def static_plan(
         raise ValueError(f"static group of {shape.size} GPUs does not divide the world of {world}")
     planner = Planner(cost, shapes=[shape])
     arr = check_lengths(lengths, cost, [shape])
-    full = planner.instance(arr)
-    work = (full.tmat * full.sizes[None, :]).min(axis=1)
 
     def one(ids: np.ndarray) -> MicroStep | None:
         inst: Instance = planner.instance(arr[ids], [shape])
@@ -35,5 +33,5 @@ def static_plan(
     if parts and all(m is not None for m in given):
         micro = [m for m in given if m is not None]
     else:
-        micro = split(arr, cost, work, one, lambda ms: sum(m.time_s for m in ms))
+        micro = split(arr, cost, planner.instance(arr).cheapest_work(), one, lambda ms: sum(m.time_s for m in ms))
     return StepPlan(tuple(int(x) for x in arr), tuple(micro), 0.0, f"static {shape}")

@@ -24,7 +24,8 @@ def best_time(fn, reps: int = 3, warmup: bool = True) -> float:
     return best
 
 
-def _worker(rank: int, world: int, mbytes: float) -> dict:
+def measure(rank: int, world: int, mbytes: float) -> dict:
+    """One rank's measurements (call on every rank of an initialised world; sp-bench e2e reuses it)."""
     import torch.distributed as dist
 
     from sp.comm import ring_exchange
@@ -64,7 +65,7 @@ def _worker(rank: int, world: int, mbytes: float) -> dict:
 def profile(world: int, mbytes: float = 16.0) -> dict:
     from sp.spawn import run_distributed
 
-    res = run_distributed(_worker, world, mbytes, timeout=600)
+    res = run_distributed(measure, world, mbytes, timeout=600)
     sizes = res[0]["a2a_gbs"].keys()
     return {
         "name": "cpu",
