@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 NPROC ?= 4
 TRAIN_ARGS ?=
 train: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m sp.cli.train $(TRAIN_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m cli.train $(TRAIN_ARGS)
 
 plan: $(STAMP)
 	$(BIN)/sp-plan
@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy planner sp
+	$(BIN)/mypy planner sp trainer cli models
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -12,7 +12,7 @@ import resource
 
 import torch
 
-from sp.profile import best_time
+from trainer.profile import best_time
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 4, 32
 

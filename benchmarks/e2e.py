@@ -4,7 +4,7 @@ Every step draws one batch of documents (random tokens; lengths from the length 
 clipped to ``max_len``, filled to ``tokens_per_step``) and runs it once per strategy on the same weights
 (forward, backward, gradient all-reduce), then takes one optimizer step. Before that, each rank calibrates
 the cost model on the machine at hand: the model's fwd+bwd time at a few lengths (fits alpha1, alpha2, beta)
-and all-to-all / P2P bandwidth (``sp.profile``), then the constants are rescaled by a least-squares fit of
+and all-to-all / P2P bandwidth (``trainer.profile``), then the constants are rescaled by a least-squares fit of
 whole plans' measured step times (two calibration batches of their own) on their predictions. Each rank is
 given the memory of ``max_len / 2`` tokens, so the longest documents need SP and the static layouts are
 those whose groups hold ``max_len``. Reported:
@@ -42,9 +42,9 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
     from planner.static import static_plan
     from planner.types import Cluster, GroupShape, ModelShape, StepPlan
     from sp.groups import GroupPool
-    from sp.profile import measure as measure_comm
-    from sp.trainer.grad_sync import GradSync
-    from sp.trainer.step import run_plan
+    from trainer.grad_sync import GradSync
+    from trainer.profile import measure as measure_comm
+    from trainer.step import run_plan
 
     parallel_state.initialize_model_parallel(1, 1)
     shape = ModelShape(**TINY)

@@ -21,6 +21,7 @@ into concrete groups, and keeps the best packed plan. Fixing T makes the model l
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ class MilpResult:
 INFEASIBLE = np.zeros(0, dtype=np.int64)  # sentinel: the solver proved that no point exists
 
 
+WATCHDOG_GRACE_S = 0.25  # a solve may overrun its own time limit by this much before it is abandoned
+_log = logging.getLogger("planner")
+
+
 def _solve(
     cols: int, rows: list[int], colidx: list[int], vals: list[float], row_lo, row_hi, col_hi, time_limit_s: float
 ) -> np.ndarray | None:
@@ -75,13 +80,35 @@ def _solve(
     lp.a_matrix_.index_ = r_a.astype(np.int32)
     lp.a_matrix_.value_ = v_a
     lp.integrality_ = [highspy.HighsVarType.kInteger] * cols
+    return solve_lp(lp, time_limit_s)
+
+
+def solve_lp(lp: highspy.HighsLp, time_limit_s: float, presolve: str = "off") -> np.ndarray | None:
+    """Solve an all-integer model under a hard wall-clock bound: a point, ``INFEASIBLE``, or None (time out).
+
+    HiGHS 1.16's presolve can loop forever on small models while ignoring ``time_limit``, so presolve is off
+    (it buys nothing on models of this size). As a second line of defence the solve runs in HiGHS's own
+    solver thread (the GIL is released) and is abandoned, with a logged warning, when it overruns its limit
+    by :data:`WATCHDOG_GRACE_S`: the caller then keeps the plan it has (the greedy one at worst). An abandoned
+    solve keeps its daemon thread busy until it ends or the process exits.
+    """
     with _quiet_stdout():
         h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("threads", 1)
+    h.setOptionValue("presolve", presolve)
     h.passModel(lp)
-    h.run()
+    h.startSolve()
+    done, _ = h.wait(float(time_limit_s) + WATCHDOG_GRACE_S)
+    if not done:
+        h.cancelSolve()
+        _log.warning(
+            "HiGHS overran its %.3f s time limit by %.2f s (%d rows, %d columns): solve abandoned, "
+            "keeping the best plan found so far",
+            time_limit_s, WATCHDOG_GRACE_S, lp.num_row_, lp.num_col_,
+        )  # fmt: skip
+        return None
     if h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:
         return INFEASIBLE
     if h.getInfo().primal_solution_status != 2:  # 2 = feasible point found

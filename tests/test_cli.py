@@ -11,7 +11,7 @@ WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "lengths" / "wi
 
 
 def _plan(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "sp.cli.plan", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "cli.plan", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=180)  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sp.launch.bootstrap import read_env
+from trainer.bootstrap import read_env
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -55,7 +55,7 @@ def test_inconsistent_env_is_a_clear_error(env):
 
 
 def test_torchrun_four_ranks(tmp_path):
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "sp.cli.train",
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "cli.train",
            "train.steps=2", f"train.out_dir={tmp_path}", *QUICK]  # fmt: skip
     out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_mpiexec_four_ranks(tmp_path):
     mpiexec = Path(PY).parent / "mpiexec"
     if not mpiexec.exists():
         pytest.skip("mpiexec not installed (pip install '.[mpi]')")
-    cmd = [str(mpiexec), "-n", "4", PY, "-m", "sp.cli.train", "train.steps=2", f"train.out_dir={tmp_path}", *QUICK]
+    cmd = [str(mpiexec), "-n", "4", PY, "-m", "cli.train", "train.steps=2", f"train.out_dir={tmp_path}", *QUICK]
     out = subprocess.run(cmd, cwd=tmp_path, env=_env(MASTER_PORT="29517"), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "launcher mpich, 4 ranks" in out.stdout

@@ -15,7 +15,7 @@ from planner.types import Cluster, ModelShape
 
 def test_profile_writes_a_usable_cluster(tmp_path):
     out = tmp_path / "cpu.yaml"
-    res = subprocess.run([sys.executable, "-m", "sp.cli.profile", "--world", "2", "--mbytes", "1", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "cli.profile", "--world", "2", "--mbytes", "1", "--out", str(out)],
                          capture_output=True, text=True, timeout=180)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     measured = json.loads(res.stdout.strip().splitlines()[-1])

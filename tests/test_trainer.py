@@ -17,8 +17,8 @@ STEPS = 3
 def _job(out, strategy="adaptive", steps=STEPS, use_milp=True, checkpoint_every=0, resume=False):
     from planner.planner import PlannerConfig
     from planner.types import Cluster, ModelShape
-    from sp.trainer.config import DataConfig, TrainConfig
-    from sp.trainer.loop import TrainJob
+    from trainer.config import DataConfig, TrainConfig
+    from trainer.loop import TrainJob
 
     return TrainJob(
         model=ModelShape(name="tiny", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=256,
@@ -39,7 +39,7 @@ def _params(model):
 
 
 def _distributed(rank, world, tmp):
-    from sp.trainer.loop import Trainer
+    from trainer.loop import Trainer
 
     out = {}
     for s in STRATEGIES:
@@ -60,8 +60,8 @@ def _reference(rank, world):
     import sp
     from models.attention import SPPackedSeqParams
     from models.gpt import build_gpt
-    from sp.trainer.data import Corpus, StepLoader
-    from sp.trainer.loop import lr_at
+    from trainer.data import Corpus, StepLoader
+    from trainer.loop import lr_at
 
     job = _job("/nonexistent")
     parallel_state.initialize_model_parallel(1, 1)

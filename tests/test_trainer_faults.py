@@ -10,10 +10,10 @@ import traceback
 import pytest
 
 from planner.types import ModelShape
-from sp.trainer.config import DataConfig
-from sp.trainer.data import Corpus, StepLoader
 from tests.dist import RankError, run_distributed
 from tests.test_trainer import _job
+from trainer.config import DataConfig
+from trainer.data import Corpus, StepLoader
 
 
 def test_missing_data_path():
@@ -47,7 +47,7 @@ def test_long_documents_split_or_rejected(tmp_path):
 def _bad_configs(rank, world, tmp):
     from dataclasses import replace
 
-    from sp.trainer.loop import Trainer
+    from trainer.loop import Trainer
 
     errors = {}
     job = _job(f"{tmp}/heads", "ulysses")
@@ -85,7 +85,7 @@ def _dying(rank, world, store, out_file):
 
     import torch.distributed as dist
 
-    from sp.trainer.loop import Trainer
+    from trainer.loop import Trainer
 
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                             timeout=timedelta(seconds=10))  # fmt: skip

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="write the cluster profile YAML here (usable as cluster=NAME)")
     ap.add_argument("--memory-gib", type=float, default=4.0)
     args = ap.parse_args(argv)
-    from sp.profile import profile
+    from trainer.profile import profile
 
     prof = profile(args.world, args.mbytes)
     print(json.dumps(prof))

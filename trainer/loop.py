@@ -17,12 +17,12 @@ from planner.planner import Planner, PlannerConfig
 from planner.static import static_plan
 from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
-from sp.trainer import checkpoint
-from sp.trainer.config import DataConfig, TrainConfig
-from sp.trainer.data import Corpus, StepLoader
-from sp.trainer.grad_sync import GradSync
-from sp.trainer.observe import Board, GpuMonitor, memory_gib
-from sp.trainer.step import run_plan
+from trainer import checkpoint
+from trainer.config import DataConfig, TrainConfig
+from trainer.data import Corpus, StepLoader
+from trainer.grad_sync import GradSync
+from trainer.observe import Board, GpuMonitor, memory_gib
+from trainer.step import run_plan
 
 
 @dataclass(frozen=True)

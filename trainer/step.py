@@ -1,7 +1,7 @@
 """Execute one planned step on this rank: every micro-step's group shards its sequences and runs fwd/bwd.
 
 The loss is the sum over this rank's real tokens divided by the step's global token count, so the sum of
-all ranks' gradients (:class:`~sp.trainer.grad_sync.GradSync`) is the exact gradient of the mean token loss.
+all ranks' gradients (:class:`~trainer.grad_sync.GradSync`) is the exact gradient of the mean token loss.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from models.attention import SPPackedSeqParams
 from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
 from sp.layout import shard
-from sp.trainer.grad_sync import GradSync
+from trainer.grad_sync import GradSync
 
 
 def my_group(groups: tuple[Assignment, ...], rank: int) -> Assignment | None:

@@ -10,13 +10,13 @@ import json
 
 
 def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
+    from cli.schema import freeze
     from planner.baselines import all_baselines
     from planner.cost import CostModel
     from planner.lengths import read_lengths, sample_steps
     from planner.planner import Planner, PlannerConfig
     from planner.report import plan_json, summarise, table
     from planner.types import Cluster, ModelShape
-    from sp.cli.schema import freeze
 
     cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, cfg.zero_stage)
     pcfg = freeze(PlannerConfig, cfg.planner)
@@ -49,7 +49,7 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
 
 
 def main() -> None:
-    from sp.cli.hydra_app import run_app
+    from cli.hydra_app import run_app
 
     run_app("plan", "sp-plan", run)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from planner.planner import PlannerConfig
 from planner.types import Cluster, ModelShape
-from sp.trainer.config import DataConfig, TrainConfig
+from trainer.config import DataConfig, TrainConfig
 
 _TWINS: dict[type, type] = {}
 

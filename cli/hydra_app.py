@@ -16,7 +16,7 @@ def run_app(config_name: str, prog: str, run: Callable[[Any], object]) -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from sp.cli.schema import register
+    from cli.schema import register
 
     register()
 

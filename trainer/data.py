@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sp.trainer.config import DataConfig
+from trainer.config import DataConfig
 
 
 class Corpus:

@@ -1,4 +1,4 @@
-"""Frozen trainer configs (Hydra twins are generated in :mod:`sp.cli.schema`)."""
+"""Frozen trainer configs (Hydra twins are generated in :mod:`cli.schema`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``sp-train``: train a Megatron-core GPT with per-step adaptive SP plans. Hydra overrides, e.g.
 
-    torchrun --nproc_per_node 4 -m sp.cli.train model=tiny train.steps=50
+    torchrun --nproc_per_node 4 -m cli.train model=tiny train.steps=50
     sp-train train.strategy=ring data.source=jsonl data.path=corpus.jsonl   # any launcher: torchrun, srun, mpiexec
 
 SIGUSR1 (Slurm's ``--signal``) makes every rank finish the current step, checkpoint and exit 0.
@@ -13,12 +13,12 @@ from pathlib import Path
 
 
 def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
+    from cli.schema import freeze
     from planner.planner import PlannerConfig
     from planner.types import Cluster, ModelShape
-    from sp.cli.schema import freeze
-    from sp.launch.bootstrap import init_distributed
-    from sp.trainer.config import DataConfig, TrainConfig
-    from sp.trainer.loop import Trainer, TrainJob
+    from trainer.bootstrap import init_distributed
+    from trainer.config import DataConfig, TrainConfig
+    from trainer.loop import Trainer, TrainJob
 
     job = TrainJob(
         model=freeze(ModelShape, cfg.model),
@@ -46,7 +46,7 @@ def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
 def main() -> None:
     import warnings
 
-    from sp.cli.hydra_app import run_app
+    from cli.hydra_app import run_app
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # "Apex is not installed" etc.
     run_app("config", "sp-train", run)

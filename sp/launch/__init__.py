@@ -1,1 +1,0 @@
-"""Process bootstrap for torchrun, Slurm, Open MPI, MPICH/PMI and mpi4py launches."""
