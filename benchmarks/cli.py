@@ -3,6 +3,7 @@
 sp-bench attention [--world 4] [--tokens 16384 65536]
 sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
 sp-bench planner --lengths ../shared/data/lengths/wikipedia.txt.gz [--steps 20]
+sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none]
 """
 
 from __future__ import annotations
@@ -35,8 +36,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-seqs", type=int, default=4096)
     p.add_argument("--scale-nodes", type=int, default=128)
     p.add_argument("--scale-steps", type=int, default=3)
+    m = sub.add_parser("memory", help="measured vs predicted per-rank activation and state bytes (FSDP)")
+    m.add_argument("--world", type=int, nargs="+", default=[1, 2, 4, 8])
+    m.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    m.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
+    m.add_argument("--mid-max-tokens", type=int, default=16384, help="cap for the mid model (CPU time)")
+    m.add_argument("--checkpointing", nargs="+", default=["full", "none"], choices=["full", "selective", "none"])
+    m.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     args = ap.parse_args(argv)
-    if args.cmd == "attention":
+    if args.cmd == "memory":
+        from benchmarks.memory import run as run_memory
+
+        for row in run_memory(
+            args.world, args.models, args.tokens, args.checkpointing, args.precision, args.mid_max_tokens
+        ):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "attention":
         from benchmarks.attention import run
 
         shapes = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)], 8: [(8, 1), (1, 8), (4, 2), (2, 4)]}

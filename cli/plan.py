@@ -17,8 +17,10 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     from planner.planner import Planner, PlannerConfig
     from planner.report import plan_json, summarise, table
     from planner.types import Cluster, ModelShape
+    from trainer.config import TrainConfig
 
-    cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, cfg.zero_stage)
+    sharding = freeze(TrainConfig, cfg.train).sharding  # one setting for sp-train and sp-plan
+    cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, sharding)
     pcfg = freeze(PlannerConfig, cfg.planner)
     lc = cfg.lengths
     batches: list = []

@@ -80,7 +80,7 @@ class PlanJobSchema:
     lengths: LengthsSchema = field(default_factory=LengthsSchema)
     output: OutputSchema = field(default_factory=OutputSchema)
     causal: bool = True
-    zero_stage: int = 3
+    train: Any = field(default_factory=TrainSchema)  # train.sharding: the same setting sp-train uses
 
 
 @dataclass

@@ -21,6 +21,9 @@ from sp.context import SPContext
 
 @dataclass
 class SPPackedSeqParams(PackedSeqParams):
+    """``sp_ctx=None`` is an *empty pass*: a rank the plan leaves idle in a micro-step still runs the layers
+    (FSDP's all-gathers and reduce-scatters are world collectives) on a dummy token whose loss it zeroes."""
+
     sp_ctx: SPContext | None = None
 
 
@@ -42,9 +45,13 @@ class SPCoreAttention(MegatronModule):
         attention_bias: Any = None,
         packed_seq_params: SPPackedSeqParams | None = None,
     ) -> torch.Tensor:
-        if packed_seq_params is None or packed_seq_params.sp_ctx is None:
+        if packed_seq_params is None:
             raise ValueError("SPCoreAttention needs packed_seq_params=SPPackedSeqParams(sp_ctx=...) in the forward")
         ctx = packed_seq_params.sp_ctx
+        if ctx is None:  # the empty pass: no attention; q, k and v stay in the graph so that every parameter
+            # gets a (zero) gradient on every rank, as FSDP's reduce-scatter needs.
+            # [s, 1, heads, dim] -reshape-> [s, 1, heads * dim]
+            return query.reshape(query.shape[0], 1, -1) * 0 + (key.sum() + value.sum()) * 0
         if query.shape[1] != 1:
             raise ValueError(f"packed SP batches have batch size 1, got query shape {tuple(query.shape)}")
         # [s, 1, heads, dim] -select batch-> [s, heads, dim]

@@ -12,21 +12,34 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
 - **Ring P2P** (r > 1): K/V blocks of ``2 (L / r) (max(H_kv, u) / u) d_head bytes`` per step; forward r - 1
   steps, backward r - 1 K/V plus r dK/dV steps. Each step overlaps the block's attention compute, so only
   ``max(0, comm_step - attn_step)`` is exposed. Bandwidth is inter-node once the group spans nodes.
-- **Memory** per GPU: model + optimizer states (16 bytes/param, divided over the world under ZeRO-3) plus
-  activations ``a`` bytes per token times the group's tokens / P. ``a`` is measured (profile) or derived:
-  full checkpointing keeps each layer's input (2 h bytes/layer) plus one layer's working set (34 h bytes);
-  selective keeps 34 h per layer; logits add 4 V bytes per token on the last stage.
+- **Memory** per GPU = states + (saved + working) bytes per local token x the group's tokens / P.
+  States: fp32 parameters, gradients and AdamW moments, 16 bytes per element; under ``fsdp`` each parameter
+  is split on dim 0 as FSDP2 does (rank 0 holds ceil(d0 / N) rows), under ``replicate`` whole.
+  Saved for backward, per local token (b = bytes per activation value: 2 bf16, 4 fp32; h hidden, d head
+  dim, H heads, kv = max(H_kv, u), f ffn, V vocab), counted tensor by tensor against the trainer's
+  Megatron GPT (``sp-bench memory`` checks it):
+  each RMSNorm 8h + 4 (fp32 input, fp32 normalised copy, rstd); linear inputs 2 b h (qkv, fc1);
+  RoPE cos/sin 4 d b; attention q, k, v, out (2H + 2kv) d b and fp32 lse 4H; the Ulysses output H d b
+  (u > 1 only); SwiGLU MLP 5 f b (fc1 output, its two halves' products, fc2 input).
+  ``none`` keeps all of that per layer; ``selective`` drops RoPE and the attention internals and keeps the
+  core attention's inputs (2H + 2H_kv) d b and the projection input H d b; ``full`` keeps b h per layer
+  (its input). Outside the layers: token ids 8, final norm 8h + 4, output-layer input b h, fp32 softmax
+  4V, loss masks and labels 10.
+  Working set on top (transient): one recomputed layer under ``full``, logits (b + 8) V, all-to-all
+  buffers 2 (H + 2kv) d b (u > 1), ring K/V double buffer 4 kv d b (r > 1). A measured
+  ``cluster.act_bytes_per_token`` (sp-profile) replaces saved + working.
 - Per group and micro-step (:meth:`CostModel.group_overhead_s`): ``beta`` (ms) plus the latency of the
   group's collectives, paid once per packed batch (all its sequences go through each layer together).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from planner.types import Cluster, GroupShape, ModelShape
+from planner.types import SHARDINGS, Cluster, GroupShape, ModelShape
 
 GIB = 2.0**30
 
@@ -36,7 +49,11 @@ class CostModel:
     cluster: Cluster
     model: ModelShape
     causal: bool = True
-    zero_stage: int = 3
+    sharding: str = "fsdp"  # the trainer's train.sharding: fsdp (ZeRO-3) | replicate
+
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding={self.sharding!r}; valid: {list(SHARDINGS)}")
 
     # ---- compute ----
     @property
@@ -123,24 +140,71 @@ class CostModel:
         return self.beta_s + n * lat
 
     # ---- memory ----
+    def saved_bytes_per_token(self, u: int = 1) -> float:
+        """Bytes saved for backward per local token (see the module docstring), for Ulysses degree ``u``."""
+        m = self.model
+        b, h, d, f, heads = m.bytes_per_value, m.hidden, m.d_head, m.d_ffn, m.heads
+        kv = max(m.n_kv_heads, u)  # kv heads replicate past their count
+        norm = 8 * h + 4  # fp32 input + fp32 normalised copy + fp32 rstd
+        rope_attn = 4 * d * b + (2 * heads + 2 * kv) * d * b + 4 * heads  # cos/sin (q, k); q k v out; fp32 lse
+        proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
+        mlp = (5 if m.swiglu else 2) * f * b
+        none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp
+        per_layer = {
+            "none": none,
+            "selective": none - rope_attn - proj_in + (2 * heads + 2 * m.n_kv_heads) * d * b + heads * d * b,
+            "full": b * h,  # the layer's input, kept by the checkpoint
+        }[m.checkpointing]
+        outside = 8 + norm + b * h + 4 * m.vocab + 10  # token ids, final norm, output-layer input, fp32 softmax
+        return m.layers * per_layer + outside
+
+    def working_bytes_per_token(self, u: int = 1, r: int = 1) -> float:
+        """Transient bytes per local token on top of the saved ones (not seen by saved-tensor hooks): the
+        recomputed layer under full checkpointing, the logits with their fp32 copy and softmax, and the
+        Ulysses all-to-all (send + receive of q, k, v) and ring (two K/V blocks in flight) buffers."""
+        m = self.model
+        b, d, kv = m.bytes_per_value, m.d_head, max(m.n_kv_heads, u)
+        layer = 0.0
+        if m.checkpointing == "full":
+            layer = replace(self, model=replace(m, checkpointing="none", layers=1)).saved_bytes_per_token(u)
+        logits = (b + 8) * m.vocab
+        comm = (2 * (m.heads + 2 * kv) * d * b if u > 1 else 0) + (2 * 2 * kv * d * b if r > 1 else 0)
+        return layer + logits + comm
+
     @property
     def act_bytes_per_token(self) -> float:
+        """Saved + working bytes per local token, at the worst Ulysses degree this cluster allows."""
         if self.cluster.act_bytes_per_token is not None:
             return self.cluster.act_bytes_per_token
-        m = self.model
-        b, h = m.bytes_per_value, m.hidden
-        per_layer = {"full": 2 * h * b / 2, "selective": 34 * h * b / 2, "none": 34 * h * b / 2}[m.checkpointing]
-        working = 34 * h * b / 2 if m.checkpointing == "full" else 0.0
-        return m.layers * per_layer + working + 4 * m.vocab
+        us = self.model.ulysses_degrees(self.cluster.world)
+        return max(self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2) for u in us)
+
+    def state_bytes(self, rank: int = 0) -> int:
+        """Exact bytes of one rank's fp32 parameters, gradients and AdamW moments (4 x 4 bytes per element).
+        Under fsdp each parameter is split on dim 0 as FSDP2 does (``torch.chunk``: ceil(d0 / N) rows per
+        rank, the last ranks get fewer or none); rank 0 holds the most."""
+        if self.sharding == "replicate":
+            return 16 * self.model.params
+        n = self.cluster.world
+        total = 0
+        for shape in self.model.param_shapes():
+            rows = -(-shape[0] // n)
+            mine = max(0, min(shape[0], (rank + 1) * rows) - rank * rows)
+            total += mine * math.prod(shape[1:])
+        return 16 * total
 
     def states_gib(self) -> float:
-        share = 1.0 / self.cluster.world if self.zero_stage == 3 else 1.0
-        return self.model.params * 16 * share / GIB
+        return self.state_bytes(0) / GIB
 
     def tokens_capacity(self, size: int) -> float:
         """Tokens a group of ``size`` GPUs can hold in one micro-step."""
         free = (self.cluster.memory_gib - self.states_gib()) * GIB
         return max(0.0, free) / self.act_bytes_per_token * size
+
+    def activation_gib(self, tokens: float, size: int, u: int = 1) -> float:
+        """Bytes saved for backward on each GPU of a group of ``size`` (Ulysses degree ``u``) running
+        ``tokens`` tokens: what :class:`trainer.memory.SavedBytes` measures."""
+        return self.saved_bytes_per_token(u) * tokens / size / GIB
 
     def memory_gib(self, tokens: float, size: int) -> float:
         return self.states_gib() + self.act_bytes_per_token * tokens / size / GIB

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+SHARDINGS = ("fsdp", "replicate")  # fsdp: ZeRO-3 (states / world); replicate: whole states on every GPU
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +83,22 @@ class ModelShape:
         mlp = (3 if self.swiglu else 2) * self.hidden * self.d_ffn
         return self.layers * (attn + mlp)
 
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        """Every parameter's shape, in the Megatron GPT's order (local spec, RMSNorm, untied output layer)."""
+        h, d = self.hidden, self.d_head
+        layer = [
+            (h,),  # input_layernorm
+            ((self.heads + 2 * self.n_kv_heads) * d, h),  # linear_qkv
+            (h, self.heads * d),  # linear_proj
+            (h,),  # pre_mlp_layernorm
+            ((2 if self.swiglu else 1) * self.d_ffn, h),  # linear_fc1
+            (h, self.d_ffn),  # linear_fc2
+        ]
+        return [(self.vocab, h), *layer * self.layers, (h,), (self.vocab, h)]
+
     @property
     def params(self) -> int:
-        return self.linear_params + 2 * self.vocab * self.hidden
+        return sum(math.prod(s) for s in self.param_shapes())
 
     def ulysses_degrees(self, limit: int) -> list[int]:
         """Ulysses degrees (powers of two <= limit) the heads allow (kv heads replicate past their count)."""

@@ -64,12 +64,17 @@ class _SPAttention(torch.autograd.Function):
                 saved.append((qc, kc, vc, oc, lc))
             for c, b in enumerate(backs):
                 place_heads(_wait(b), out, n, c)
-        fctx.sp = (ctx, plan, kernel, scale, [tuple(x.detach() for x in s) for s in saved])
+        # save_for_backward (not ctx attributes): activation checkpointing can then drop and recompute them,
+        # and saved-tensor hooks (memory accounting, offloading) see them
+        fctx.save_for_backward(*(x.detach() for s in saved for x in s))
+        fctx.sp = (ctx, plan, kernel, scale)
         return out
 
     @staticmethod
     def backward(fctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        ctx, plan, kernel, scale, saved = fctx.sp
+        ctx, plan, kernel, scale = fctx.sp
+        flat = fctx.saved_tensors
+        saved = [flat[i : i + 5] for i in range(0, len(flat), 5)]  # (q, k, v, out, lse) per head chunk
         dout = dout.contiguous()
         if ctx.u == 1:
             q, k, v, out, lse = saved[0]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.types import SHARDINGS
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -47,8 +51,20 @@ class TrainConfig:
     bucket_mb: float = 4.0
     collective_timeout_s: float = 120.0
     progress: bool = True
+    sharding: str = "fsdp"  # fsdp (ZeRO-3, FSDP2) | replicate; sp-plan's memory model reads the same field
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (fp32 master shards) | fp32
+    plan_timeout_s: float = 60.0  # the next step's plan is late beyond this: use the greedy plan instead
+    memory_every: int = 0  # count bytes saved for backward every N steps (0 = never; costs a little time)
 
     def __post_init__(self) -> None:
         valid = ("adaptive", "ulysses", "ring", "hybrid", "none")
         if self.strategy not in valid:
             raise ValueError(f"train.strategy={self.strategy!r}; valid: {list(valid)}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"train.sharding={self.sharding!r}; valid: {list(SHARDINGS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}; valid: {list(PRECISIONS)}")
+        if not self.plan_timeout_s > 0:
+            raise ValueError(f"train.plan_timeout_s={self.plan_timeout_s}; valid: a number of seconds > 0")
+        if self.memory_every < 0:
+            raise ValueError(f"train.memory_every={self.memory_every}; valid: 0 (off) or a step count >= 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from trainer import checkpoint
 from trainer.config import DataConfig, TrainConfig
 from trainer.data import Corpus, StepLoader
 from trainer.grad_sync import GradSync
-from trainer.observe import Board, GpuMonitor, memory_gib
-from trainer.step import run_plan
+from trainer.memory import peak_bytes, state_bytes
+from trainer.observe import Board, GpuMonitor
+from trainer.sharding import Regime, parallelize, resolve_precision
+from trainer.step import StepStats, run_plan
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,10 @@ class Trainer:
             self.job = job
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(1, 1)
-        self.cost = CostModel(job.cluster, job.model)
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        t = job.train
+        self.regime = Regime(t.sharding, resolve_precision(t.precision, self.device), job.model.checkpointing)
+        self.cost = cost_model(job, self.regime.precision)
         cap = self.cost.tokens_capacity(self.world)
         if job.data.max_len > cap:
             raise ValueError(
@@ -78,16 +84,15 @@ class Trainer:
                 f"{int(cap)} tokens of one sequence (cluster.memory_gib={job.cluster.memory_gib}, "
                 f"model.checkpointing={job.model.checkpointing!r}); lower data.max_len or use more memory"
             )
-        self.shape = None if job.train.strategy == "adaptive" else static_shape(job, self.world)
+        self.shape = None if t.strategy == "adaptive" else static_shape(job, self.world)
         self.planner = Planner(self.cost, job.planner)
-        cuda = torch.cuda.is_available()  # fp32 on CPU, bf16 on CUDA (the GPU path is not exercised by CI)
-        self.model = build_gpt(
-            job.model, job.data.max_len, seed=job.train.seed, dtype=torch.bfloat16 if cuda else torch.float32
-        )
-        if cuda:
-            self.model = self.model.to(f"cuda:{torch.cuda.current_device()}")
+        self.fallback = Planner(self.cost, replace(job.planner, use_milp=False))  # a late plan's stand-in
+        # fp32 master parameters everywhere; bf16 compute comes from FSDP's policy or autocast (replicate)
+        model = build_gpt(job.model, job.data.max_len, seed=t.seed).to(self.device)
+        self.model = parallelize(model, self.regime, self.device)
+        self.autocast = torch.bfloat16 if (self.regime.precision == "bf16" and t.sharding == "replicate") else None
         self.pool = GroupPool()
-        self.sync = GradSync(list(self.model.parameters()), job.train.bucket_mb)
+        self.sync = GradSync(list(self.model.parameters()), t.bucket_mb) if t.sharding == "replicate" else None
         self.optim = self._optimizer()
         self.loader = StepLoader(Corpus(job.data), job.data)
         self.out = Path(job.train.out_dir)
@@ -105,6 +110,7 @@ class Trainer:
         self.board = Board(str(self.out / "tb")) if self.rank == 0 else None
         self.gpu = GpuMonitor() if self.rank == 0 else None
         self.pool_exec = ThreadPoolExecutor(max_workers=1) if self.rank == 0 else None
+        self.late_plans = 0
         if self.rank == 0 and (self.loader.split or self.loader.rejected):
             print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
                   f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
@@ -114,20 +120,34 @@ class Trainer:
         self._stop_flag = True
 
     def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW on the fp32 (sharded) parameters: fused kernels on CUDA, foreach on the CPU."""
         t = self.job.train
-        params = list(self.model.parameters())
-        fused = _apex_fused_adam() if torch.cuda.is_available() else None
-        if fused is not None:
-            return fused(params, lr=t.lr, weight_decay=t.weight_decay, adam_w_mode=True)
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        cuda = self.device.type == "cuda"
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None, foreach=not cuda
+        )
 
     def _plan(self, lengths: list[int]) -> StepPlan:
         if self.shape is not None:
             return static_plan(self.cost, lengths, self.shape)
         return self.planner.plan(lengths)
 
-    def _broadcast(self, fut: Future | None) -> StepPlan:
-        box: list = [fut.result() if fut is not None else None]
+    def _await(self, fut: Future, lengths: list[int]) -> StepPlan:
+        """The planned step, or the greedy plan when the planner is late beyond ``train.plan_timeout_s``
+        (the stuck search keeps its thread; planning moves to a fresh one)."""
+        try:
+            return fut.result(timeout=self.job.train.plan_timeout_s)
+        except FutureTimeout:
+            self.late_plans += 1
+            print(f"[sp-train] step {self.step}: plan late beyond train.plan_timeout_s="
+                  f"{self.job.train.plan_timeout_s} s; using the greedy plan ({self.late_plans} so far)")  # fmt: skip
+            assert self.pool_exec is not None
+            self.pool_exec.shutdown(wait=False)
+            self.pool_exec = ThreadPoolExecutor(max_workers=1)
+            return self.fallback.plan(lengths) if self.shape is None else self._plan(lengths)
+
+    def _broadcast(self, fut: Future | None, lengths: list[int]) -> StepPlan:
+        box: list = [self._await(fut, lengths) if fut is not None else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -143,20 +163,23 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc="sp-train", dynamic_ncols=True)
         while self.step < t.steps:
             t0 = time.perf_counter()
-            plan = self._broadcast(fut)
+            plan = self._broadcast(fut, [len(d) - 1 for d in docs])
             loader_state = self.loader.state()
             nxt = self.loader.next_step() if self.step + 1 < t.steps else None
             fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
-            loss_sum, busy = run_plan(self.model, self.pool, plan, docs, self.rank, self.sync)
+            count = bool(t.memory_every) and self.step % t.memory_every == 0
+            stats = run_plan(
+                self.model, self.pool, plan, docs, self.rank, self.sync, autocast=self.autocast, count_saved=count
+            )
             tokens = sum(len(d) - 1 for d in docs)
-            stats = torch.tensor([loss_sum.item()], dtype=torch.float64)
-            dist.all_reduce(stats)
-            loss = stats.item() / tokens
+            loss_t = stats.loss_sum.reshape(1).clone()  # on the model's device: NCCL has no CPU tensors
+            dist.all_reduce(loss_t)
+            loss = loss_t.item() / tokens
             if math.isfinite(loss):
                 self.bad_in_row = 0
                 for g in self.optim.param_groups:
                     g["lr"] = lr_at(self.step, t)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+                grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
                 self.optim.step()
             else:
                 self.bad_in_row += 1
@@ -174,12 +197,12 @@ class Trainer:
             self.optim.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - t0
             losses.append(loss)
-            self._observe(plan, loss, tokens, step_s, busy, grad_norm)
+            self._observe(plan, loss, tokens, step_s, stats, grad_norm)
             self.step += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
-            flag = torch.tensor([1.0 if self._stop_flag else 0.0])
+            flag = torch.tensor([1.0 if self._stop_flag else 0.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
             self.stopped = bool(flag.item())
             periodic = t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps)
@@ -199,13 +222,13 @@ class Trainer:
             (self.out / "COMPLETE").write_text(f"{self.step}\n")  # launchers: no requeue needed
         return losses
 
-    def _observe(
-        self, plan: StepPlan, loss: float, tokens: int, step_s: float, busy: list[float], gnorm: float
-    ) -> None:
+    def _observe(self, plan: StepPlan, loss: float, tokens: int, step_s: float, stats: StepStats, gnorm: float) -> None:
         t = self.job.train
-        gathered = torch.zeros(self.world, len(busy), dtype=torch.float64)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(gathered, torch.tensor(busy, dtype=torch.float64)[None].contiguous())
+        n_micro = len(stats.busy_s)
+        mine = torch.tensor([stats.busy_s + [float(b) for b in stats.saved_bytes]], dtype=torch.float64)
+        gathered = torch.zeros(self.world, 2 * n_micro, dtype=torch.float64, device=self.device)
+        dist.all_gather_into_tensor(gathered, mine.to(self.device))  # [world, busy | saved bytes]
+        gathered = gathered.cpu()
         if self.board is None or self.step % t.log_every:
             return
         imbalance = []
@@ -228,9 +251,16 @@ class Trainer:
             "plan/groups": float(sum(len(m.groups) for m in plan.micro_steps)),
             "plan/micro_steps": float(len(plan.micro_steps)),
             "plan/load_imbalance": float(np.mean(imbalance)),
-            "memory/peak_gib": memory_gib(),
+            "memory/peak_gib": peak_bytes(self.device) / 2**30,
+            "memory/states_gib": sum(state_bytes(self.model, self.optim).values()) / 2**30,
+            "memory/states_predicted_gib": self.cost.states_gib(),
+            "planner/late_plans": float(self.late_plans),
             **{f"plan/strategy_{k}": float(v) for k, v in mix.items()},
         }
+        if stats.saved_bytes and any(stats.saved_bytes):
+            saved = gathered[:, n_micro:]  # [world, micro-steps]
+            values["memory/saved_for_backward_gib_max"] = float(saved.max()) / 2**30
+            values["memory/saved_for_backward_predicted_gib_max"] = plan_activation_gib(plan, self.cost)
         if self.gpu is not None:
             values.update(self.gpu.read())
         self.board.scalars(self.step, values)
@@ -238,13 +268,22 @@ class Trainer:
             self.board.picture(self.step, plan, self.cost)
 
 
-def _apex_fused_adam() -> type | None:
-    """NVIDIA apex's FusedAdam when apex is built (GPU clusters build it from source; PyPI's apex is unrelated)."""
-    try:
-        from apex.optimizers import FusedAdam
-    except ImportError:
-        return None
-    return FusedAdam
+def _full(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ returns a DTensor over FSDP shards."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def cost_model(job: TrainJob, precision: str) -> CostModel:
+    """The planner's cost model of this job: states from ``train.sharding`` (the one setting sp-plan reads
+    too), activation bytes from the resolved precision."""
+    model = replace(job.model, bytes_per_value=2 if precision == "bf16" else 4)
+    return CostModel(job.cluster, model, sharding=job.train.sharding)
+
+
+def plan_activation_gib(plan: StepPlan, cost: CostModel) -> float:
+    """The planner's predicted bytes saved for backward on the busiest rank of the plan."""
+    return max(cost.activation_gib(sum(plan.lengths[s] for s in g.seqs), g.shape.size, g.shape.ulysses)
+               for m in plan.micro_steps for g in m.groups)  # fmt: skip
 
 
 def train(job: TrainJob) -> list[float]:

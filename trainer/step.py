@@ -1,12 +1,19 @@
 """Execute one planned step on this rank: every micro-step's group shards its sequences and runs fwd/bwd.
 
 The loss is the sum over this rank's real tokens divided by the step's global token count, so the sum of
-all ranks' gradients (:class:`~trainer.grad_sync.GradSync`) is the exact gradient of the mean token loss.
+all ranks' gradients is the exact gradient of the mean token loss (FSDP's reduce-scatter with divide factor
+1, or :class:`~trainer.grad_sync.GradSync` when replicated).
+
+Under FSDP every rank runs one forward and backward per micro-step, since the layers' all-gathers and
+reduce-scatters are world collectives: a rank the plan leaves idle (or whose group got no sequence) runs
+an *empty pass*: one dummy token, no attention, loss times zero (zero gradients, same collectives).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +23,17 @@ from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
 from sp.layout import shard
 from trainer.grad_sync import GradSync
+from trainer.memory import SavedBytes
+
+
+@dataclass
+class StepStats:
+    """This rank's view of a step: token-loss sum (detached, on the model's device), and per micro-step the
+    busy seconds (device-synchronised) and bytes saved for backward (when counted)."""
+
+    loss_sum: torch.Tensor
+    busy_s: list[float] = field(default_factory=list)
+    saved_bytes: list[int] = field(default_factory=list)
 
 
 def my_group(groups: tuple[Assignment, ...], rank: int) -> Assignment | None:
@@ -25,46 +43,85 @@ def my_group(groups: tuple[Assignment, ...], rank: int) -> Assignment | None:
     return None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so host timers measure work and not kernel launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_plan(
     model: torch.nn.Module,
     pool: GroupPool,
     plan: StepPlan,
     docs: list[np.ndarray],
     rank: int,
-    sync: GradSync,
+    sync: GradSync | None,
+    *,
     kernel: str = "auto",
-) -> tuple[torch.Tensor, list[float]]:
-    """Returns this rank's token-loss sum (detached) and its busy seconds per micro-step."""
+    autocast: torch.dtype | None = None,
+    count_saved: bool = False,
+) -> StepStats:
+    """``sync=None`` means FSDP (gradients reduce-scatter inside backward, every rank in every micro-step);
+    ``autocast`` runs the passes under ``torch.autocast`` (bf16 compute over replicated fp32 parameters)."""
+    device = next(model.parameters()).device
     global_tokens = sum(len(d) - 1 for d in docs)
-    total = torch.zeros((), dtype=torch.float64)
-    busy: list[float] = []
+    stats = StepStats(torch.zeros((), dtype=torch.float64, device=device))
+    if kernel == "auto":  # flash block kernel on CUDA when flash_attn is importable, the reference otherwise
+        kernel = "flash" if device.type == "cuda" and _has_flash() else "torch"
     for i, micro in enumerate(plan.micro_steps):
-        if i == len(plan.micro_steps) - 1:
+        if sync is not None and i == len(plan.micro_steps) - 1:
             sync.arm()
         g = my_group(micro.groups, rank)
-        if g is None:
-            busy.append(0.0)
+        if (g is None or not g.seqs) and sync is not None:
+            stats.busy_s.append(0.0)
+            stats.saved_bytes.append(0)
             continue
+        synchronize(device)
         t0 = time.perf_counter()
-        device = next(model.parameters()).device
-        inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
-        labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
-        cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
-        if kernel == "auto":  # flash block kernel on CUDA when flash_attn is importable, the reference otherwise
-            kernel = "flash" if device.type == "cuda" and _has_flash() else "torch"
-        ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False)
-        tok = shard(inputs, ctx.layout, ctx.rank)
-        lab = shard(labels, ctx.layout, ctx.rank)
-        valid = (ctx.layout.token_index(ctx.rank) >= 0).to(device)
-        params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
-        # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]
-        per_token = model(tok[None], None, None, labels=lab[None], packed_seq_params=params)
-        loss = (per_token[0] * valid).sum()
+        meter = SavedBytes(model) if count_saved else None
+        with meter or contextlib.nullcontext(), _autocast(device, autocast):
+            if g is None or not g.seqs:
+                loss = _empty_pass(model, device)
+            else:
+                loss = _group_pass(model, pool, g, docs, kernel, device)
         (loss / global_tokens).backward()
-        total += loss.detach().double()
-        busy.append(time.perf_counter() - t0)
-    sync.finish()
-    return total, busy
+        stats.loss_sum += loss.detach().double()
+        synchronize(device)
+        stats.busy_s.append(time.perf_counter() - t0 if g is not None and g.seqs else 0.0)
+        stats.saved_bytes.append(meter.bytes if meter is not None else 0)
+    if sync is not None:
+        sync.finish()
+    return stats
+
+
+def _group_pass(
+    model: torch.nn.Module, pool: GroupPool, g: Assignment, docs: list[np.ndarray], kernel: str, device: torch.device
+) -> torch.Tensor:
+    inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
+    labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
+    cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
+    ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False)
+    tok = shard(inputs, ctx.layout, ctx.rank)
+    lab = shard(labels, ctx.layout, ctx.rank)
+    valid = (ctx.layout.token_index(ctx.rank) >= 0).to(device)
+    params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
+    # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]
+    per_token = model(tok[None], None, None, labels=lab[None], packed_seq_params=params)
+    return (per_token[0].float() * valid).sum()
+
+
+def _empty_pass(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """One dummy token through every layer (Megatron cannot reshape zero tokens): the rank joins FSDP's
+    collectives and contributes exactly zero gradients."""
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+    params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=None)
+    return model(tok, None, None, labels=tok, packed_seq_params=params).float().sum() * 0
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _has_flash() -> bool:

@@ -1,0 +1,110 @@
+"""``sp-bench memory``: measured vs predicted per-rank memory of the trainer's regime (FSDP2 + checkpointing).
+
+For each model, world P, checkpointing mode, strategy and token count: the trainer's model (Megatron GPT,
+``trainer.sharding.parallelize``) runs one packed long-tailed micro-step forward on one SP group of all P
+ranks under :class:`trainer.memory.SavedBytes`. ``act_bytes_measured`` is the largest rank's bytes saved for
+backward; ``act_bytes_predicted`` is the planner's :meth:`CostModel.saved_bytes_per_token` times tokens / P
+(the planner does not see the layout's per-sequence padding). States: after one optimizer step, this rank's
+fp32 parameter, gradient and AdamW-moment bytes vs :meth:`CostModel.state_bytes` (exact FSDP2 shard sizes);
+the worst rank's difference is reported. One JSON object per case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from planner.types import ModelShape
+
+MODELS = {
+    "tiny": ModelShape(name="tiny", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=256,
+                       bytes_per_value=4),
+    "mid": ModelShape(name="mid", layers=4, hidden=512, heads=8, kv_heads=2, ffn=1408, vocab=256, bytes_per_value=4),
+}  # fmt: skip
+
+
+def batch_lengths(total: int) -> list[int]:
+    """Long-tailed packed batch: one sequence of half the tokens, the rest in 16 short ones."""
+    rest = total - total // 2
+    return [total // 2] + [rest // 16 + (1 if i < rest % 16 else 0) for i in range(16)]
+
+
+def layouts(model: ModelShape, world: int) -> list[tuple[str, int, int]]:
+    """(strategy, u, r) of one group of all ``world`` ranks, where the heads allow the Ulysses degree."""
+    if world == 1:
+        return [("none", 1, 1)]
+    out = [("ring", 1, world)]
+    if world in model.ulysses_degrees(world):
+        out.insert(0, ("ulysses", world, 1))
+    if world >= 4:
+        out.append(("hybrid", 2, world // 2))
+    return out
+
+
+def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]]) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from models.gpt import build_gpt
+    from planner.cost import CostModel
+    from planner.types import Assignment, Cluster, GroupShape
+    from sp.groups import GroupPool
+    from trainer.memory import SavedBytes, state_bytes
+    from trainer.sharding import Regime, parallelize
+    from trainer.step import _group_pass
+
+    parallel_state.initialize_model_parallel(1, 1)
+    pool = GroupPool()
+    cpu = torch.device("cpu")
+    rows = []
+    for name, ckpt, precision, tokens_list in cases:
+        shape = replace(MODELS[name], checkpointing=ckpt, bytes_per_value=2 if precision == "bf16" else 4)
+        model = parallelize(build_gpt(shape, max(tokens_list)), Regime("fsdp", precision, ckpt), cpu)
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        cost = CostModel(Cluster(name="cpu", nodes=1, gpus_per_node=world), shape, sharding="fsdp")
+        rng = np.random.default_rng(0)
+        warm = [rng.integers(0, shape.vocab, size=65)]
+        _group_pass(model, pool, Assignment(0, GroupShape(1, world), (0,), 0, 0), warm, "torch", cpu).backward()
+        optim.step()  # creates the AdamW moments
+        states = sum(state_bytes(model, optim).values())
+        state_err = torch.tensor([abs(states - cost.state_bytes(rank))], dtype=torch.float64)
+        dist.all_reduce(state_err, op=dist.ReduceOp.MAX)
+        for strategy, u, r in layouts(shape, world):
+            for total in tokens_list:
+                docs = [rng.integers(0, shape.vocab, size=n + 1) for n in batch_lengths(total)]
+                g = Assignment(0, GroupShape(u, r), tuple(range(len(docs))), 0.0, 0.0)
+                with SavedBytes(model) as meter:
+                    loss = _group_pass(model, pool, g, docs, "torch", cpu)
+                loss.backward()  # FSDP's post-backward (reduce-scatter, reshard) must run
+                optim.zero_grad(set_to_none=False)
+                worst = torch.tensor([float(meter.bytes)], dtype=torch.float64)
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                predicted = cost.saved_bytes_per_token(u) * total / world
+                rows.append({
+                    "case": f"{name}/P{world}/{strategy}/u{u}r{r}/{total // 1024}K/{ckpt}/{precision}",
+                    "model": name, "world": world, "strategy": strategy, "u": u, "r": r, "tokens": total,
+                    "checkpointing": ckpt, "precision": precision,
+                    "act_bytes_measured": int(worst.item()), "act_bytes_predicted": int(predicted),
+                    "act_error": worst.item() / predicted - 1.0,
+                    "state_bytes_measured": int(states), "state_bytes_predicted": int(cost.state_bytes(rank)),
+                    "state_bytes_max_abs_diff_over_ranks": int(state_err.item()),
+                    "working_bytes_predicted": int(cost.working_bytes_per_token(u, r) * total / world),
+                })  # fmt: skip
+        del model, optim
+    return rows
+
+
+def run(worlds: list[int], models: list[str], tokens: list[int], checkpointing: list[str], precisions: list[str],
+        mid_max_tokens: int) -> list[dict]:  # fmt: skip
+    from sp.spawn import run_distributed
+
+    rows: list[dict] = []
+    for world in worlds:
+        cases = []
+        for name in models:
+            toks = [t for t in tokens if name != "mid" or t <= mid_max_tokens]
+            cases += [(name, ck, prec, toks) for ck in checkpointing for prec in precisions]
+        rows += run_distributed(_worker, world, cases, timeout=3600)[0]
+    return rows
