@@ -4,6 +4,7 @@ sp-bench attention [--world 4] [--tokens 16384 65536]
 sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
 sp-bench planner --lengths ../shared/data/lengths/wikipedia.txt.gz [--steps 20]
 sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none]
+sp-bench longctx [--tokens 131072] [--world 8]
 """
 
 from __future__ import annotations
@@ -43,8 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--mid-max-tokens", type=int, default=16384, help="cap for the mid model (CPU time)")
     m.add_argument("--checkpointing", nargs="+", default=["full", "none"], choices=["full", "selective", "none"])
     m.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    lc = sub.add_parser("longctx", help="one long document, one step of the real trainer (FSDP, full ckpt)")
+    lc.add_argument("--tokens", type=int, default=131072)
+    lc.add_argument("--world", type=int, default=8)
+    lc.add_argument("--workdir", default="runs/longctx")
     args = ap.parse_args(argv)
-    if args.cmd == "memory":
+    if args.cmd == "longctx":
+        from benchmarks.longctx import run as run_longctx
+
+        print(json.dumps(run_longctx(args.tokens, args.world, args.workdir)), flush=True)
+    elif args.cmd == "memory":
         from benchmarks.memory import run as run_memory
 
         for row in run_memory(

@@ -2,8 +2,8 @@
 
 For each model, world P, checkpointing mode, strategy and token count: the trainer's model (Megatron GPT,
 ``trainer.sharding.parallelize``) runs one packed long-tailed micro-step forward on one SP group of all P
-ranks under :class:`trainer.memory.SavedBytes`. ``act_bytes_measured`` is the largest rank's bytes saved for
-backward; ``act_bytes_predicted`` is the planner's :meth:`CostModel.saved_bytes_per_token` times tokens / P
+ranks under :class:`trainer.memory.SavedBytes` (forward only: the saved bytes are final when it ends).
+``act_bytes_measured`` is the largest rank's bytes saved for backward; ``act_bytes_predicted`` is the planner's :meth:`CostModel.saved_bytes_per_token` times tokens / P
 (the planner does not see the layout's per-sequence padding). States: after one optimizer step, this rank's
 fp32 parameter, gradient and AdamW-moment bytes vs :meth:`CostModel.state_bytes` (exact FSDP2 shard sizes);
 the worst rank's difference is reported. One JSON object per case.
@@ -77,8 +77,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]])
                 g = Assignment(0, GroupShape(u, r), tuple(range(len(docs))), 0.0, 0.0)
                 with SavedBytes(model) as meter:
                     loss = _group_pass(model, pool, g, docs, "torch", cpu)
-                loss.backward()  # FSDP's post-backward (reduce-scatter, reshard) must run
-                optim.zero_grad(set_to_none=False)
+                del loss  # forward only: what is saved is known once the forward ends (backward: 2/3 of the time)
                 worst = torch.tensor([float(meter.bytes)], dtype=torch.float64)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                 predicted = cost.saved_bytes_per_token(u) * total / world

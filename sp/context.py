@@ -13,6 +13,7 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
+from sp.kernels import KERNELS
 from sp.layout import GroupLayout, Segment
 
 
@@ -35,8 +36,9 @@ class SPContext:
             raise ValueError(
                 f"ring of degree {self.layout.r} needs {self.layout.r} ranks, got {self.ring_global_ranks}"
             )
-        if self.kernel not in ("torch", "flash", "ring_flash"):
-            raise ValueError(f"unknown kernel {self.kernel!r}; valid: 'torch', 'flash', 'ring_flash'")
+        if self.kernel not in (*KERNELS, "ring_flash"):
+            valid = ", ".join(repr(k) for k in (*KERNELS, "ring_flash"))
+            raise ValueError(f"unknown kernel {self.kernel!r}; valid: {valid}")
         if self.head_chunks < 1:
             raise ValueError(f"head_chunks must be >= 1, got {self.head_chunks}")
 

@@ -18,9 +18,10 @@ Registry: ``torch`` (reference, any device, float64-exact) and ``flash`` (CUDA +
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -101,8 +102,8 @@ class TorchKernel:
         p = torch.exp(s - m)
         denom = p.sum(dim=-1, keepdim=True)  # [hk, g, nq, 1]
         o = torch.einsum("kgqn,nkd->qkgd", p / torch.where(denom > 0, denom, 1.0), v.to(p.dtype))
-        # [nq, hk, g, d] -reshape-> [nq, h, d]
-        out = o.reshape(nq, h, d).to(q.dtype)
+        # [nq, hk, g, d] -reshape-> [nq, h, d]; kept in the compute dtype (the ring accumulates in fp32)
+        out = o.reshape(nq, h, d)
         # [hk, g, nq, 1] -reshape-> [h, nq]
         lse = (m + torch.log(denom)).reshape(h, nq)
         return out, lse
@@ -127,52 +128,77 @@ class TorchKernel:
         # [nq, hk, g, d] -reshape-> [nq, h, d]
         dq = torch.einsum("kgqn,nkd->qkgd", ds, k.to(cd)).reshape(nq, h, d)
         dk = torch.einsum("kgqn,qkgd->nkd", ds, q.to(cd).view(nq, hk, g, d))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk, dv  # compute dtype: the ring accumulates them in fp32 and casts once
+
+
+FlashCall = tuple[int, int, int, bool]  # (first query row, end row, keys, causal)
+
+
+def flash_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[FlashCall]:
+    """A pair as flash-attn calls. flash-attn aligns its causal mask bottom-right (query row t of nq sees key
+    j <= t + nk - nq); ours is by true position (row i sees key j <= i + q_pos - k_pos). With
+    ``off = q_pos - k_pos`` the rows split in three: rows ``i < -off`` see no key (no call: out 0, lse -inf);
+    rows ``[e, f)`` are causal, called with keys cut to ``f + off`` so that bottom-right alignment equals
+    ours; rows ``i >= nk - 1 - off`` see every key (one unmasked call)."""
+    if not mask:
+        return [(0, nq, nk, False)]
+    off = q_pos - k_pos
+    e = min(nq, max(0, -off))
+    f = min(nq, max(e, nk - 1 - off))
+    calls = []
+    if f > e:
+        calls.append((e, f, f + off, True))
+    if nq > f:
+        calls.append((f, nq, nk, False))
+    return calls
 
 
 @dataclass(frozen=True)
 class FlashKernel:
-    """flash-attn 2 on CUDA (bf16/fp16). Causal pairs must start at the same position (zigzag diagonal
-    blocks); rows past the last valid key see every key and are computed as a second, unmasked call."""
+    """flash-attn 2 on CUDA (bf16/fp16), called as :func:`flash_calls` splits a pair. ``impl`` replaces
+    ``flash_attn_func`` (tests use a CPU stand-in with flash-attn's conventions: bottom-right causal mask,
+    ``softmax_lse`` of shape [batch, heads, seqlen_q], +inf for a row that sees no key)."""
 
-    def _split(self, nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[tuple[int, int, bool]]:
-        if not mask:
-            return [(0, nq, False)]
-        if q_pos != k_pos:
-            raise ValueError(f"flash kernel takes causal pairs with equal starts, got q_pos={q_pos} k_pos={k_pos}")
-        parts = [(0, min(nq, nk), True)]
-        if nq > nk:
-            parts.append((nk, nq, False))
-        return parts
+    impl: Callable[..., Any] | None = None
+    half_only: bool = True
 
-    def forward(self, q, k, v, q_pos, k_pos, mask, scale):
+    def _func(self) -> Callable[..., Any]:
+        if self.impl is not None:
+            return self.impl
         from flash_attn.flash_attn_interface import flash_attn_func
 
-        outs, lses = [], []
-        for a, b, causal in self._split(q.shape[0], k.shape[0], q_pos, k_pos, mask):
-            kk, vv = (k[: b - a], v[: b - a]) if causal else (k, v)
+        return flash_attn_func  # type: ignore[no-any-return]
+
+    def forward(self, q, k, v, q_pos, k_pos, mask, scale):
+        if self.half_only and q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"kernel 'flash' takes bf16/fp16 tensors, got {q.dtype}; use kernel='torch' for fp32")
+        nq, h, d = q.shape
+        fn = self._func()
+        out = q.new_zeros(nq, h, d, dtype=_compute_dtype(q.dtype))
+        lse = torch.full((h, nq), float("-inf"), dtype=torch.float32 if q.dtype != torch.float64 else q.dtype,
+                         device=q.device)  # fmt: skip
+        for a, b, keys, causal in flash_calls(nq, k.shape[0], q_pos, k_pos, mask):
             # [n, h, d] -unsqueeze-> [1, n, h, d] (flash's batch dim)
-            o, lse, _ = flash_attn_func(
-                q[a:b][None], kk[None], vv[None], softmax_scale=scale, causal=causal, return_attn_probs=True
-            )
-            outs.append(o[0])
-            lses.append(lse[0, :, : b - a].float())
-        return torch.cat(outs), torch.cat(lses, dim=1)
+            o, l_, _ = fn(q[a:b][None], k[:keys][None], v[:keys][None], softmax_scale=scale, causal=causal,
+                          return_attn_probs=True)  # fmt: skip
+            out[a:b] = o[0]
+            l_ = l_[0, :, : b - a].to(lse.dtype)  # [h, rows]; older versions pad seqlen_q
+            lse[:, a:b] = torch.where(torch.isposinf(l_), float("-inf"), l_)  # flash: +inf = no key seen
+        return out, lse
 
     def backward(self, dout, q, k, v, out, lse, q_pos, k_pos, mask, scale):
-        ref = TorchKernel()
         # the backward runs the exact reference on the block: flash's private backward API is not stable
         # across versions; the forward (the common path in a training step's recompute) stays fused.
-        return ref.backward(dout, q, k, v, out, lse, q_pos, k_pos, mask, scale)
+        return TorchKernel().backward(dout, q, k, v, out, lse, q_pos, k_pos, mask, scale)
 
 
-KERNELS: dict[str, type] = {"torch": TorchKernel, "flash": FlashKernel}
+KERNELS: dict[str, Callable[[], Any]] = {"torch": TorchKernel, "flash": FlashKernel}
 
 
 def get_kernel(name: str) -> Kernel:
     if name not in KERNELS:
         raise ValueError(f"unknown attention kernel {name!r}; valid kernels: {sorted(KERNELS)}")
-    if name == "flash":
+    if name == "flash":  # the real one; tests register CPU stand-ins under other names
         try:
             import flash_attn  # noqa: F401
         except ImportError as e:

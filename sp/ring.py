@@ -6,6 +6,10 @@ posted *before* step t's compute (double buffer), so the transfer runs under the
 merge with the stable log-sum-exp merge of :mod:`sp.merge`. Only pairs of segments of the same sequence
 meet, and causal masking uses true positions, so sequences never see each other.
 
+Precision: the output, lse, dq and the travelling dK/dV accumulate in fp32 (float64 stays float64) and are
+cast to the input dtype once at the end, as ring-flash-attn does; in bf16, rounding every block's
+contribution before summing would grow the error with the number of blocks and ring steps.
+
 Backward recomputes block probabilities from the final (out, lse). dK/dV accumulators travel with their
 K/V block: at step t the rank adds its contribution to the block of rank ``i - t`` and forwards it; after
 the last step one more hop brings every accumulator home. The dK/dV hop of step t runs under step t+1's
@@ -65,6 +69,11 @@ def _tiles(qs: Segment, ks: Segment, seqlen: int, causal: bool) -> list[Pair]:
     return out
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision inputs, the input dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: RingStats | None) -> Exchange:
     if mode == "compute":
         return Exchange([], buf)
@@ -85,13 +94,9 @@ def ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[T, h, d]``, k/v ``[T, hk, d]`` ring-local -> out ``[T, h, d]``, lse ``[h, T]``."""
     r, i = ctx.r, ctx.ring_rank
-    out = torch.zeros_like(q)
-    lse = torch.full(
-        (q.shape[1], q.shape[0]),
-        float("-inf"),
-        dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-        device=q.device,
-    )
+    acc = accumulator_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])  # [2, T, hk, d]: one message per step
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
@@ -100,10 +105,10 @@ def ring_forward(
                 qr = slice(qs.start, qs.start + qs.length)
                 kr = slice(ks.start, ks.start + nk)
                 o, l_ = kernel.forward(q[qr], kv[0, kr], kv[1, kr], qs.pos, ks.pos, mask, scale)
-                merge_into(out[qr], lse[:, qr], o, l_.to(lse.dtype))
+                merge_into(out[qr], lse[:, qr], o.to(acc), l_.to(acc))
         if nxt is not None:
             kv = nxt.wait()
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def ring_backward(
@@ -121,12 +126,13 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`ring_forward` for my ring-local q, k, v."""
     r, i = ctx.r, ctx.ring_rank
-    dq = torch.zeros_like(q)
+    acc = accumulator_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])  # [2, T, hk, d]
     dkv_in: Exchange | None = None
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
-        dkv = torch.zeros_like(kv)  # this step's contribution to the block of ring rank i - step
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # contribution to ring rank i - step's block
         if mode != "comm":
             for qs, ks, mask, nk in block_pairs(ctx, (i - step) % r):
                 qr = slice(qs.start, qs.start + qs.length)
@@ -142,5 +148,5 @@ def ring_backward(
         dkv_in = _exchange(dkv, ctx, mode, 1, stats) if r > 1 else Exchange([], dkv)
         if nxt is not None:
             kv = nxt.wait()
-    dkv_home = dkv_in.wait() if dkv_in is not None else torch.zeros_like(kv)
-    return dq, dkv_home[0], dkv_home[1]
+    dkv_home = dkv_in.wait() if dkv_in is not None else torch.zeros(kv.shape, dtype=acc, device=kv.device)
+    return dq.to(q.dtype), dkv_home[0].to(k.dtype), dkv_home[1].to(v.dtype)

@@ -69,14 +69,24 @@ def _bad_configs(rank, world, tmp):
         errors["nan"] = None
     except RuntimeError as e:
         errors["nan"] = str(e)
+    # a planner that hangs (issue 13): the step uses the greedy plan after train.plan_timeout_s
+    tr = Trainer(replace(_job(f"{tmp}/late"), train=replace(_job(f"{tmp}/late").train, steps=2, plan_timeout_s=0.5)))
+    slow = tr.planner.plan
+    tr.planner.plan = lambda lengths: (time.sleep(30), slow(lengths))[1]  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    losses = tr.run()
+    errors["late"] = (tr.late_plans, losses, time.monotonic() - t0)
     return errors
 
 
-def test_bad_configs_and_nan_loss(tmp_path):
-    for errors in run_distributed(_bad_configs, 4, str(tmp_path), timeout=180):
+def test_bad_configs_nan_loss_and_late_plans(tmp_path):
+    results = run_distributed(_bad_configs, 4, str(tmp_path), timeout=180)
+    for errors in results:
         assert "valid Ulysses degrees: [1, 2]" in errors["heads"] and "q heads=6" in errors["heads"]
         assert "cannot be held by any plan" in errors["too_long"]
         assert "2 non-finite losses in a row" in errors["nan"]
+    late, losses, seconds = results[0]["late"]
+    assert late == 2 and len(losses) == 2 and all(x == x for x in losses) and seconds < 20
 
 
 def _dying(rank, world, store, out_file):

@@ -111,6 +111,8 @@ class Trainer:
         self.gpu = GpuMonitor() if self.rank == 0 else None
         self.pool_exec = ThreadPoolExecutor(max_workers=1) if self.rank == 0 else None
         self.late_plans = 0
+        self.last_values: dict[str, float] = {}  # rank 0: the last logged scalars
+        self.last_plan: StepPlan | None = None
         if self.rank == 0 and (self.loader.split or self.loader.rejected):
             print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
                   f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
@@ -163,7 +165,7 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc="sp-train", dynamic_ncols=True)
         while self.step < t.steps:
             t0 = time.perf_counter()
-            plan = self._broadcast(fut, [len(d) - 1 for d in docs])
+            plan = self.last_plan = self._broadcast(fut, [len(d) - 1 for d in docs])
             loader_state = self.loader.state()
             nxt = self.loader.next_step() if self.step + 1 < t.steps else None
             fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
@@ -261,8 +263,14 @@ class Trainer:
             saved = gathered[:, n_micro:]  # [world, micro-steps]
             values["memory/saved_for_backward_gib_max"] = float(saved.max()) / 2**30
             values["memory/saved_for_backward_predicted_gib_max"] = plan_activation_gib(plan, self.cost)
+            print(f"[sp-train] step {self.step} memory per rank: saved for backward "
+                  f"{values['memory/saved_for_backward_gib_max']:.4f} GiB (predicted "
+                  f"{values['memory/saved_for_backward_predicted_gib_max']:.4f}), states "
+                  f"{values['memory/states_gib']:.4f} GiB (predicted {values['memory/states_predicted_gib']:.4f}), "
+                  f"peak {values['memory/peak_gib']:.3f} GiB")  # fmt: skip
         if self.gpu is not None:
             values.update(self.gpu.read())
+        self.last_values = values
         self.board.scalars(self.step, values)
         if t.picture_every and self.step % t.picture_every == 0:
             self.board.picture(self.step, plan, self.cost)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import resource
 from typing import Any
-
-import torch
 
 
 class GpuMonitor:
@@ -29,12 +26,6 @@ class GpuMonitor:
         util = self._nvml.nvmlDeviceGetUtilizationRates(self.handle)
         mem = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
         return {"gpu/util_pct": float(util.gpu), "gpu/memory_used_gib": mem.used / 2**30}
-
-
-def memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
 class Board:

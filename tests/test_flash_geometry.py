@@ -1,0 +1,93 @@
+"""The flash kernel's call geometry on the CPU (issue 10, items 1 and 10): FlashKernel drives a stand-in with
+flash-attn's exact conventions, so every causal pair the ring produces, with any query and key offsets, must
+equal the float64 reference. These run in CI (not gpu-marked)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import sp
+from sp.kernels import FlashKernel, TorchKernel, flash_calls
+from tests.dist import run_distributed
+from tests.flash_standin import flash_attn_func, register
+from tests.reference import reference_attention
+
+
+def _pair(nq, nk, g):
+    q = torch.randn(nq, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(nk, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(nk, 2, 8, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def test_flash_calls_equal_the_reference_for_any_offsets():
+    rnd, g = random.Random(0), torch.Generator().manual_seed(0)
+    kernel = FlashKernel(impl=flash_attn_func, half_only=False)
+    cases = [(512, 512, 512, 0), (512, 1024, 512, 0), (7, 5, 0, 3), (5, 9, 20, 0), (9, 5, 0, 0)]
+    cases += [(rnd.randint(1, 40), rnd.randint(1, 40), rnd.randint(0, 60), rnd.randint(0, 60)) for _ in range(200)]
+    for nq, nk, q_pos, k_pos in cases:
+        q, k, v = _pair(nq, nk, g)
+        for mask in (True, False):
+            out, lse = kernel.forward(q, k, v, q_pos, k_pos, mask, 0.3)
+            ref_out, ref_lse = TorchKernel().forward(q, k, v, q_pos, k_pos, mask, 0.3)
+            assert torch.allclose(out, ref_out, atol=1e-12), (nq, nk, q_pos, k_pos, mask)
+            assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and not torch.isnan(lse).any()
+            fin = ~torch.isinf(ref_lse)
+            assert torch.allclose(lse[fin], ref_lse[fin], atol=1e-12)
+
+
+def test_flash_calls_cover_rows_once():
+    for nq, nk, q_pos, k_pos in [(512, 512, 512, 0), (100, 30, 10, 40), (30, 100, 0, 0)]:
+        calls = flash_calls(nq, nk, q_pos, k_pos, True)
+        rows = [r for a, b, _, _ in calls for r in range(a, b)]
+        assert rows == sorted(set(rows)) and all(keys <= nk for _, _, keys, _ in calls)
+
+
+def test_flash_rejects_fp32_and_ring_flash_rejects_non_causal():
+    x = torch.zeros(4, 2, 8)
+    with pytest.raises(ValueError, match="takes bf16/fp16 tensors, got torch.float32"):
+        FlashKernel(impl=flash_attn_func).forward(x, x, x, 0, 0, True, 0.1)
+    ctx = sp.SPContext(sp.GroupLayout.build([0, 8], 1, 2), 0, ring_global_ranks=(0, 1), kernel="ring_flash",
+                       causal=False)  # fmt: skip
+    with pytest.raises(ValueError, match="causal-only"):
+        sp.attention(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), ctx)
+
+
+LENGTHS = [1024, 1500, 300]  # long causal segments: 512-row tiles meet keys at other offsets
+
+
+def _ring_worker(rank, world):
+    register()
+    pool = sp.GroupPool()
+    g = torch.Generator().manual_seed(1)
+    t = sum(LENGTHS)
+    q, k, v, do = (torch.randn(t, n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2, 4))
+    cu = [0, 1024, 2524, 2824]
+    out = {}
+    for u, r in [(1, 1), (1, 2), (2, 1)]:
+        if rank >= u * r:
+            continue
+        ctx = pool.context(tuple(range(u * r)), u, r, cu, kernel="flash_cpu")
+        local = [sp.shard(x, ctx.layout, ctx.rank).requires_grad_(True) for x in (q, k, v)]
+        o = sp.attention(*local, ctx)
+        o.backward(sp.shard(do, ctx.layout, ctx.rank))
+        out[(u, r)] = [o.detach(), *(x.grad for x in local)]
+    return out
+
+
+def test_flash_kernel_through_the_ring_on_long_causal_segments():
+    parts = run_distributed(_ring_worker, 2, timeout=180)
+    g = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn(2824, n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2, 4))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    o = reference_attention(q, k, v, [0, 1024, 2524, 2824], causal=True)
+    o.backward(do)
+    ref = [o.detach(), q.grad, k.grad, v.grad]
+    for (u, r), _ in parts[0].items():
+        layout = sp.GroupLayout.build([0, 1024, 2524, 2824], u, r)
+        for i, name in enumerate(("out", "dq", "dk", "dv")):
+            full = sp.unshard([parts[rk][(u, r)][i] for rk in range(u * r)], layout)
+            assert torch.allclose(full, ref[i], atol=1e-10), f"u={u} r={r} {name}"
