@@ -3,8 +3,9 @@
 For each model, world P, checkpointing mode, strategy and token count: the trainer's model (Megatron GPT,
 ``trainer.sharding.parallelize``) runs one packed long-tailed micro-step forward on one SP group of all P
 ranks under :class:`trainer.memory.SavedBytes` (forward only: the saved bytes are final when it ends).
-``act_bytes_measured`` is the largest rank's bytes saved for backward; ``act_bytes_predicted`` is the planner's :meth:`CostModel.saved_bytes_per_token` times tokens / P
-(the planner does not see the layout's per-sequence padding). States: after one optimizer step, this rank's
+``act_bytes_measured`` is the largest rank's bytes saved for backward; ``act_bytes_predicted`` is the
+planner's :meth:`CostModel.saved_bytes_per_token` times tokens / P (the planner does not see the layout's
+per-sequence padding). States: after one optimizer step, this rank's
 fp32 parameter, gradient and AdamW-moment bytes vs :meth:`CostModel.state_bytes` (exact FSDP2 shard sizes);
 the worst rank's difference is reported. One JSON object per case.
 """
