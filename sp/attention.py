@@ -52,7 +52,7 @@ class _SPAttention(torch.autograd.Function):
             saved.append((q, k, v, out, lse))
         else:
             out = torch.empty_like(q)
-            perm, g, n = ctx.layout.gather_perm, ctx.ulysses_group, plan.chunks
+            perm, g, n = ctx.gather_perm, ctx.ulysses_group, plan.chunks
             pending = [post_seq_to_head(x, ctx.u, n, 0, g) for x in (q, k, v)]
             backs = []
             for c in range(n):
@@ -80,7 +80,7 @@ class _SPAttention(torch.autograd.Function):
             q, k, v, out, lse = saved[0]
             dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx, kernel, scale)
         else:
-            perm, g, n, u = ctx.layout.gather_perm, ctx.ulysses_group, plan.chunks, ctx.u
+            perm, g, n, u = ctx.gather_perm, ctx.ulysses_group, plan.chunks, ctx.u
             t = dout.shape[0]
             dq = dout.new_empty(t, plan.heads, dout.shape[2])
             dk = dout.new_empty(t, plan.kv_local * u, dout.shape[2])

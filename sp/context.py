@@ -28,6 +28,7 @@ class SPContext:
     softmax_scale: float | None = None
     kernel: str = "torch"  # block kernel: torch | flash; or ring_flash (ring-flash-attn's whole zigzag ring)
     head_chunks: int = 2  # Ulysses overlap: all-to-all of head chunk i+1 runs under attention of chunk i
+    device: str = "cpu"  # where the per-step index tensors live (copied there once, not once per layer)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.layout.size:
@@ -65,8 +66,13 @@ class SPContext:
 
     @cached_property
     def position_ids(self) -> torch.Tensor:
-        """True in-sequence position of each local token (for RoPE)."""
-        return self.layout.position_ids(self.rank)
+        """True in-sequence position of each local token (for RoPE), on ``device``, copied once per step."""
+        return self.layout.position_ids(self.rank).to(self.device)
+
+    @cached_property
+    def gather_perm(self) -> torch.Tensor:
+        """The Ulysses receive-buffer permutation (:attr:`GroupLayout.gather_perm`) on ``device``."""
+        return self.layout.gather_perm.to(self.device)
 
     @property
     def cu_seqlens_local(self) -> torch.Tensor:

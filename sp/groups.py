@@ -58,6 +58,15 @@ class GroupPool:
     def __len__(self) -> int:
         return len(self._groups)
 
+    def warm(self, device: torch.device | None = None) -> None:
+        """One tiny all-reduce on every group this rank belongs to, in creation order (the same on every
+        rank, so no two ranks wait on each other in opposite orders). NCCL creates communicators lazily at
+        a group's first collective; warming at start-up keeps that out of the first training step."""
+        dev = device or _device_of(None)
+        for ranks, group in self._groups.items():
+            if self.rank in ranks:
+                dist.all_reduce(torch.ones(1, device=dev), group=group)
+
     def group(self, ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
         ranks = tuple(ranks)
         if len(ranks) == 1:
@@ -80,6 +89,7 @@ class GroupPool:
         softmax_scale: float | None = None,
         kernel: str = "torch",
         head_chunks: int = 2,
+        device: str | torch.device = "cpu",
         check: bool = True,
     ) -> SPContext:
         """The SPContext of this rank inside SP group ``ranks`` of shape ``u x r``.
@@ -109,11 +119,22 @@ class GroupPool:
             softmax_scale=softmax_scale,
             kernel=kernel,
             head_chunks=head_chunks,
+            device=str(device),
         )
 
 
+def _device_of(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a collective's tensors must live: the current GPU under NCCL (it has no CPU path)."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _agree(layout: GroupLayout, group: dist.ProcessGroup | None) -> None:
-    key = torch.tensor([hash((layout.seqlens, layout.u, layout.r)) % (2**52)], dtype=torch.float64)
+    key = torch.tensor(
+        [hash((layout.seqlens, layout.u, layout.r)) % (2**52)], dtype=torch.float64, device=_device_of(group)
+    )
     lo, hi = key.clone(), key.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)

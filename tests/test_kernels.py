@@ -44,3 +44,31 @@ def test_kernel_choice_errors():
     x = torch.zeros(5, 2, 8)
     with pytest.raises(ValueError, match="pure ring groups"):
         sp.attention(x, x, x, ctx)
+
+
+def test_context_keeps_index_tensors_on_its_device_once():
+    """Issue 10, item 7: positions and the Ulysses permutation are copied to the device once per step."""
+    ctx = sp.SPContext(sp.GroupLayout.build([0, 5, 12], 2, 1), 0, device="meta")
+    assert ctx.position_ids.device.type == "meta" and ctx.gather_perm.device.type == "meta"
+    assert ctx.position_ids is ctx.position_ids and ctx.gather_perm is ctx.gather_perm
+
+
+def test_nvml_reads_the_ranks_own_gpu():
+    from trainer.observe import nvml_device
+
+    assert nvml_device(3, None) == 3
+    assert nvml_device(1, "4,5,6") == 5
+    assert nvml_device(0, "GPU-1a2b,GPU-3c4d") == "GPU-1a2b"
+    with pytest.raises(ValueError, match="lists 2 GPUs"):
+        nvml_device(2, "0,1")
+
+
+def test_collectives_follow_the_backend_device(monkeypatch):
+    """Issue 10, item 2: under NCCL the layout agreement runs on the GPU (NCCL has no CPU path)."""
+    import sp.groups as groups
+
+    monkeypatch.setattr(groups.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(groups.torch.cuda, "current_device", lambda: 0)
+    assert groups._device_of(None) == torch.device("cuda", 0)
+    monkeypatch.setattr(groups.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    assert groups._device_of(None) == torch.device("cpu")

@@ -92,7 +92,7 @@ def read_env(env: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, world, local, addr, port, launcher)
 
 
-def init_distributed(timeout_s: float = 120.0) -> DistEnv:
+def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Initialise torch.distributed from the launcher's environment (no-op if already initialised)."""
     import torch
     import torch.distributed as dist
@@ -100,14 +100,22 @@ def init_distributed(timeout_s: float = 120.0) -> DistEnv:
     if dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), 0, "", 0, "existing")
     de = read_env()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(de.local_rank % torch.cuda.device_count())
+    kwargs: dict = {}
+    if torch.cuda.is_available():
+        # NCCL for CUDA tensors, gloo for any CPU tensor a library sends; device_id binds this rank's GPU
+        # and creates the NCCL communicator eagerly (not in the middle of the first step)
+        backend = "cpu:gloo,cuda:nccl"
+        device = torch.device("cuda", de.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    else:
+        backend = "gloo"
     dist.init_process_group(
         backend,
         init_method=f"tcp://{de.master_addr}:{de.master_port}",
         rank=de.rank,
         world_size=de.world,
         timeout=timedelta(seconds=timeout_s),
+        **kwargs,
     )
     return de

@@ -49,7 +49,7 @@ class TrainConfig:
     resume: bool = True
     max_bad_steps: int = 3  # stop after this many non-finite losses in a row
     bucket_mb: float = 4.0
-    collective_timeout_s: float = 120.0
+    collective_timeout_s: float = 1800.0  # NCCL/gloo timeout: long enough for a million-token micro-step
     progress: bool = True
     sharding: str = "fsdp"  # fsdp (ZeRO-3, FSDP2) | replicate; sp-plan's memory model reads the same field
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (fp32 master shards) | fp32

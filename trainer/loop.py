@@ -92,6 +92,7 @@ class Trainer:
         self.model = parallelize(model, self.regime, self.device)
         self.autocast = torch.bfloat16 if (self.regime.precision == "bf16" and t.sharding == "replicate") else None
         self.pool = GroupPool()
+        self.pool.warm(self.device)  # every communicator created now, in a fixed order
         self.sync = GradSync(list(self.model.parameters()), t.bucket_mb) if t.sharding == "replicate" else None
         self.optim = self._optimizer()
         self.loader = StepLoader(Corpus(job.data), job.data)

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 
-class GpuMonitor:
-    """GPU utilisation and memory through nvidia-ml-py; one info line and no readings without a GPU."""
+def nvml_device(local_rank: int, visible: str | None) -> int | str:
+    """The NVML handle key of this rank's GPU: NVML counts physical devices and ignores
+    ``CUDA_VISIBLE_DEVICES``, so local rank i means the i-th visible entry (an index, or a GPU UUID)."""
+    if not visible:
+        return local_rank
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if local_rank >= len(entries):
+        raise ValueError(f"LOCAL_RANK={local_rank} but CUDA_VISIBLE_DEVICES={visible!r} lists {len(entries)} GPUs")
+    entry = entries[local_rank]
+    return int(entry) if entry.isdigit() else entry
 
-    def __init__(self, local_rank: int = 0) -> None:
+
+class GpuMonitor:
+    """GPU utilisation and memory of this rank's GPU through nvidia-ml-py; one info line and no readings
+    without a GPU."""
+
+    def __init__(self, local_rank: int | None = None) -> None:
         self.handle = None
+        local = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(local_rank)
+            key = nvml_device(local, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if isinstance(key, int):
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(key)
+            else:
+                self.handle = pynvml.nvmlDeviceGetHandleByUUID(key)
             self._nvml = pynvml
         except Exception as e:  # NVMLError_LibraryNotFound and friends without a GPU
             print(f"[sp-train] NVML unavailable ({type(e).__name__}): no GPU utilisation readings")

@@ -100,7 +100,7 @@ def _group_pass(
     inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
     labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
     cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
-    ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False)
+    ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False, device=device)
     tok = shard(inputs, ctx.layout, ctx.rank)
     lab = shard(labels, ctx.layout, ctx.rank)
     valid = (ctx.layout.token_index(ctx.rank) >= 0).to(device)
