@@ -131,6 +131,39 @@ class TorchKernel:
         return dq, dk, dv  # compute dtype: the ring accumulates them in fp32 and casts once
 
 
+BlockPair = tuple[int, int, int, int, int, int, bool]  # q row, q rows, k row, k rows, q pos, k pos, mask
+PairOut = tuple[slice, torch.Tensor, torch.Tensor]  # (q rows, out [rows, h, d], lse [h, rows])
+
+
+def forward_pairs(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: list[BlockPair],
+                  scale: float) -> list[PairOut]:  # fmt: skip
+    """Every pair of one ring step: one batched call where the kernel has one (flash varlen), else a loop."""
+    batched = getattr(kernel, "forward_pairs", None)
+    if batched is not None:
+        return batched(q, k, v, pairs, scale)  # type: ignore[no-any-return]
+    out = []
+    for qs, nq, ks, nk, q_pos, k_pos, mask in pairs:
+        o, lse = kernel.forward(q[qs : qs + nq], k[ks : ks + nk], v[ks : ks + nk], q_pos, k_pos, mask, scale)
+        out.append((slice(qs, qs + nq), o, lse))
+    return out
+
+
+def backward_pairs(kernel: Kernel, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, pairs: list[BlockPair], scale: float,
+                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:  # fmt: skip
+    """Adds every pair's gradients of one ring step into ``dq`` (my rows) and ``dk``/``dv`` (the block's)."""
+    batched = getattr(kernel, "backward_pairs", None)
+    if batched is not None:
+        batched(dout, q, k, v, out, lse, pairs, scale, dq, dk, dv)
+        return
+    for qs, nq, ks, nk, q_pos, k_pos, mask in pairs:
+        qr, kr = slice(qs, qs + nq), slice(ks, ks + nk)
+        g = kernel.backward(dout[qr], q[qr], k[kr], v[kr], out[qr], lse[:, qr], q_pos, k_pos, mask, scale)
+        dq[qr] += g[0]
+        dk[kr] += g[1]
+        dv[kr] += g[2]
+
+
 FlashCall = tuple[int, int, int, bool]  # (first query row, end row, keys, causal)
 
 
@@ -153,13 +186,39 @@ def flash_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[Fl
     return calls
 
 
+_FLASH_DEFAULTS: dict[str, Any] = {
+    "dropout_p": 0.0,
+    "window_size": (-1, -1),  # flash-attn <= 2.6
+    "window_size_left": -1,  # flash-attn >= 2.7
+    "window_size_right": -1,
+    "softcap": 0.0,
+    "alibi_slopes": None,
+    "deterministic": False,
+    "rng_state": None,
+}
+
+
+def _by_name(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments its signature has: flash-attn's private functions gained and
+    renamed parameters across 2.x releases (window_size -> window_size_left/right, softcap)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in {**_FLASH_DEFAULTS, **kwargs}.items() if k in params})
+
+
 @dataclass(frozen=True)
 class FlashKernel:
-    """flash-attn 2 on CUDA (bf16/fp16), called as :func:`flash_calls` splits a pair. ``impl`` replaces
-    ``flash_attn_func`` (tests use a CPU stand-in with flash-attn's conventions: bottom-right causal mask,
-    ``softmax_lse`` of shape [batch, heads, seqlen_q], +inf for a row that sees no key)."""
+    """flash-attn 2 on CUDA (bf16/fp16), called as :func:`flash_calls` splits a pair: forward with
+    ``flash_attn_func``, backward fused with flash-attn's ``_flash_attn_backward`` fed the *final* (out, lse)
+    (what ring-flash-attn does), so no score matrix is materialised. ``impl`` / ``backward_impl`` replace
+    them (tests use CPU stand-ins with flash-attn's conventions: bottom-right causal mask, ``softmax_lse``
+    of shape [batch, heads, seqlen_q], +inf for a row that sees no key, gradients written into dq/dk/dv)."""
 
     impl: Callable[..., Any] | None = None
+    backward_impl: Callable[..., Any] | None = None
+    varlen_impl: Callable[..., Any] | None = None
+    varlen_backward_impl: Callable[..., Any] | None = None
     half_only: bool = True
 
     def _func(self) -> Callable[..., Any]:
@@ -169,14 +228,87 @@ class FlashKernel:
 
         return flash_attn_func  # type: ignore[no-any-return]
 
-    def forward(self, q, k, v, q_pos, k_pos, mask, scale):
+    def _backward_func(self) -> Callable[..., Any]:
+        if self.backward_impl is not None:
+            return self.backward_impl
+        from flash_attn.flash_attn_interface import _flash_attn_backward
+
+        return _flash_attn_backward  # type: ignore[no-any-return]
+
+    def _varlen(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        if self.varlen_impl is not None and self.varlen_backward_impl is not None:
+            return self.varlen_impl, self.varlen_backward_impl
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, flash_attn_varlen_func
+
+        return flash_attn_varlen_func, _flash_attn_varlen_backward
+
+    def _check(self, q: torch.Tensor) -> None:
         if self.half_only and q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"kernel 'flash' takes bf16/fp16 tensors, got {q.dtype}; use kernel='torch' for fp32")
+
+    @staticmethod
+    def _entries(pairs: list[BlockPair]) -> dict[bool, list[tuple[int, int, int, int]]]:
+        """Varlen entries (q row, q rows, k row, k rows) of a step's pairs, by causal flag (two calls)."""
+        by_mask: dict[bool, list[tuple[int, int, int, int]]] = {True: [], False: []}
+        for qs, nq, ks, nk, q_pos, k_pos, mask in pairs:
+            for a, b, keys, causal in flash_calls(nq, nk, q_pos, k_pos, mask):
+                by_mask[causal].append((qs + a, b - a, ks, keys))
+        return by_mask
+
+    @staticmethod
+    def _packing(entries: list[tuple[int, int, int, int]], device: torch.device):
+        """Row indices that pack the entries' q and k rows, their cu_seqlens (int32) and max lengths."""
+        qi = torch.cat([torch.arange(a, a + n) for a, n, _, _ in entries]).to(device)
+        ki = torch.cat([torch.arange(a, a + n) for _, _, a, n in entries]).to(device)
+        nq = torch.tensor([0] + [n for _, n, _, _ in entries]).cumsum(0).to(device, torch.int32)
+        nk = torch.tensor([0] + [n for _, _, _, n in entries]).cumsum(0).to(device, torch.int32)
+        return qi, ki, nq, nk, max(n for _, n, _, _ in entries), max(n for _, _, _, n in entries)
+
+    def forward_pairs(self, q, k, v, pairs: list[BlockPair], scale: float) -> list[PairOut]:
+        """All pairs of a ring step in (at most) two ``flash_attn_varlen_func`` calls: causal and full."""
+        self._check(q)
+        fwd, _ = self._varlen()
+        results: list[PairOut] = []
+        for causal, entries in self._entries(pairs).items():
+            if not entries:
+                continue
+            qi, ki, cq, ck, mq, mk = self._packing(entries, q.device)
+            o, l_, _ = _by_name(fwd, q=q.index_select(0, qi), k=k.index_select(0, ki), v=v.index_select(0, ki),
+                                cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk,
+                                softmax_scale=scale, causal=causal, return_attn_probs=True)  # fmt: skip
+            l_ = _varlen_lse(l_, cq)  # [h, total q rows]
+            l_ = torch.where(torch.isposinf(l_), float("-inf"), l_)
+            off = 0
+            for a, n, _, _ in entries:
+                results.append((slice(a, a + n), o[off : off + n], l_[:, off : off + n]))
+                off += n
+        return results
+
+    def backward_pairs(self, dout, q, k, v, out, lse, pairs: list[BlockPair], scale: float, dq, dk, dv) -> None:
+        """All pairs of a ring step in (at most) two fused varlen backward calls, fed the final (out, lse)."""
+        _, bwd = self._varlen()
+        lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # flash takes fp32
+        for causal, entries in self._entries(pairs).items():
+            if not entries:
+                continue
+            qi, ki, cq, ck, mq, mk = self._packing(entries, q.device)
+            qp, kp, vp = q.index_select(0, qi), k.index_select(0, ki), v.index_select(0, ki)
+            bq, bk, bv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
+            _by_name(bwd, dout=dout.index_select(0, qi), q=qp, k=kp, v=vp, out=out.index_select(0, qi),
+                     softmax_lse=lse.index_select(1, qi).to(lse_dt).contiguous(), dq=bq, dk=bk, dv=bv,
+                     cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk, softmax_scale=scale,
+                     causal=causal)  # fmt: skip
+            dq.index_add_(0, qi, bq.to(dq.dtype))
+            dk.index_add_(0, ki, bk.to(dk.dtype))
+            dv.index_add_(0, ki, bv.to(dv.dtype))
+
+    def forward(self, q, k, v, q_pos, k_pos, mask, scale):
+        self._check(q)
         nq, h, d = q.shape
         fn = self._func()
         out = q.new_zeros(nq, h, d, dtype=_compute_dtype(q.dtype))
-        lse = torch.full((h, nq), float("-inf"), dtype=torch.float32 if q.dtype != torch.float64 else q.dtype,
-                         device=q.device)  # fmt: skip
+        lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse = torch.full((h, nq), float("-inf"), dtype=lse_dt, device=q.device)
         for a, b, keys, causal in flash_calls(nq, k.shape[0], q_pos, k_pos, mask):
             # [n, h, d] -unsqueeze-> [1, n, h, d] (flash's batch dim)
             o, l_, _ = fn(q[a:b][None], k[:keys][None], v[:keys][None], softmax_scale=scale, causal=causal,
@@ -187,9 +319,34 @@ class FlashKernel:
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, q_pos, k_pos, mask, scale):
-        # the backward runs the exact reference on the block: flash's private backward API is not stable
-        # across versions; the forward (the common path in a training step's recompute) stays fused.
-        return TorchKernel().backward(dout, q, k, v, out, lse, q_pos, k_pos, mask, scale)
+        """Block gradients from the final (out, lse); accumulated in the compute dtype (fp32 for bf16)."""
+        fn = self._backward_func()
+        cd = _compute_dtype(q.dtype)
+        lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # flash takes fp32
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=v.device)
+        for a, b, keys, causal in flash_calls(q.shape[0], k.shape[0], q_pos, k_pos, mask):
+            # [n, h, d] -unsqueeze-> [1, n, h, d]; lse [h, n] -slice, unsqueeze-> [1, h, rows] (flash layout)
+            qb, kb, vb = q[a:b][None], k[:keys][None].contiguous(), v[:keys][None].contiguous()
+            bq, bk, bv = torch.empty_like(qb), torch.empty_like(kb), torch.empty_like(vb)
+            _by_name(fn, dout=dout[a:b][None].contiguous(), q=qb.contiguous(), k=kb, v=vb,
+                     out=out[a:b][None].contiguous(), softmax_lse=lse[:, a:b][None].to(lse_dt).contiguous(),
+                     dq=bq, dk=bk, dv=bv, softmax_scale=scale, causal=causal)  # fmt: skip
+            dq[a:b] += bq[0]
+            dk[:keys] += bk[0]
+            dv[:keys] += bv[0]
+        return dq, dk, dv
+
+
+def _varlen_lse(lse: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """flash-attn's varlen ``softmax_lse`` as ``[h, total]``: releases before 2.5 pad it to
+    ``[batch, h, max_seqlen]``, later ones return ``[h, total]``."""
+    if lse.dim() == 2:
+        return lse
+    cuts = cu.tolist()
+    # [batch, h, max_seqlen] -slice each sequence-> [h, n_i] -cat-> [h, total]
+    return torch.cat([lse[i, :, : cuts[i + 1] - cuts[i]] for i in range(len(cuts) - 1)], dim=1)
 
 
 KERNELS: dict[str, Callable[[], Any]] = {"torch": TorchKernel, "flash": FlashKernel}

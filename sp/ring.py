@@ -24,7 +24,7 @@ import torch
 
 from sp.comm import Exchange, bytes_of, ring_exchange
 from sp.context import SPContext
-from sp.kernels import Kernel, Visibility, classify
+from sp.kernels import BlockPair, Kernel, Visibility, backward_pairs, classify, forward_pairs
 from sp.layout import Segment
 from sp.merge import merge_into
 
@@ -69,6 +69,11 @@ def _tiles(qs: Segment, ks: Segment, seqlen: int, causal: bool) -> list[Pair]:
     return out
 
 
+def _rows(pairs: list[Pair]) -> list[BlockPair]:
+    """Pairs as row ranges of the local buffers, for the kernels' batched entry points."""
+    return [(qs.start, qs.length, ks.start, nk, qs.pos, ks.pos, mask) for qs, ks, mask, nk in pairs]
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision inputs, the input dtype otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -101,10 +106,7 @@ def ring_forward(
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         if mode != "comm":
-            for qs, ks, mask, nk in block_pairs(ctx, (i - step) % r):
-                qr = slice(qs.start, qs.start + qs.length)
-                kr = slice(ks.start, ks.start + nk)
-                o, l_ = kernel.forward(q[qr], kv[0, kr], kv[1, kr], qs.pos, ks.pos, mask, scale)
+            for qr, o, l_ in forward_pairs(kernel, q, kv[0], kv[1], _rows(block_pairs(ctx, (i - step) % r)), scale):
                 merge_into(out[qr], lse[:, qr], o.to(acc), l_.to(acc))
         if nxt is not None:
             kv = nxt.wait()
@@ -134,15 +136,8 @@ def ring_backward(
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # contribution to ring rank i - step's block
         if mode != "comm":
-            for qs, ks, mask, nk in block_pairs(ctx, (i - step) % r):
-                qr = slice(qs.start, qs.start + qs.length)
-                kr = slice(ks.start, ks.start + nk)
-                dq_p, dk_p, dv_p = kernel.backward(
-                    dout[qr], q[qr], kv[0, kr], kv[1, kr], out[qr], lse[:, qr], qs.pos, ks.pos, mask, scale
-                )
-                dq[qr] += dq_p
-                dkv[0, kr] += dk_p
-                dkv[1, kr] += dv_p
+            pairs = _rows(block_pairs(ctx, (i - step) % r))
+            backward_pairs(kernel, dout, q, kv[0], kv[1], out, lse, pairs, scale, dq, dkv[0], dkv[1])
         if dkv_in is not None:
             dkv += dkv_in.wait()
         dkv_in = _exchange(dkv, ctx, mode, 1, stats) if r > 1 else Exchange([], dkv)

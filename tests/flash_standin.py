@@ -35,4 +35,68 @@ def register() -> None:
 
     from sp.kernels import KERNELS, FlashKernel
 
-    KERNELS["flash_cpu"] = partial(FlashKernel, impl=flash_attn_func, half_only=False)
+    KERNELS["flash_cpu"] = partial(FlashKernel, **STANDINS, half_only=False)
+
+
+def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                         window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                         deterministic=False, rng_state=None):  # fmt: skip
+    """flash-attn 2.7's private backward: gradients of one call from the given (out, softmax_lse), written
+    into dq/dk/dv (kv heads summed over their query-head group), bottom-right causal."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    g = h // hk
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf, vf = (x.to(cd).repeat_interleave(g, dim=2) for x in (k, v))  # [b, sk, h, d]
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(cd), kf) * softmax_scale
+    if causal:
+        i = torch.arange(sq)[:, None]
+        j = torch.arange(sk)[None, :]
+        s = s.masked_fill(j > i + sk - sq, float("-inf"))
+    p = torch.exp(s - softmax_lse.to(cd)[..., None])  # [b, h, sq, sk]
+    do = dout.to(cd)
+    delta = (do * out.to(cd)).sum(-1).transpose(1, 2)[..., None]  # [b, h, sq, 1]
+    dp = torch.einsum("bqhd,bkhd->bhqk", do, vf)
+    ds = p * (dp - delta) * softmax_scale
+    dq.copy_(torch.einsum("bhqk,bkhd->bqhd", ds, kf))
+    dk.copy_(torch.einsum("bhqk,bqhd->bkhd", ds, q.to(cd)).view(b, sk, hk, g, d).sum(3))
+    dv.copy_(torch.einsum("bhqk,bqhd->bkhd", p, do).view(b, sk, hk, g, d).sum(3))
+
+
+def _split(x, cu):
+    cuts = cu.tolist()
+    return [x[cuts[i] : cuts[i + 1]] for i in range(len(cuts) - 1)]
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, return_attn_probs=False, **_):  # fmt: skip
+    """flash-attn >= 2.5's varlen forward: packed ``[total, h, d]``, lse ``[h, total_q]``."""
+    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
+    outs, lses = [], []
+    for qs, ks, vs in zip(_split(q, cu_seqlens_q), _split(k, cu_seqlens_k), _split(v, cu_seqlens_k)):
+        assert qs.shape[0] <= max_seqlen_q and ks.shape[0] <= max_seqlen_k
+        o, lse, _ = flash_attn_func(qs[None], ks[None], vs[None], 0.0, softmax_scale, causal, True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                                max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left=-1,
+                                window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False,
+                                rng_state=None):  # fmt: skip
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        a, b, c, e = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        _flash_attn_backward(dout[a:b][None], q[a:b][None], k[c:e][None], v[c:e][None], out[a:b][None],
+                             softmax_lse[:, a:b][None], dq[a:b][None], dk[c:e][None], dv[c:e][None], 0.0,
+                             softmax_scale, causal)  # fmt: skip
+
+
+STANDINS = {
+    "impl": flash_attn_func,
+    "backward_impl": _flash_attn_backward,
+    "varlen_impl": flash_attn_varlen_func,
+    "varlen_backward_impl": _flash_attn_varlen_backward,
+}
