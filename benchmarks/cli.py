@@ -5,6 +5,7 @@ sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
 sp-bench planner --lengths ../shared/data/lengths/wikipedia.txt.gz [--steps 20]
 sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none]
 sp-bench longctx [--tokens 131072] [--world 8]
+sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
 """
 
 from __future__ import annotations
@@ -48,8 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     lc.add_argument("--tokens", type=int, default=131072)
     lc.add_argument("--world", type=int, default=8)
     lc.add_argument("--workdir", default="runs/longctx")
+    gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
+    gp.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 131072])
+    gp.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)
-    if args.cmd == "longctx":
+    if args.cmd == "gpu":
+        from benchmarks.gpu import run as run_gpu
+
+        for row in run_gpu(args.tokens, args.steps):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "longctx":
         from benchmarks.longctx import run as run_longctx
 
         print(json.dumps(run_longctx(args.tokens, args.world, args.workdir)), flush=True)

@@ -25,7 +25,7 @@ from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
 from trainer.sharding import Regime, parallelize, resolve_precision
-from trainer.step import StepStats, run_plan
+from trainer.step import StepStats, run_plan, synchronize
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class Trainer:
         self.late_plans = 0
         self.last_values: dict[str, float] = {}  # rank 0: the last logged scalars
         self.last_plan: StepPlan | None = None
+        self.step_times: list[float] = []
         if self.rank == 0 and (self.loader.split or self.loader.rejected):
             print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
                   f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
@@ -198,7 +199,9 @@ class Trainer:
                         "lower train.lr or check the data"
                     )
             self.optim.zero_grad(set_to_none=True)
+            synchronize(self.device)
             step_s = time.perf_counter() - t0
+            self.step_times.append(step_s)
             losses.append(loss)
             self._observe(plan, loss, tokens, step_s, stats, grad_norm)
             self.step += 1
