@@ -1,6 +1,10 @@
 """``sp-profile``: calibrate the cost model on the ranks at hand (local gloo ranks on CPU).
 
-sp-profile [--world 4] [--mbytes 16] [--out configs/cluster/cpu.yaml]
+sp-profile [--world 4] [--mbytes 16] [--out configs/cluster/cpu.yaml] [--model tiny]
+
+With ``--model NAME`` (a file of configs/model/) it also measures the bytes that model saves for backward per
+token (saved-tensor hooks on the trainer's own model) and writes ``act_bytes_per_token`` (measured saved +
+the cost model's transient working set) into the profile.
 """
 
 from __future__ import annotations
@@ -17,10 +21,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mbytes", type=float, default=16.0, help="message size for bandwidth (MiB)")
     ap.add_argument("--out", default=None, help="write the cluster profile YAML here (usable as cluster=NAME)")
     ap.add_argument("--memory-gib", type=float, default=4.0)
+    ap.add_argument("--model", default=None, help="measure activation bytes per token of configs/model/NAME.yaml")
+    ap.add_argument("--act-tokens", type=int, default=2048)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args(argv)
-    from trainer.profile import profile
+    from trainer.profile import activation_bytes_per_token, profile
 
     prof = profile(args.world, args.mbytes)
+    if args.model:
+        from pathlib import Path
+
+        from planner.types import ModelShape
+
+        spec = yaml.safe_load(
+            (Path(__file__).resolve().parents[1] / "configs" / "model" / f"{args.model}.yaml").read_text()
+        )
+        spec.pop("defaults", None)
+        prof["act_bytes_per_token"] = activation_bytes_per_token(ModelShape(**spec), args.act_tokens, args.precision)
     print(json.dumps(prof))
     if args.out:
         attn = prof.pop("attention_tflops")

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from planner.types import ModelShape
+
 
 def best_time(fn, reps: int = 3, warmup: bool = True) -> float:
     """The fastest of ``reps`` timed calls (after one untimed call with ``warmup``)."""
@@ -60,6 +62,44 @@ def measure(rank: int, world: int, mbytes: float) -> dict:
     out["latency_us"] = 1e6 * best_time(lambda: dist.all_to_all_single(torch.empty_like(tiny), tiny), reps=20)
     out["a2a_gbs"], out["p2p_gbs"] = a2a, p2p
     return out
+
+
+def _saved_per_token(rank: int, world: int, model: ModelShape, tokens: int, precision: str) -> float:
+    """Bytes saved for backward per token by the trainer's model (one rank, one sequence of ``tokens``)."""
+    import numpy as np
+    from megatron.core import parallel_state
+
+    from models.gpt import build_gpt
+    from planner.types import Assignment, GroupShape
+    from sp.groups import GroupPool
+    from trainer.memory import SavedBytes
+    from trainer.sharding import Regime, parallelize
+    from trainer.step import _group_pass
+
+    parallel_state.initialize_model_parallel(1, 1)
+    cpu = torch.device("cpu")
+    net = parallelize(build_gpt(model, tokens), Regime("fsdp", precision, model.checkpointing), cpu)
+    doc = [np.random.default_rng(0).integers(0, model.vocab, size=tokens + 1)]
+    with SavedBytes(net) as meter:
+        loss = _group_pass(net, GroupPool(), Assignment(0, GroupShape(1, 1), (0,), 0.0, 0.0), doc, "torch", cpu)
+    del loss
+    return meter.bytes / tokens
+
+
+def activation_bytes_per_token(model: ModelShape, tokens: int = 2048, precision: str = "fp32") -> float:
+    """Measured saved-for-backward bytes per token plus the cost model's transient working set: the value
+    ``cluster.act_bytes_per_token`` replaces in the planner."""
+    from dataclasses import replace
+
+    from planner.cost import CostModel
+    from planner.types import Cluster
+    from sp.spawn import run_distributed
+
+    saved = run_distributed(_saved_per_token, 1, model, tokens, precision, timeout=600)[0]
+    shape = replace(model, bytes_per_value=2 if precision == "bf16" else 4)
+    cost = CostModel(Cluster(name="p", nodes=1, gpus_per_node=1), shape)
+    us = shape.ulysses_degrees(64)
+    return float(saved + max(cost.working_bytes_per_token(u, 2) for u in us))
 
 
 def profile(world: int, mbytes: float = 16.0) -> dict:
