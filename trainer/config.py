@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from planner.types import SHARDINGS
@@ -29,6 +30,21 @@ class DataConfig:
             raise ValueError(
                 f"data.max_len and data.tokens_per_step must be >= 2, got {self.max_len}, {self.tokens_per_step}"
             )
+        _check_range("data", self, {"seed": (0, None)}, integer=True)
+
+
+def _check_range(section: str, cfg: object, bounds: dict[str, tuple[float, float | None]], integer: bool = False,
+                 strict: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Each field is a finite number in [lo, hi] (> lo for the ``strict`` ones); the message names the
+    field, the value and the valid range."""
+    for name, (lo, hi) in bounds.items():
+        v = getattr(cfg, name)
+        kind = "an integer" if integer else "a finite number"
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
+        ok = ok and (v > lo if name in strict else v >= lo) and (hi is None or v <= hi)
+        if not ok:
+            rng = f"{'>' if name in strict else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ValueError(f"{section}.{name}={v!r}; valid: {kind} {rng}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,3 +84,20 @@ class TrainConfig:
             raise ValueError(f"train.plan_timeout_s={self.plan_timeout_s}; valid: a number of seconds > 0")
         if self.memory_every < 0:
             raise ValueError(f"train.memory_every={self.memory_every}; valid: 0 (off) or a step count >= 1")
+        _check_range("train", self, {
+            "steps": (1, None), "log_every": (1, None), "max_bad_steps": (1, None), "warmup_steps": (0, None),
+            "checkpoint_every": (0, None), "picture_every": (0, None), "sp_size": (0, None),
+        }, integer=True)  # fmt: skip
+        _check_range("train", self, {"grad_clip": (0, None), "lr": (0, None), "min_lr": (0, None),
+                                     "weight_decay": (0, None), "bucket_mb": (0, None),
+                                     "collective_timeout_s": (0, None)}, strict=("grad_clip", "lr", "bucket_mb",
+                                                                               "collective_timeout_s"))  # fmt: skip
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}; valid: 0 <= min_lr <= lr")
+        if self.sp_size and self.sp_size & (self.sp_size - 1):
+            raise ValueError(f"train.sp_size={self.sp_size}; valid: 0 (the whole world) or a power of two")
+        if self.strategy == "hybrid" and 0 < self.sp_size < 4:
+            raise ValueError(
+                f"train.strategy='hybrid' needs train.sp_size >= 4 (u=2 x r>=2), got {self.sp_size}; "
+                "use strategy='ring' or 'ulysses' for 2 GPUs per group"
+            )

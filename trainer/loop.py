@@ -24,8 +24,11 @@ from trainer.data import Corpus, StepLoader
 from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
+from trainer.run_dir import RunLock, config_changes, flat_config, write_complete
 from trainer.sharding import Regime, parallelize, resolve_precision
 from trainer.step import StepStats, run_plan, synchronize
+
+MAX_MICRO_STEPS = 64  # a step that needs more is refused before any data is loaded
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,12 @@ class Trainer:
                 f"{int(cap)} tokens of one sequence (cluster.memory_gib={job.cluster.memory_gib}, "
                 f"model.checkpointing={job.model.checkpointing!r}); lower data.max_len or use more memory"
             )
+        if job.data.tokens_per_step > MAX_MICRO_STEPS * cap:
+            raise ValueError(
+                f"data.tokens_per_step={job.data.tokens_per_step} needs more than {MAX_MICRO_STEPS} micro-steps: the "
+                f"cluster holds about {int(cap)} tokens at once (cluster.memory_gib={job.cluster.memory_gib}, "
+                f"{self.world} GPUs); valid: data.tokens_per_step <= {int(MAX_MICRO_STEPS * cap)}"
+            )
         self.shape = None if t.strategy == "adaptive" else static_shape(job, self.world)
         self.planner = Planner(self.cost, job.planner)
         self.fallback = Planner(self.cost, replace(job.planner, use_milp=False))  # a late plan's stand-in
@@ -102,7 +111,10 @@ class Trainer:
         self.bad_in_row = 0
         self.stopped = False
         self._stop_flag = False
-        if job.train.resume and (ck := checkpoint.latest(str(self.out))) is not None:
+        self.config = flat_config(job)
+        self.lock: RunLock | None = None
+        ck = self._claim_folder()
+        if ck is not None:
             extra = checkpoint.load(ck, self.model, self.optim)
             self.step = int(extra["step"])
             self.loader.load_state(extra["loader"])
@@ -118,6 +130,44 @@ class Trainer:
         if self.rank == 0 and (self.loader.split or self.loader.rejected):
             print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
                   f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
+
+    def _claim_folder(self) -> Path | None:
+        """Rank 0 locks the run folder, removes a stale COMPLETE and picks the checkpoint to resume (the
+        newest intact one whose config allows it); every rank gets the verdict."""
+        verdict: list = [None, None]
+        if self.rank == 0:
+            try:
+                self.lock = RunLock(self.out)
+                (self.out / "COMPLETE").unlink(missing_ok=True)
+                verdict[0] = self._resume_point() if self.job.train.resume else None
+            except (RuntimeError, ValueError) as e:
+                verdict[1] = (type(e).__name__, str(e))
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[1] is not None:
+            if self.lock is not None:
+                self.lock.release()
+            raise {"RuntimeError": RuntimeError, "ValueError": ValueError}[verdict[1][0]](verdict[1][1])
+        return Path(verdict[0]) if verdict[0] is not None else None
+
+    def _resume_point(self) -> str | None:
+        ck, warnings = checkpoint.newest_intact(str(self.out))
+        for w in warnings:
+            print(f"[sp-train] WARNING: {w}")
+        if ck is None:
+            if warnings:
+                print("[sp-train] WARNING: no intact checkpoint left: starting from step 0")
+            return None
+        safe, refused = config_changes(checkpoint.stored_config(ck), self.config)
+        if refused:
+            raise ValueError(
+                f"train.out_dir={str(self.out)!r} holds a run with a different config ({ck.name}); resuming "
+                "(train.resume=true, the default) would silently continue it. Differences:\n  "
+                + "\n  ".join(refused)
+                + "\nUse a new train.out_dir, or train.resume=false with an empty folder."
+            )
+        if safe:
+            print("[sp-train] resuming with changed settings: " + "; ".join(safe))
+        return str(ck)
 
     def request_stop(self) -> None:
         """Signal-safe: finish the current step, checkpoint, and return from :meth:`run`."""
@@ -156,6 +206,13 @@ class Trainer:
         return box[0]
 
     def run(self) -> list[float]:
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> list[float]:
         t = self.job.train
         losses: list[float] = []
         docs = self.loader.next_step()
@@ -185,6 +242,7 @@ class Trainer:
                     g["lr"] = lr_at(self.step, t)
                 grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
                 self.optim.step()
+                self._check_finite()
             else:
                 self.bad_in_row += 1
                 grad_norm = float("nan")
@@ -211,9 +269,10 @@ class Trainer:
             flag = torch.tensor([1.0 if self._stop_flag else 0.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
             self.stopped = bool(flag.item())
-            periodic = t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps)
+            # the last step always checkpoints (a finished run never loses its weights), others every N
+            periodic = self.step == t.steps or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
             if periodic or self.stopped:
-                checkpoint.save(str(self.out), self.step, self.model, self.optim, {"loader": loader_state})
+                checkpoint.save(str(self.out), self.step, self.model, self.optim, {"loader": loader_state}, self.config)
             if self.stopped:
                 if self.rank == 0:
                     print(f"[sp-train] stop requested: checkpointed step {self.step}, exiting for requeue")
@@ -224,9 +283,24 @@ class Trainer:
             bar.close()
         if self.board is not None:
             self.board.close()
-        if self.rank == 0 and self.step >= t.steps:
-            (self.out / "COMPLETE").write_text(f"{self.step}\n")  # launchers: no requeue needed
+        if self.rank == 0 and self.step >= t.steps and not self.stopped:
+            write_complete(self.out, self.step, self.config)  # launchers: no requeue needed
         return losses
+
+    def _check_finite(self) -> None:
+        """Stop before a non-finite parameter can reach a checkpoint (e.g. lr=inf or min_lr=nan)."""
+        bad = torch.zeros(1, device=self.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if not torch.isfinite(local).all():
+                bad += 1
+        dist.all_reduce(bad)
+        if bad.item():
+            raise RuntimeError(
+                f"step {self.step}: {int(bad.item())} parameter tensor(s) hold NaN/inf after the optimizer step "
+                f"(train.lr={self.job.train.lr}, train.min_lr={self.job.train.min_lr}); stopping before any "
+                f"checkpoint is written (the last good one is in {self.out / 'checkpoints'})"
+            )
 
     def _observe(self, plan: StepPlan, loss: float, tokens: int, step_s: float, stats: StepStats, gnorm: float) -> None:
         t = self.job.train

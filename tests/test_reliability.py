@@ -1,0 +1,171 @@
+"""Issue 12: checkpoints that cannot silently corrupt a run, one run per folder, validated options."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.dist import run_distributed
+from tests.test_trainer import _job
+
+
+def _train(tmp, name, steps, **train):
+    from trainer.loop import Trainer
+
+    job = _job(f"{tmp}/{name}", "adaptive", steps, use_milp=False, resume=True)
+    tr = Trainer(replace(job, train=replace(job.train, **train)))
+    return tr, tr.run()
+
+
+def _scenarios(rank, world, tmp):
+    import torch.distributed as dist
+
+    import trainer.loop as loop
+    from trainer.loop import Trainer
+
+    out = {}
+    # 1. corrupted newest checkpoint: resume falls back to the newest intact one
+    _train(tmp, "corrupt", 2, checkpoint_every=1)
+    if rank == 0:
+        shard = sorted((Path(tmp) / "corrupt/checkpoints/step_000002").glob("*.distcp"))[0]
+        data = bytearray(shard.read_bytes())
+        data[100:120] = bytes(20)  # zeros: the checksum changes
+        shard.write_bytes(bytes(data))
+    dist.barrier()
+    tr = Trainer(replace(_job(f"{tmp}/corrupt", "adaptive", 3, use_milp=False, resume=True)))
+    out["corrupt_resumed_at"] = tr.step
+    out["corrupt_losses"] = tr.run()
+    # 2. non-finite parameters stop the run before any checkpoint
+    orig = loop.lr_at
+    loop.lr_at = lambda step, t: float("inf")
+    try:
+        _train(tmp, "nan", 2, checkpoint_every=1)
+        out["nan"] = None
+    except RuntimeError as e:
+        out["nan"] = str(e)
+    finally:
+        loop.lr_at = orig
+    out["nan_checkpoints"] = sorted(p.name for p in (Path(tmp) / "nan/checkpoints").glob("step_*"))
+    # 3. a stale COMPLETE is removed; a stop for requeue writes none
+    if rank == 0:
+        (Path(tmp) / "stale").mkdir()
+        (Path(tmp) / "stale/COMPLETE").write_text("20\n")
+    dist.barrier()
+    tr = Trainer(_job(f"{tmp}/stale", "adaptive", 5, use_milp=False))
+    tr.request_stop()
+    tr.run()
+    out["stale_complete_after_stop"] = (Path(tmp) / "stale/COMPLETE").exists()
+    out["stopped_at"] = tr.step
+    # 4. two runs in one folder: the second fails at once
+    first = Trainer(_job(f"{tmp}/shared", "adaptive", 1, use_milp=False))
+    try:
+        Trainer(_job(f"{tmp}/shared", "adaptive", 1, use_milp=False))
+        out["second"] = None
+    except RuntimeError as e:
+        out["second"] = str(e)
+    first.run()  # releases the lock
+    out["after_release"] = len(Trainer(_job(f"{tmp}/shared", "adaptive", 1, use_milp=False)).run())
+    # 5. resume into a different run: refused with the differences; a safe change is accepted
+    try:
+        Trainer(_job(f"{tmp}/corrupt", "ring", 6, use_milp=False, resume=True))
+        out["changed"] = None
+    except ValueError as e:
+        out["changed"] = str(e)
+    out["more_steps"] = len(_train(tmp, "corrupt", 4)[1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_distributed(_scenarios, 2, str(tmp_path_factory.mktemp("rel")), timeout=300)
+
+
+def test_corrupted_checkpoint_falls_back_to_the_newest_intact_one(results):
+    assert results[0]["corrupt_resumed_at"] == 1 and len(results[0]["corrupt_losses"]) == 2
+
+
+def test_non_finite_parameters_never_reach_a_checkpoint(results):
+    assert "hold NaN/inf after the optimizer step" in results[0]["nan"]
+    assert results[0]["nan_checkpoints"] == []
+
+
+def test_stale_complete_removed_and_requeue_stop_is_not_complete(results):
+    assert results[0]["stale_complete_after_stop"] is False and results[0]["stopped_at"] == 1
+
+
+def test_second_run_in_one_folder_fails_then_lock_is_released(results):
+    assert "is in use by another run (pid" in results[0]["second"]
+    assert results[0]["after_release"] == 1
+
+
+def test_resume_into_a_different_run_is_refused(results):
+    msg = results[0]["changed"]
+    assert "train.strategy: 'adaptive' -> 'ring'" in msg and "new train.out_dir" in msg
+    assert "train.steps" not in msg  # a safe difference is not a reason to refuse
+    assert results[0]["more_steps"] == 1
+
+
+def test_crafted_extra_pt_cannot_run_code(tmp_path):
+    """extra.pt loads with weights_only=True: a pickle that would run code is refused."""
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "extra.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"step": 1, "x": Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    assert not marker.exists()
+    src = (Path(__file__).resolve().parents[1] / "trainer/checkpoint.py").read_text()
+    assert 'torch.load(path / "extra.pt", weights_only=True)' in src
+
+
+def test_manifest_detects_changed_and_missing_files(tmp_path):
+    from trainer.checkpoint import verify, write_manifest
+
+    (tmp_path / "a.distcp").write_bytes(b"x" * 100)
+    (tmp_path / "extra.pt").write_bytes(b"y")
+    assert "MANIFEST.json is missing" in verify(tmp_path)
+    write_manifest(tmp_path)
+    assert verify(tmp_path) is None
+    (tmp_path / "a.distcp").write_bytes(b"x" * 99 + b"z")
+    assert "a.distcp does not match its checksum" in verify(tmp_path)
+    (tmp_path / "extra.pt").unlink()
+    assert json.loads((tmp_path / "MANIFEST.json").read_text())["extra.pt"]["bytes"] == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("grad_clip", -1.0, "train.grad_clip=-1.0; valid: a finite number > 0"),
+        ("steps", 0, "train.steps=0; valid: an integer >= 1"),
+        ("log_every", 0, "train.log_every=0; valid: an integer >= 1"),
+        ("collective_timeout_s", 0.0, "train.collective_timeout_s=0.0; valid: a finite number > 0"),
+        ("lr", float("inf"), "train.lr=inf; valid: a finite number > 0"),
+        ("min_lr", float("nan"), "train.min_lr=nan; valid: a finite number >= 0"),
+        ("checkpoint_every", -1, "train.checkpoint_every=-1; valid: an integer >= 0"),
+    ],
+)
+def test_options_are_validated_where_declared(field, value, message):
+    from trainer.config import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**{field: value})
+
+
+def test_hybrid_needs_four_gpus_per_group():
+    from trainer.config import TrainConfig
+
+    with pytest.raises(ValueError, match="strategy='hybrid' needs train.sp_size >= 4"):
+        TrainConfig(strategy="hybrid", sp_size=2)

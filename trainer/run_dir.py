@@ -1,0 +1,91 @@
+"""One run per folder: an exclusive lock, a config check on resume, and a COMPLETE marker that says whose.
+
+- **Lock.** Rank 0 holds ``flock(LOCK_EX)`` on ``<out_dir>/.lock`` while it trains; a second run on the same
+  folder fails at once, naming the holder's pid. The kernel drops the lock when the process dies, so a lock
+  left by a crashed run never blocks the next one.
+- **Resume.** The resolved job config is stored with every checkpoint. Resuming compares it with the new
+  one: differences in :data:`SAFE_TO_CHANGE` (step count, logging, timeouts, planner search effort, the
+  cluster description) are listed and accepted; any other difference (model, data, optimizer, strategy,
+  sharding, seed, ...) stops the run with the list, since it would silently continue a different run.
+- **COMPLETE.** Written when the last step is done, as JSON with the run's config hash and step count; a
+  stale marker is removed when a run starts, and a stop for requeue never writes one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+SAFE_TO_CHANGE = (
+    "train.steps", "train.log_every", "train.picture_every", "train.checkpoint_every", "train.progress",
+    "train.memory_every", "train.plan_timeout_s", "train.collective_timeout_s", "train.max_bad_steps",
+    "train.out_dir", "train.resume", "train.bucket_mb", "planner.", "cluster.",
+)  # fmt: skip
+
+
+def flat_config(job: Any) -> dict[str, Any]:
+    """``{"model.layers": 2, ...}`` from the frozen job dataclass (JSON types only)."""
+    out: dict[str, Any] = {}
+    for section, value in dataclasses.asdict(job).items():
+        for key, v in value.items():
+            out[f"{section}.{key}"] = list(v) if isinstance(v, tuple) else v
+    return json.loads(json.dumps(out, default=str))
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    keep = {k: v for k, v in cfg.items() if not _safe(k)}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_TO_CHANGE)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(safe, refused) differences, each as ``key: old -> new``."""
+    safe: list[str] = []
+    refused: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (safe if _safe(key) else refused).append(line)
+    return safe, refused
+
+
+class RunLock:
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / ".lock"
+        self._file: IO[str] | None = open(self.path, "a+")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            self._file = None
+            raise RuntimeError(
+                f"train.out_dir={str(out_dir)!r} is in use by another run (pid {holder}); two runs in one folder "
+                "would interleave checkpoints: use another train.out_dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def write_complete(out_dir: Path, step: int, cfg: dict[str, Any]) -> None:
+    body = {"step": step, "target_steps": cfg.get("train.steps"), "config_hash": config_hash(cfg)}
+    tmp = out_dir / "COMPLETE.tmp"
+    tmp.write_text(json.dumps(body) + "\n")
+    os.replace(tmp, out_dir / "COMPLETE")
