@@ -25,7 +25,7 @@ CONFIG = PlannerConfig(time_limit_s=0.15, milp_time_limit_s=0.03, max_probes=5)
 
 def quality(path: str, steps: int, global_batch: int, max_len: int, seed: int) -> dict:
     cost = CostModel(A100X64_FLEXSP, GPT_7B)
-    batches = sample_steps(read_lengths(path), global_batch, steps, max_len, seed)
+    batches = sample_steps(read_lengths(path), global_batch, steps, max_len, seed, clip=True)
     planner = Planner(cost, CONFIG)
     plans = [planner.plan(b) for b in batches]
     bases = [all_baselines(cost, b, CONFIG, p) for b, p in zip(batches, plans)]
@@ -37,7 +37,7 @@ def quality(path: str, steps: int, global_batch: int, max_len: int, seed: int) -
 def scale(path: str, n_seqs: int, nodes: int, steps: int, max_len: int, seed: int) -> dict:
     cluster = Cluster(**{**A100X64_FLEXSP.__dict__, "name": f"a100x{nodes * 8}", "nodes": nodes})
     cost = CostModel(cluster, GPT_7B)
-    batches = sample_steps(read_lengths(path), n_seqs, steps, max_len, seed)
+    batches = sample_steps(read_lengths(path), n_seqs, steps, max_len, seed, clip=True)
     planner = Planner(cost, CONFIG)
     solve, gaps = [], []
     for b in batches:

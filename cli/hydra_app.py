@@ -12,12 +12,30 @@ from typing import Any
 CONFIG_DIR = os.environ.get("SP_CONFIG_DIR", str(Path(__file__).resolve().parents[1] / "configs"))
 
 
-def run_app(config_name: str, prog: str, run: Callable[[Any], object]) -> None:
+def usage(prog: str, description: str, groups: tuple[str, ...]) -> str:
+    """The tool's own ``--help``: what it does and only the config groups it accepts, with their options."""
+    lines = [f"{prog}: {description}", "", f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...]   (Hydra overrides)",
+             f"       {prog} --cfg job     print the composed config and exit",
+             f"       {prog} --info        Hydra's search path and defaults tree", "", "config groups:"]  # fmt: skip
+    for g in groups:
+        options = sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
+        lines.append(f"  {g}: {', '.join(options)}")
+    lines += ["", f"Any key of the composed config can be overridden (e.g. train.steps=100); `{prog} --cfg job`",
+              "lists them all with their values. Errors name the bad value and the valid options."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_app(
+    config_name: str, prog: str, run: Callable[[Any], object], description: str = "", groups: tuple[str, ...] = ()
+) -> None:
     import hydra
     from omegaconf import OmegaConf
 
     from cli.schema import register
 
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(usage(prog, description, groups))
+        sys.exit(0)
     register()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=config_name)
@@ -28,6 +46,11 @@ def run_app(config_name: str, prog: str, run: Callable[[Any], object]) -> None:
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    # no Hydra output folder or log files: these are CLI tools, their outputs are named by the user
-    sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    # no Hydra output folder or log files: these are CLI tools, their outputs are named by the user. The
+    # settings go first, so that a trailing `--cfg` / `--info` does not take one as its argument.
+    args = sys.argv[1:]
+    if args and args[-1] in ("--cfg", "-c"):
+        args.append("job")  # `--cfg` alone: the job's config
+    sys.argv[1:] = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none",
+                    "hydra/hydra_logging=none", *args]  # fmt: skip
     _app()

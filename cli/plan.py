@@ -19,13 +19,17 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     from planner.types import Cluster, ModelShape
     from trainer.config import TrainConfig
 
+    if cfg.output.format not in ("table", "json"):  # checked before any planning
+        raise ValueError(f"output.format={cfg.output.format!r}; valid: 'table', 'json'")
+    if cfg.output.picture:
+        _check_writable(cfg.output.picture)
     sharding = freeze(TrainConfig, cfg.train).sharding  # one setting for sp-train and sp-plan
     cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, sharding)
     pcfg = freeze(PlannerConfig, cfg.planner)
     lc = cfg.lengths
     batches: list = []
     if lc.path:  # a file wins over the fixed example batch of configs/plan.yaml
-        batches = sample_steps(read_lengths(lc.path), lc.global_batch, lc.steps, lc.max_len, lc.seed)
+        batches = sample_steps(read_lengths(lc.path), lc.global_batch, lc.steps, lc.max_len, lc.seed, lc.clip)
     elif lc.fixed:
         batches = [list(lc.fixed)]
     else:
@@ -34,26 +38,41 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     plans = [planner.plan(b) for b in batches]
     bases = [all_baselines(cost, b, pcfg, p) if cfg.output.baselines else {} for b, p in zip(batches, plans)]
     summary = summarise(cost, plans, bases)
-    if cfg.output.picture:
-        from planner.picture import draw_gantt
-
-        draw_gantt(plans[0], cost, cfg.output.picture, f"{cost.cluster.name} / {cost.model.name}")
     result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": summary}
     if cfg.output.format == "json":
         result["first_step"] = plan_json(plans[0])
-        print(json.dumps(result))
-    elif cfg.output.format == "table":
-        print(f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}, {len(plans)} step(s)")
-        print(table(plans[0], summary))
+        print(json.dumps(result), flush=True)
     else:
-        raise ValueError(f"output.format={cfg.output.format!r}; valid: 'table', 'json'")
+        print(f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}, {len(plans)} step(s)")
+        print(table(plans[0], summary), flush=True)
+    if cfg.output.picture:  # after the result: a failing picture never loses the plan
+        from planner.picture import draw_gantt
+
+        draw_gantt(plans[0], cost, cfg.output.picture, f"{cost.cluster.name} / {cost.model.name}")
     return result
+
+
+def _check_writable(path: str) -> None:
+    """output.picture must be writable before minutes of planning are spent."""
+    import os
+    from pathlib import Path
+
+    parent = Path(path).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or Path(path).is_dir():
+        raise ValueError(f"output.picture={path!r} cannot be written (folder {str(parent)!r} missing or read-only)")
 
 
 def main() -> None:
     from cli.hydra_app import run_app
 
-    run_app("plan", "sp-plan", run)
+    run_app(
+        "plan",
+        "sp-plan",
+        run,
+        "dry-run planner: per-step SP plans, predicted step time, memory and "
+        "speed-up over static layouts for a cluster you may not have",
+        ("cluster", "model", "planner", "train"),
+    )
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class LengthsSchema:
     steps: int = 20
     max_len: int = 262144
     seed: int = 0
+    clip: bool = False  # cap lengths above max_len (logged) instead of refusing them
 
 
 @dataclass

@@ -49,7 +49,13 @@ def main() -> None:
     from cli.hydra_app import run_app
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")  # "Apex is not installed" etc.
-    run_app("config", "sp-train", run)
+    run_app(
+        "config",
+        "sp-train",
+        run,
+        "train a Megatron-core GPT with per-step adaptive sequence-parallel plans (FSDP2, checkpointing, bf16 on CUDA)",
+        ("cluster", "data", "model", "planner", "train"),
+    )
 
 
 if __name__ == "__main__":

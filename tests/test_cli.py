@@ -49,3 +49,24 @@ def test_config_errors_are_clear(tmp_path):
     assert out.returncode == 2 and ">= 1" in out.stderr
     out = _plan("lengths.fixed=[100000000]", "model=gpt-7b", cwd=tmp_path)
     assert out.returncode == 2 and "exceeds what the cluster can hold" in out.stderr
+
+
+def test_help_cfg_and_info_alone(tmp_path):
+    out = _plan("--help", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("sp-plan: dry-run planner")
+    assert "powered by Hydra" not in out.stdout and "data:" not in out.stdout  # sp-plan takes no data group
+    assert "cluster: a100x64_flexsp, cpu, h100x64" in out.stdout and "schema" not in out.stdout
+    out = _plan("--cfg", cwd=tmp_path)
+    assert out.returncode == 0 and "lengths:" in out.stdout, out.stderr[-500:]
+    out = _plan("--info", cwd=tmp_path)
+    assert out.returncode == 0 and "Hydra" in out.stdout, out.stderr[-500:]
+    train = subprocess.run([sys.executable, "-m", "cli.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert train.returncode == 0 and train.stdout.startswith("sp-train: train") and "data: " in train.stdout
+
+
+def test_single_process_port_is_free_and_on_loopback():
+    from trainer.bootstrap import free_loopback_port, read_env
+
+    env = read_env({})
+    assert env.launcher == "single" and env.master_addr == "127.0.0.1" and env.master_port != 29500
+    assert free_loopback_port() > 0

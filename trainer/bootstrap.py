@@ -87,9 +87,18 @@ def read_env(env: dict[str, str] | None = None) -> DistEnv:
         launcher = "mpich"
     else:
         rank, world, local, addr, launcher = 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), "single"
+        if "MASTER_PORT" not in env:
+            port = free_loopback_port()  # two single-process runs must not fight over 29500
     if world < 1 or not 0 <= rank < world or local < 0:
         raise ValueError(f"{launcher} environment is inconsistent: rank={rank}, world size={world}, local rank={local}")
     return DistEnv(rank, world, local, addr, port, launcher)
+
+
+def free_loopback_port() -> int:
+    """A port the kernel says is free on 127.0.0.1 (bound to loopback only, never all interfaces)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:

@@ -68,10 +68,17 @@ class Corpus:
         with open(path) as f:
             for n, line in enumerate(f):
                 if line.strip():
-                    row = json.loads(line)
-                    if self.cfg.text_field not in row:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n + 1}: not a JSON object ({e.msg})") from None
+                    if not isinstance(row, dict) or self.cfg.text_field not in row:
+                        keys = sorted(row)[:5] if isinstance(row, dict) else type(row).__name__
+                        raise ValueError(f"{path}:{n + 1} has no field {self.cfg.text_field!r} (keys {keys})")
+                    if not isinstance(row[self.cfg.text_field], str):
                         raise ValueError(
-                            f"{path}:{n + 1} has no field {self.cfg.text_field!r} (keys {sorted(row)[:5]})"
+                            f"{path}:{n + 1}: field {self.cfg.text_field!r} is "
+                            f"{type(row[self.cfg.text_field]).__name__}; valid: a string"
                         )
                     texts.append(row[self.cfg.text_field])
         return texts
