@@ -160,8 +160,11 @@ def test_megatron_indexed_dataset_reader(tmp_path):
 
 
 def test_malformed_jsonl_lines_name_file_and_line(tmp_path):
-    for body, message in [('{"text": "ok"}\n{bad\n', "bad.jsonl:2: not a JSON object"),
-                          ('{"text": "ok"}\n{"text": 5}\n', "bad.jsonl:2: field 'text' is int; valid: a string")]:  # fmt: skip
+    cases = [
+        ('{"text": "ok"}\n{bad\n', "bad.jsonl:2: not a JSON object"),
+        ('{"text": "ok"}\n{"text": 5}\n', "bad.jsonl:2: field 'text' is int; valid: a string"),
+    ]
+    for body, message in cases:
         (tmp_path / "bad.jsonl").write_text(body)
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
             Corpus(DataConfig(source="jsonl", path=str(tmp_path / "bad.jsonl")))
