@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 4 -m cli.train model=tiny train.steps=50
     sp-train train.strategy=ring data.source=jsonl data.path=corpus.jsonl   # any launcher: torchrun, srun, mpiexec
 
-SIGUSR1 (Slurm's ``--signal``) makes every rank finish the current step, checkpoint and exit 0.
+SIGUSR1 (Slurm's ``--signal``) or SIGTERM makes every rank finish the current step, checkpoint and exit 0;
+so does the death of the launcher process (a worker whose parent is gone stops instead of training orphaned).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
     )
     env = init_distributed(job.train.collective_timeout_s)
     trainer = Trainer(job)
-    signal.signal(signal.SIGUSR1, lambda *_: trainer.request_stop())
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # Slurm's --signal, preemption, `kill`: checkpoint and exit
+        signal.signal(sig, lambda *_: trainer.request_stop())
     losses = trainer.run()
     if env.rank == 0:
         out = Path(job.train.out_dir).resolve()

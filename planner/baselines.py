@@ -71,6 +71,9 @@ def all_baselines(
     statics = [v for v in out.values() if v is not None]
     out["best_static"] = min(statics) if statics else None
     uly = [s for s in planner.shapes if s.ring == 1]
-    out["ulysses_hetero"] = Planner(cost, config, uly).plan(arr).time_s
+    try:  # Ulysses alone may not reach a group large enough for the longest sequence (heads cap u)
+        out["ulysses_hetero"] = Planner(cost, config, uly).plan(arr).time_s
+    except ValueError:
+        out["ulysses_hetero"] = None
     out["greedy"] = Planner(cost, PlannerConfig(**{**config.__dict__, "use_milp": False})).plan(arr).time_s
     return out

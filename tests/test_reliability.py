@@ -76,6 +76,11 @@ def _scenarios(rank, world, tmp):
     except ValueError as e:
         out["changed"] = str(e)
     out["more_steps"] = len(_train(tmp, "corrupt", 4)[1])
+    # 6. the launcher dies (orphaned workers): checkpoint and stop after the current step
+    tr = Trainer(_job(f"{tmp}/orphan", "adaptive", 5, use_milp=False))
+    tr._parent = -1  # as if torchrun's agent had been killed
+    tr.run()
+    out["orphan"] = (tr.step, tr.stopped, sorted(p.name for p in (Path(tmp) / "orphan/checkpoints").glob("step_*")))
     return out
 
 
@@ -107,6 +112,10 @@ def test_resume_into_a_different_run_is_refused(results):
     assert "train.strategy: 'adaptive' -> 'ring'" in msg and "new train.out_dir" in msg
     assert "train.steps" not in msg  # a safe difference is not a reason to refuse
     assert results[0]["more_steps"] == 1
+
+
+def test_orphaned_workers_checkpoint_and_stop(results):
+    assert results[0]["orphan"] == (1, True, ["step_000001"])
 
 
 def test_crafted_extra_pt_cannot_run_code(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -111,6 +112,7 @@ class Trainer:
         self.bad_in_row = 0
         self.stopped = False
         self._stop_flag = False
+        self._parent = os.getppid()  # the launcher (torchrun's agent, srun, mpiexec, the spawn harness)
         self.config = flat_config(job)
         self.lock: RunLock | None = None
         ck = self._claim_folder()
@@ -266,6 +268,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
+            if os.getppid() != self._parent and not self._stop_flag:  # the launcher died (e.g. torchrun's agent
+                # killed by a signal it does not forward): checkpoint and stop instead of training on orphaned
+                print(f"[sp-train] rank {self.rank}: launcher (pid {self._parent}) is gone; checkpointing and stopping")
+                self._stop_flag = True
             flag = torch.tensor([1.0 if self._stop_flag else 0.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
             self.stopped = bool(flag.item())
