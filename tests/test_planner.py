@@ -15,7 +15,7 @@ from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 
 MODEL = ModelShape(name="m", layers=8, hidden=1024, heads=8, kv_heads=2, vocab=32000, checkpointing="full")
 CLUSTER = Cluster(
-    name="t", nodes=2, gpus_per_node=2, peak_tflops=100, mfu=0.5, memory_gib=11.0, intra_gbs=100, inter_gbs=5, beta_ms=20
+    name="t", nodes=2, gpus_per_node=2, peak_tflops=100, mfu=0.5, memory_gib=11, intra_gbs=100, inter_gbs=5, beta_ms=20
 )
 COST = CostModel(CLUSTER, MODEL)
 EXACT = PlannerConfig(time_limit_s=20.0, milp_time_limit_s=5.0, max_probes=20, gap_tol=0.0)
