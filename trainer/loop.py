@@ -129,6 +129,7 @@ class Trainer:
         self.last_values: dict[str, float] = {}  # rank 0: the last logged scalars
         self.last_plan: StepPlan | None = None
         self.step_times: list[float] = []
+        self.state_bytes = 0  # this rank's parameter + gradient + AdamW bytes after the last optimizer step
         if self.rank == 0 and (self.loader.split or self.loader.rejected):
             print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
                   f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
@@ -245,6 +246,7 @@ class Trainer:
                 grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
                 self.optim.step()
                 self._check_finite()
+                self.state_bytes = sum(state_bytes(self.model, self.optim).values())  # grads still held
             else:
                 self.bad_in_row += 1
                 grad_norm = float("nan")
@@ -338,7 +340,7 @@ class Trainer:
             "plan/micro_steps": float(len(plan.micro_steps)),
             "plan/load_imbalance": float(np.mean(imbalance)),
             "memory/peak_gib": peak_bytes(self.device) / 2**30,
-            "memory/states_gib": sum(state_bytes(self.model, self.optim).values()) / 2**30,
+            "memory/states_gib": self.state_bytes / 2**30,
             "memory/states_predicted_gib": self.cost.states_gib(),
             "planner/late_plans": float(self.late_plans),
             **{f"plan/strategy_{k}": float(v) for k, v in mix.items()},
