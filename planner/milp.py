@@ -56,7 +56,7 @@ class MilpResult:
 INFEASIBLE = np.zeros(0, dtype=np.int64)  # sentinel: the solver proved that no point exists
 
 
-WATCHDOG_GRACE_S = 1.0  # a solve may overrun its own time limit by this much (CPU starvation too) before it is abandoned
+WATCHDOG_GRACE_S = 1.0  # a solve may overrun its time limit by this much (CPU starvation too) before abandoned
 _log = logging.getLogger("planner")
 
 
