@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]])
     from sp.groups import GroupPool
     from trainer.memory import SavedBytes, state_bytes
     from trainer.sharding import Regime, parallelize
-    from trainer.step import _group_pass
+    from trainer.step import group_pass
 
     parallel_state.initialize_model_parallel(1, 1)
     pool = GroupPool()
@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]])
         cost = CostModel(Cluster(name="cpu", nodes=1, gpus_per_node=world), shape, sharding="fsdp")
         rng = np.random.default_rng(0)
         warm = [rng.integers(0, shape.vocab, size=65)]
-        _group_pass(model, pool, Assignment(0, GroupShape(1, world), (0,), 0, 0), warm, "torch", cpu).backward()
+        group_pass(model, pool, Assignment(0, GroupShape(1, world), (0,), 0, 0), warm, "torch", cpu).backward()
         optim.step()  # creates the AdamW moments
         states = sum(state_bytes(model, optim).values())
         state_err = torch.tensor([abs(states - cost.state_bytes(rank))], dtype=torch.float64)
@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]])
                 docs = [rng.integers(0, shape.vocab, size=n + 1) for n in batch_lengths(total)]
                 g = Assignment(0, GroupShape(u, r), tuple(range(len(docs))), 0.0, 0.0)
                 with SavedBytes(model) as meter:
-                    loss = _group_pass(model, pool, g, docs, "torch", cpu)
+                    loss = group_pass(model, pool, g, docs, "torch", cpu)
                 del loss  # forward only: what is saved is known once the forward ends (backward: 2/3 of the time)
                 worst = torch.tensor([float(meter.bytes)], dtype=torch.float64)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)

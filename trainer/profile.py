@@ -74,14 +74,14 @@ def _saved_per_token(rank: int, world: int, model: ModelShape, tokens: int, prec
     from sp.groups import GroupPool
     from trainer.memory import SavedBytes
     from trainer.sharding import Regime, parallelize
-    from trainer.step import _group_pass
+    from trainer.step import group_pass
 
     parallel_state.initialize_model_parallel(1, 1)
     cpu = torch.device("cpu")
     net = parallelize(build_gpt(model, tokens), Regime("fsdp", precision, model.checkpointing), cpu)
     doc = [np.random.default_rng(0).integers(0, model.vocab, size=tokens + 1)]
     with SavedBytes(net) as meter:
-        loss = _group_pass(net, GroupPool(), Assignment(0, GroupShape(1, 1), (0,), 0.0, 0.0), doc, "torch", cpu)
+        loss = group_pass(net, GroupPool(), Assignment(0, GroupShape(1, 1), (0,), 0.0, 0.0), doc, "torch", cpu)
     del loss
     return meter.bytes / tokens
 

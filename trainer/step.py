@@ -83,7 +83,7 @@ def run_plan(
             if g is None or not g.seqs:
                 loss = _empty_pass(model, device)
             else:
-                loss = _group_pass(model, pool, g, docs, kernel, device)
+                loss = group_pass(model, pool, g, docs, kernel, device)
         (loss / global_tokens).backward()
         stats.loss_sum += loss.detach().double()
         synchronize(device)
@@ -94,7 +94,7 @@ def run_plan(
     return stats
 
 
-def _group_pass(
+def group_pass(
     model: torch.nn.Module, pool: GroupPool, g: Assignment, docs: list[np.ndarray], kernel: str, device: torch.device
 ) -> torch.Tensor:
     inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
