@@ -73,8 +73,14 @@ class Kernel(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision inputs, the input dtype otherwise: what kernels compute and accumulate in."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """flash-attn takes and returns its lse in fp32; the float64 reference path keeps float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class TorchKernel:
     def _scores(self, q, k, q_pos, k_pos, mask, scale):
         nq, h, d = q.shape
         hk = k.shape[1]
-        cd = _compute_dtype(q.dtype)
+        cd = compute_dtype(q.dtype)
         # [nq, h, d] -view-> [nq, hk, g, d]
         qg = q.to(cd).view(nq, hk, h // hk, d)
         s = torch.einsum("qkgd,nkd->kgqn", qg, k.to(cd)) * scale  # [hk, g, nq, nk]
@@ -287,7 +293,7 @@ class FlashKernel:
     def backward_pairs(self, dout, q, k, v, out, lse, pairs: list[BlockPair], scale: float, dq, dk, dv) -> None:
         """All pairs of a ring step in (at most) two fused varlen backward calls, fed the final (out, lse)."""
         _, bwd = self._varlen()
-        lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # flash takes fp32
+        lse_dt = _lse_dtype(q.dtype)
         for causal, entries in self._entries(pairs).items():
             if not entries:
                 continue
@@ -306,8 +312,8 @@ class FlashKernel:
         self._check(q)
         nq, h, d = q.shape
         fn = self._func()
-        out = q.new_zeros(nq, h, d, dtype=_compute_dtype(q.dtype))
-        lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_zeros(nq, h, d, dtype=compute_dtype(q.dtype))
+        lse_dt = _lse_dtype(q.dtype)
         lse = torch.full((h, nq), float("-inf"), dtype=lse_dt, device=q.device)
         for a, b, keys, causal in flash_calls(nq, k.shape[0], q_pos, k_pos, mask):
             # [n, h, d] -unsqueeze-> [1, n, h, d] (flash's batch dim)
@@ -321,8 +327,8 @@ class FlashKernel:
     def backward(self, dout, q, k, v, out, lse, q_pos, k_pos, mask, scale):
         """Block gradients from the final (out, lse); accumulated in the compute dtype (fp32 for bf16)."""
         fn = self._backward_func()
-        cd = _compute_dtype(q.dtype)
-        lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # flash takes fp32
+        cd = compute_dtype(q.dtype)
+        lse_dt = _lse_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         dk = torch.zeros(k.shape, dtype=cd, device=k.device)
         dv = torch.zeros(v.shape, dtype=cd, device=v.device)

@@ -24,7 +24,7 @@ import torch
 
 from sp.comm import Exchange, bytes_of, ring_exchange
 from sp.context import SPContext
-from sp.kernels import BlockPair, Kernel, Visibility, backward_pairs, classify, forward_pairs
+from sp.kernels import BlockPair, Kernel, Visibility, backward_pairs, classify, compute_dtype, forward_pairs
 from sp.layout import Segment
 from sp.merge import merge_into
 
@@ -74,11 +74,6 @@ def _rows(pairs: list[Pair]) -> list[BlockPair]:
     return [(qs.start, qs.length, ks.start, nk, qs.pos, ks.pos, mask) for qs, ks, mask, nk in pairs]
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision inputs, the input dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: RingStats | None) -> Exchange:
     if mode == "compute":
         return Exchange([], buf)
@@ -99,7 +94,7 @@ def ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[T, h, d]``, k/v ``[T, hk, d]`` ring-local -> out ``[T, h, d]``, lse ``[h, T]``."""
     r, i = ctx.r, ctx.ring_rank
-    acc = accumulator_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])  # [2, T, hk, d]: one message per step
@@ -128,7 +123,7 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`ring_forward` for my ring-local q, k, v."""
     r, i = ctx.r, ctx.ring_rank
-    acc = accumulator_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])  # [2, T, hk, d]
     dkv_in: Exchange | None = None

@@ -178,3 +178,13 @@ def test_hybrid_needs_four_gpus_per_group():
 
     with pytest.raises(ValueError, match="strategy='hybrid' needs train.sp_size >= 4"):
         TrainConfig(strategy="hybrid", sp_size=2)
+
+
+def test_hybrid_on_a_two_gpu_world_is_refused_not_run_as_ring():
+    """sp_size=0 (the whole world) on 2 ranks: the shape check itself refuses, not only the config field."""
+    from trainer.loop import static_shape
+
+    job = _job("/nonexistent", "hybrid")
+    with pytest.raises(ValueError, match="strategy 'hybrid' needs groups of >= 4 GPUs"):
+        static_shape(job, 2)
+    assert static_shape(job, 4).ulysses == 2

@@ -46,7 +46,12 @@ def static_shape(job: TrainJob, world: int) -> GroupShape:
     p = t.sp_size or world
     if world % p:
         raise ValueError(f"train.sp_size={p} does not divide the world of {world} ranks")
-    u = {"ulysses": p, "ring": 1, "hybrid": 2 if p >= 4 else 1, "none": 1}[t.strategy]
+    if t.strategy == "hybrid" and p < 4:
+        raise ValueError(
+            f"strategy 'hybrid' needs groups of >= 4 GPUs (u=2 x r>=2), got {p} (train.sp_size={t.sp_size}, "
+            f"world {world}); use strategy='ring' or 'ulysses'"
+        )
+    u = {"ulysses": p, "ring": 1, "hybrid": 2, "none": 1}[t.strategy]
     if t.strategy == "none":
         p = 1
     if u not in m.ulysses_degrees(p):
@@ -246,7 +251,8 @@ class Trainer:
                 grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
                 self.optim.step()
                 self._check_finite()
-                self.state_bytes = sum(state_bytes(self.model, self.optim).values())  # grads still held
+                if self.board is not None and self.step % t.log_every == 0:  # logged: grads still held here
+                    self.state_bytes = sum(state_bytes(self.model, self.optim).values())
             else:
                 self.bad_in_row += 1
                 grad_norm = float("nan")
@@ -298,10 +304,9 @@ class Trainer:
     def _check_finite(self) -> None:
         """Stop before a non-finite parameter can reach a checkpoint (e.g. lr=inf or min_lr=nan)."""
         bad = torch.zeros(1, device=self.device)
-        for p in self.model.parameters():
+        for p in self.model.parameters():  # counted on the device: one host sync per step, not per tensor
             local = p.to_local() if hasattr(p, "to_local") else p
-            if not torch.isfinite(local).all():
-                bad += 1
+            bad += (~torch.isfinite(local)).any()
         dist.all_reduce(bad)
         if bad.item():
             raise RuntimeError(
