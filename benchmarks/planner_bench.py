@@ -20,7 +20,7 @@ A100X64_FLEXSP = Cluster(
 )  # fmt: skip
 GPT_7B = ModelShape(name="gpt-7b", layers=32, hidden=4096, heads=64, head_dim=64, ffn=16384, vocab=32000,
                     swiglu=False, checkpointing="selective")  # fmt: skip
-CONFIG = PlannerConfig(time_limit_s=0.15, milp_time_limit_s=0.03, max_probes=5)
+CONFIG = PlannerConfig(time_limit_s=0.1, milp_time_limit_s=0.03, max_probes=5)  # configs/planner/default.yaml
 
 
 def quality(path: str, steps: int, global_batch: int, max_len: int, seed: int) -> dict:

@@ -2,6 +2,7 @@
 
 sp-plan cluster=a100x64_flexsp model=gpt-7b lengths.path=FILE lengths.global_batch=512 output.format=json
 sp-plan cluster=h100x64 model=llama3-8b lengths.fixed=[1048576]
+sp-plan cluster=h100x64 model=llama3-8b lengths.path=FILE run.tokens=2e11 cluster.usd_per_gpu_hour=2.5
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
         raise ValueError(f"output.format={cfg.output.format!r}; valid: 'table', 'json'")
     if cfg.output.picture:
         _check_writable(cfg.output.picture)
+    if not cfg.run.tokens >= 0:
+        raise ValueError(f"run.tokens={cfg.run.tokens}; valid: 0 (no run estimate) or > 0, e.g. 2e11")
     sharding = freeze(TrainConfig, cfg.train).sharding  # one setting for sp-train and sp-plan
     cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, sharding)
     pcfg = freeze(PlannerConfig, cfg.planner)
@@ -37,7 +40,8 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     planner = Planner(cost, pcfg)
     plans = [planner.plan(b) for b in batches]
     bases = [all_baselines(cost, b, pcfg, p) if cfg.output.baselines else {} for b, p in zip(batches, plans)]
-    summary = summarise(cost, plans, bases)
+    max_len = lc.max_len if lc.path else max(max(b) for b in batches)
+    summary = summarise(cost, plans, bases, max_len, cfg.run.tokens or None)
     result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": summary}
     if cfg.output.format == "json":
         result["first_step"] = plan_json(plans[0])

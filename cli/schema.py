@@ -74,12 +74,18 @@ class OutputSchema:
 
 
 @dataclass
+class RunSchema:
+    tokens: float = 0.0  # > 0: estimate a training run of this many tokens (summary.run); e.g. 2e11
+
+
+@dataclass
 class PlanJobSchema:
     cluster: Any = field(default_factory=ClusterSchema)
     model: Any = field(default_factory=ModelSchema)
     planner: Any = field(default_factory=PlannerSchema)
     lengths: LengthsSchema = field(default_factory=LengthsSchema)
     output: OutputSchema = field(default_factory=OutputSchema)
+    run: RunSchema = field(default_factory=RunSchema)
     causal: bool = True
     train: Any = field(default_factory=TrainSchema)  # train.sharding: the same setting sp-train uses
 

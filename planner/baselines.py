@@ -1,16 +1,21 @@
 """Baselines, through the same cost model and the same micro-step split as the planner.
 
-- ``static_<family>``: one (u, r) layout for the whole run, as Megatron CP / DeepSpeed-Ulysses users set it:
-  N / P identical groups (data parallel across them), the best layout of the family whose groups hold the
-  longest sequence, on the planner's micro-step split (its own split where a part does not fit the layout);
-  sequences go longest-first to the group that finishes first (a strong balancer, never a round-robin
-  strawman). Families: ``ulysses`` (r = 1), ``ring`` (u = 1), ``hybrid`` (u, r > 1), and
-  ``best_static`` over every layout.
+- **Static layouts**: one (u, r) shape, N / P identical groups (data parallel across them), sequences
+  longest-first to the group that finishes first (a strong balancer, never a round-robin strawman), on the
+  planner's micro-step split (the layout's own searched split where a part does not fit it).
+  :func:`all_baselines` times every layout on one batch; :func:`planner.report.summarise` then forms
+  - ``static``: the layout Megatron CP / DeepSpeed-Ulysses users configure, chosen ONCE for the whole run:
+    the best mean step over the sampled batches among the layouts whose groups hold ``lengths.max_len``
+    (``static_ulysses`` / ``static_ring`` / ``static_hybrid``: the same within one family);
+  - ``oracle_static``: the best layout chosen per batch (holding that batch's longest sequence), a stronger,
+    unrealistic reference.
 - ``ulysses_hetero``: FlexSP's setting, heterogeneous group sizes but Ulysses only, planned by our planner.
-- ``greedy``: fluid sizing plus longest-first list scheduling and local search, no MILP.
+- ``greedy``: our planner without the MILP (fluid sizing, list scheduling, local search, split search).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -28,6 +33,17 @@ FAMILIES = {
 }
 
 
+def layout_key(shape: GroupShape) -> str:
+    return f"u{shape.ulysses}r{shape.ring}"
+
+
+def parse_layout(key: str) -> GroupShape:
+    m = re.fullmatch(r"u(\d+)r(\d+)", key)
+    if m is None:
+        raise ValueError(f"layout key {key!r}; valid: 'u<ulysses>r<ring>', e.g. 'u8r4'")
+    return GroupShape(int(m.group(1)), int(m.group(2)))
+
+
 def static_step_s(
     planner: Planner, lengths: np.ndarray, shape: GroupShape, parts: list[np.ndarray] | None = None
 ) -> float | None:
@@ -41,39 +57,51 @@ def static_step_s(
         return None
 
 
-def best_static(
-    planner: Planner, lengths: np.ndarray, family: str, parts: list[np.ndarray] | None = None
-) -> tuple[float, GroupShape] | None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown static family {family!r}; valid: {sorted(FAMILIES)}")
-    best = None
-    for shape in planner.shapes:
-        if not FAMILIES[family](shape):
-            continue
-        t = static_step_s(planner, lengths, shape, parts)
-        if t is not None and (best is None or t < best[0]):
-            best = (t, shape)
-    return best
-
-
 def all_baselines(
     cost: CostModel, lengths: list[int] | np.ndarray, config: PlannerConfig, plan: StepPlan | None = None
-) -> dict[str, float | None]:
-    """Step seconds of every baseline for one batch (None where a baseline cannot run it). With the planner's
-    ``plan``, static layouts use its micro-step split (the static baseline's definition)."""
+) -> dict:
+    """One batch: ``layouts`` {"u<u>r<r>": step seconds or None} for every static layout (on the planner's
+    split when ``plan`` is given), ``ulysses_hetero`` and ``greedy`` step seconds (None where they cannot
+    run the batch)."""
     planner = Planner(cost, config)
     arr = check_lengths(lengths, cost, planner.shapes)
     parts = [np.array(sorted(s for g in m.groups for s in g.seqs)) for m in plan.micro_steps] if plan else None
-    out: dict[str, float | None] = {}
-    for family, name in (("ulysses", "static_ulysses"), ("ring", "static_ring"), ("hybrid", "static_hybrid")):
-        res = best_static(planner, arr, family, parts)
-        out[name] = res[0] if res else None
-    statics = [v for v in out.values() if v is not None]
-    out["best_static"] = min(statics) if statics else None
+    out: dict = {"layouts": {layout_key(s): static_step_s(planner, arr, s, parts) for s in planner.shapes}}
     uly = [s for s in planner.shapes if s.ring == 1]
     try:  # Ulysses alone may not reach a group large enough for the longest sequence (heads cap u)
         out["ulysses_hetero"] = Planner(cost, config, uly).plan(arr).time_s
     except ValueError:
         out["ulysses_hetero"] = None
     out["greedy"] = Planner(cost, PlannerConfig(**{**config.__dict__, "use_milp": False})).plan(arr).time_s
+    return out
+
+
+def run_static(
+    cost: CostModel, per_batch: list[dict], max_len: int, family: str = "any"
+) -> tuple[str, list[float]] | None:
+    """The static baseline: ONE layout for the whole run, the best mean step over the batches among the
+    layouts of ``family`` whose groups hold ``max_len``; (its key, its step seconds per batch), or None."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown static family {family!r}; valid: {sorted(FAMILIES)}")
+    best: tuple[str, list[float]] | None = None
+    for key in per_batch[0]["layouts"] if per_batch else []:
+        shape = parse_layout(key)
+        if not FAMILIES[family](shape) or cost.tokens_capacity(shape.size) < max_len:
+            continue
+        times = [b["layouts"].get(key) for b in per_batch]
+        if any(t is None for t in times):
+            continue  # cannot run some batch (does not divide the world, or out of memory)
+        if best is None or np.mean(times) < np.mean(best[1]):
+            best = (key, [float(t) for t in times])
+    return best
+
+
+def oracle_static(per_batch: list[dict]) -> list[float] | None:
+    """The best layout chosen per batch (an unrealistic reference): step seconds per batch."""
+    out = []
+    for b in per_batch:
+        ts = [t for t in b["layouts"].values() if t is not None]
+        if not ts:
+            return None
+        out.append(min(ts))
     return out

@@ -36,12 +36,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
 from planner.types import SHARDINGS, Cluster, GroupShape, ModelShape
 
 GIB = 2.0**30
+
+
+def communicators_per_rank(world: int) -> int:
+    """Process groups one rank belongs to in ``sp.groups.GroupPool`` (world a power of two): one aligned
+    range per size 2..N, log2(P) - 1 strided ring sub-groups per aligned range of size P >= 4, and the
+    default group."""
+    count, size = 1, 2
+    while size <= world:
+        count += 1 + max(0, int(math.log2(size)) - 1)
+        size *= 2
+    return count
 
 
 @dataclass(frozen=True)
@@ -194,11 +206,24 @@ class CostModel:
         return 16 * total
 
     def states_gib(self) -> float:
+        return self._states_gib
+
+    def comm_gib(self) -> float:
+        """NCCL buffers: every communicator of the trainer's GroupPool this rank belongs to (created and
+        warmed at start-up) plus the default group, times ``cluster.comm_gib_per_group``."""
+        return communicators_per_rank(self.cluster.world) * self.cluster.comm_gib_per_group
+
+    def reserved_gib(self) -> float:
+        """Memory that does not depend on the tokens: states and communicators."""
+        return self.states_gib() + self.comm_gib()
+
+    @cached_property
+    def _states_gib(self) -> float:  # called per group and plan: computed once
         return self.state_bytes(0) / GIB
 
     def tokens_capacity(self, size: int) -> float:
         """Tokens a group of ``size`` GPUs can hold in one micro-step."""
-        free = (self.cluster.memory_gib - self.states_gib()) * GIB
+        free = (self.cluster.memory_gib - self.reserved_gib()) * GIB
         return max(0.0, free) / self.act_bytes_per_token * size
 
     def activation_gib(self, tokens: float, size: int, u: int = 1) -> float:
@@ -207,4 +232,22 @@ class CostModel:
         return self.saved_bytes_per_token(u) * tokens / size / GIB
 
     def memory_gib(self, tokens: float, size: int) -> float:
-        return self.states_gib() + self.act_bytes_per_token * tokens / size / GIB
+        return self.reserved_gib() + self.act_bytes_per_token * tokens / size / GIB
+
+    def memory_breakdown_gib(self, local_tokens: float) -> dict[str, float]:
+        """Peak memory per GPU holding ``local_tokens`` tokens, by part (the worst Ulysses degree):
+        states, saved activations, the transient working set (logits with their fp32 copy and softmax, the
+        recomputed layer, communication buffers) and NCCL communicators. A measured
+        ``cluster.act_bytes_per_token`` replaces the saved + working split by one ``activations`` entry."""
+        out = {"states": self.states_gib(), "communicators": self.comm_gib()}
+        if self.cluster.act_bytes_per_token is not None:
+            out["activations"] = self.cluster.act_bytes_per_token * local_tokens / GIB
+        else:
+            us = self.model.ulysses_degrees(self.cluster.world)
+            u = max(us, key=lambda u: self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2))
+            out["saved"] = self.saved_bytes_per_token(u) * local_tokens / GIB
+            logits = (self.model.bytes_per_value + 8) * self.model.vocab * local_tokens / GIB
+            out["logits"] = logits
+            out["working_other"] = self.working_bytes_per_token(u, 2) * local_tokens / GIB - logits
+        out["total"] = sum(out.values())
+        return out

@@ -1,15 +1,26 @@
-"""Split a batch into the fewest micro-steps that fit in memory (FlexSP's sequence blaster).
+"""The micro-step split: how many micro-steps a step runs and which sequences go together (FlexSP's sequence
+blaster, searched instead of fixed).
 
-Start from the memory floor M = ceil(tokens / cluster capacity); spread the sequences over M micro-steps
-(longest first, to the least-loaded one with memory room) and raise M until every part can be planned.
-Step time = the sum of the micro-steps' makespans.
+Memory sets a floor, m0 = ceil(tokens / what the cluster holds at once), but the floor is not always best: a
+long sequence's micro-step may leave GPUs idle that one more micro-step would not. :func:`search_split` tries
+m = m0, m0 + 1, ... and, for each m, three splits, each scored by fast greedy plans of its parts:
+
+- ``contiguous``: sorted longest first, cut into m runs of about equal tokens (FlexSP's blaster);
+- ``balanced``: longest first, each to the micro-step with the least work that has memory room;
+- ``mixed``: longest first, each to the micro-step whose estimated time, max(longest finish, b0 + work / N),
+  grows least: short sequences fill the shadow of a long one, long ones pair up only while that is free.
+
+It keeps the best split seen and stops after ``patience`` values of m that did not improve it, at
+``max_extra`` micro-steps over the floor, or at the deadline (once any split fits).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -17,6 +28,7 @@ from planner.cost import CostModel
 from planner.types import GroupShape
 
 T = TypeVar("T")
+SPLITS = ("contiguous", "balanced", "mixed")
 
 
 def check_lengths(lengths: list[int] | np.ndarray, cost: CostModel, shapes: list[GroupShape]) -> np.ndarray:
@@ -38,26 +50,6 @@ def check_lengths(lengths: list[int] | np.ndarray, cost: CostModel, shapes: list
     return arr.astype(np.int64)
 
 
-def balanced_split(lengths: np.ndarray, m: int, work: np.ndarray, capacity: float) -> list[np.ndarray] | None:
-    """Longest first, each sequence to the micro-step with the least work that still has memory room.
-
-    FlexSP's blaster cuts the sorted list into contiguous runs, which puts every long sequence into the first
-    micro-step and leaves it memory-bound; spreading them keeps each micro-step a mix of long and short.
-    """
-    load = np.zeros(m)
-    tokens = np.zeros(m)
-    owner = np.empty(len(lengths), dtype=np.int64)
-    for s in np.argsort(-lengths, kind="stable"):
-        room = tokens + lengths[s] <= capacity
-        if not room.any():
-            return None
-        j = int(np.argmin(np.where(room, load, np.inf)))
-        owner[s] = j
-        load[j] += work[s]
-        tokens[j] += lengths[s]
-    return [np.nonzero(owner == j)[0] for j in range(m) if (owner == j).any()]
-
-
 def contiguous_split(lengths: np.ndarray, m: int) -> list[np.ndarray]:
     """FlexSP's blaster: sorted longest first, cut into m runs of about equal tokens."""
     order = np.argsort(-lengths, kind="stable")
@@ -66,44 +58,117 @@ def contiguous_split(lengths: np.ndarray, m: int) -> list[np.ndarray]:
     return [p for p in np.split(order, np.unique(np.clip(cuts, 1, len(order) - 1))) if len(p)]
 
 
-def split(
-    lengths: np.ndarray,
-    cost: CostModel,
-    work: np.ndarray,
-    plan_one: Callable[[np.ndarray], T | None],
-    score: Callable[[list[T]], float],
-    refine: Callable[[np.ndarray], T | None] | None = None,
-) -> list[T]:
-    """Fewest micro-steps (from the memory floor up) whose every part ``plan_one`` can plan; of the
-    contiguous and the balanced split, the one whose plans ``score`` lowest. With ``refine``, the cheap
-    ``plan_one`` only chooses the split and ``refine`` (the expensive planner) plans the chosen one.
+def balanced_split(lengths: np.ndarray, m: int, work: np.ndarray, capacity: float) -> list[np.ndarray] | None:
+    """Longest first, each sequence to the micro-step with the least work that still has memory room."""
+    return _greedy_split(lengths, m, capacity, work, None)
 
-    ``work`` [S] is each sequence's cheapest GPU-seconds; balanced parts fill to 95% of the cluster's tokens,
-    leaving the packer room.
-    """
-    capacity = cost.tokens_capacity(1) * cost.cluster.world
-    m = max(1, math.ceil(lengths.sum() / capacity))
-    while m <= len(lengths):
-        found: list[tuple[list[T], list[np.ndarray]]] = []
-        options: list[list[np.ndarray] | None] = [contiguous_split(lengths, m)]
-        if m > 1:  # one micro-step: both splits are the whole batch
-            options.append(balanced_split(lengths, m, work, capacity * 0.95))
-        for parts in options:
-            if parts is None:
+
+def mixed_split(
+    lengths: np.ndarray, m: int, work: np.ndarray, finish: np.ndarray, capacity: float, world: int, b0: float
+) -> list[np.ndarray] | None:
+    """Longest first, each to the micro-step whose estimated time max(top finish, b0 + work / N) grows least
+    (ties: least work)."""
+    return _greedy_split(lengths, m, capacity, work, (finish, world, b0))
+
+
+def _greedy_split(
+    lengths: np.ndarray, m: int, capacity: float, work: np.ndarray, mixed: tuple[np.ndarray, int, float] | None
+) -> list[np.ndarray] | None:
+    """Longest first, each sequence to a micro-step with memory room: the least-loaded one, or (``mixed``)
+    the one whose estimated time grows least. Plain Python: m is small and this runs per sequence."""
+    load, top, tokens = [0.0] * m, [0.0] * m, [0] * m
+    owner = np.empty(len(lengths), dtype=np.int64)
+    lens, w = lengths.tolist(), work.tolist()
+    fin = mixed[0].tolist() if mixed else []
+    for s in np.argsort(-lengths, kind="stable").tolist():
+        best, best_key = -1, (math.inf, math.inf)
+        for j in range(m):
+            if tokens[j] + lens[s] > capacity:
                 continue
-            plans = []
-            for ids in parts:
-                p = plan_one(ids)
-                if p is None:
-                    break
-                plans.append(p)
+            if mixed:
+                _, world, b0 = mixed
+                before = max(top[j], b0 + load[j] / world)
+                grow = max(top[j], fin[s], b0 + (load[j] + w[s]) / world) - before
+                key = (grow, load[j])
             else:
-                found.append((plans, parts))
-        if found:
-            plans, parts = min(found, key=lambda f: score(f[0]))
-            if refine is None:
-                return plans
-            better = [refine(ids) for ids in parts]
-            return [b if b is not None and score([b]) <= score([p]) else p for b, p in zip(better, plans)]
+                key = (load[j], 0.0)
+            if key < best_key:
+                best, best_key = j, key
+        if best < 0:
+            return None
+        owner[s] = best
+        load[best] += w[s]
+        top[best] = max(top[best], fin[s]) if mixed else 0.0
+        tokens[best] += lens[s]
+    return [np.nonzero(owner == j)[0] for j in range(m) if (owner == j).any()]
+
+
+@dataclass(frozen=True)
+class SplitChoice(Generic[T]):
+    parts: list[np.ndarray]
+    plans: list[T]
+    score: float
+    kind: str
+    tried: int  # splits scored
+
+
+def search_split(
+    lengths: np.ndarray,
+    work: np.ndarray,
+    finish: np.ndarray,
+    capacity: float,
+    world: int,
+    b0: float,
+    evaluate: Callable[[np.ndarray], T | None],
+    score: Callable[[list[T]], float],
+    estimate: Callable[[np.ndarray], float],
+    deadline: float,
+    max_extra: int = 8,
+    patience: int = 2,
+) -> SplitChoice[T]:
+    """The best split found (see the module docstring). ``work`` [S]: cheapest GPU-seconds, ``finish`` [S]:
+    fastest finish (seconds), ``capacity``: tokens per micro-step, ``evaluate``: a fast plan of one part or
+    None when it cannot fit, ``estimate``: a lower bound on any plan of one part (a split whose bounds
+    already reach the best score is skipped unplanned)."""
+    m0 = max(1, math.ceil(lengths.sum() / capacity - 1e-9))
+    best: SplitChoice[T] | None = None
+    seen: set[tuple[int, ...]] = set()
+    stale, tried, m = 0, 0, m0
+    while m <= len(lengths):
+        improved = False
+        options = {
+            "contiguous": contiguous_split(lengths, m),
+            "balanced": balanced_split(lengths, m, work, capacity * 0.95) if m > 1 else None,
+            "mixed": mixed_split(lengths, m, work, finish, capacity * 0.95, world, b0) if m > 1 else None,
+        }
+        for kind, parts in options.items():
+            if parts is None or any(lengths[p].sum() > capacity for p in parts):
+                continue
+            owner = np.empty(len(lengths), dtype=np.int64)
+            for i, p in enumerate(sorted(parts, key=lambda p: int(p.min()))):
+                owner[p] = i
+            key = tuple(owner.tolist())
+            if key in seen:
+                continue
+            seen.add(key)
+            if best is not None and sum(estimate(ids) for ids in parts) >= best.score:
+                continue
+            plans: list[T] = []
+            for ids in parts:
+                plan = evaluate(ids)
+                if plan is None:
+                    break
+                plans.append(plan)
+            else:
+                tried += 1
+                s = score(plans)
+                if best is None or s < best.score:
+                    best, improved = SplitChoice(parts, plans, s, kind, tried), True
+        if best is not None:
+            stale = 0 if improved else stale + 1
+            if stale >= patience or m - m0 >= max_extra or time.perf_counter() > deadline:
+                break
         m += 1
-    raise ValueError(f"could not fit {len(lengths)} sequences into micro-steps on {cost.cluster.world} GPUs")
+    if best is None:
+        raise ValueError(f"could not fit {len(lengths)} sequences into micro-steps on {world} GPUs")
+    return SplitChoice(best.parts, best.plans, best.score, best.kind, tried)

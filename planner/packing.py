@@ -7,6 +7,8 @@ A *bin* is one SP group: a shape index, its sequences, its work (seconds) and to
 from __future__ import annotations
 
 import heapq
+import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +41,12 @@ class Instance:
         """[S] each sequence's GPU-seconds on its cheapest memory-feasible shape (balances micro-step splits)."""
         fits = self.lengths[:, None] <= self.capacity[None, :]
         return np.where(fits, self.tmat * self.sizes[None, :], np.inf).min(axis=1)
+
+    def take(self, ids: np.ndarray) -> Instance:
+        """The instance of a subset of the sequences (rows of ``tmat``; shapes unchanged)."""
+        return Instance(
+            self.lengths[ids], self.tmat[ids], self.shapes, self.sizes, self.capacity, self.beta, self.world
+        )
 
     def time(self, b: Bin) -> float:
         return float(self.beta[b.k]) + b.work if b.seqs else 0.0
@@ -102,10 +110,10 @@ def identical_schedule(inst: Instance, k: int, n_bins: int, seqs: list[int]) -> 
     return bins
 
 
-def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400) -> None:
+def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400, deadline: float = math.inf) -> None:
     """Local search on the slowest group: move one of its sequences elsewhere, or swap one with another
     group's, whenever that lowers the slower of the two groups below the current makespan. Vectorised over
-    all candidate destinations; ends when no move or swap helps."""
+    all candidate destinations; ends when no move or swap helps, or at ``deadline`` (perf_counter seconds)."""
     n_seq = len(inst.lengths)
     where = np.full(n_seq, -1)
     for i, b in enumerate(bins):
@@ -117,6 +125,8 @@ def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400) -> None:
     lens, tm, eps = inst.lengths, inst.tmat, 1e-12
     beta = inst.beta[kb]  # [bins]
     for _ in range(max_rounds):
+        if time.perf_counter() > deadline:
+            break
         busy = np.bincount(where, minlength=len(bins)) > 0
         times = np.where(busy, beta + work, 0.0)
         g = int(np.argmax(times))

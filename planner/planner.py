@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from planner.bounds import fluid_bound
+from planner.bounds import fluid_bound, step_bound
 from planner.bucketing import bucketize
 from planner.candidates import STRATEGIES, candidate_shapes
 from planner.cost import CostModel
-from planner.microsteps import check_lengths, split
+from planner.microsteps import check_lengths, search_split
 from planner.milp import proven_infeasible, solve_counts, solve_instances
 from planner.packing import (
     Bin,
@@ -47,13 +47,14 @@ from planner.types import GroupShape, MicroStep, StepPlan
 
 @dataclass(frozen=True, kw_only=True)
 class PlannerConfig:
-    time_limit_s: float = 2.0  # per micro-step, whole search
+    time_limit_s: float = 2.0  # the whole step's solve (split search + MILP refinement); a hard cap
     milp_time_limit_s: float = 0.5  # per MILP probe
     gap_tol: float = 0.01
     max_probes: int = 8
     max_buckets: int = 24
     strategies: tuple[str, ...] = STRATEGIES
     use_milp: bool = True
+    max_extra_micro_steps: int = 8  # the split search tries up to this many micro-steps over the memory floor
     exact_max_pairs: int = 1500  # micro-steps with at most this many (sequence, group instance) pairs solve exactly
 
 
@@ -69,17 +70,30 @@ class Planner:
 
     # ---- public ----
     def plan(self, lengths: list[int] | np.ndarray) -> StepPlan:
+        """Plan one step within ``time_limit_s`` (the whole step): the split search gets the first half, the
+        MILP refinement of the chosen split's micro-steps the rest. Past the deadline only fast greedy plans
+        are made (a plan is always returned)."""
         t0 = time.perf_counter()
+        deadline = t0 + self.config.time_limit_s
         arr = check_lengths(lengths, self.cost, self.shapes)
-        micro = split(
-            arr,
-            self.cost,
-            self.instance(arr).cheapest_work(),
-            lambda ids: self.plan_micro(arr, ids, search=False),
-            lambda ms: sum(m.time_s for m in ms),
-            (lambda ids: self.plan_micro(arr, ids)) if self.config.use_milp else None,
-        )
-        return StepPlan(tuple(int(x) for x in arr), tuple(micro), time.perf_counter() - t0, self.method)
+        full = self.instance(arr)
+        fits = full.lengths[:, None] <= full.capacity[None, :]
+        capacity = float((full.capacity / full.sizes).max()) * self.world  # tokens one micro-step can hold
+        bound = step_bound(full.tmat, full.sizes.astype(float), fits, self.world, full.beta, arr, capacity)
+        finish = np.where(fits, full.tmat + full.beta[None, :], np.inf).min(axis=1)
+        split_deadline = t0 + 0.5 * self.config.time_limit_s
+        choice = search_split(
+            arr, full.cheapest_work(), finish, capacity, self.world, float(full.beta.min()),
+            lambda ids: self._micro_greedy(full, ids, split_deadline), lambda ms: sum(m.time_s for m in ms),
+            lambda ids: self._fluid(full.take(ids)), split_deadline,
+            self.config.max_extra_micro_steps,
+        )  # fmt: skip
+        micro = []
+        for i, (ids, fast) in enumerate(zip(choice.parts, choice.plans)):
+            share = (deadline - time.perf_counter()) / (len(choice.parts) - i)
+            micro.append(self._refine(full, ids, fast, time.perf_counter() + share))
+        plan = StepPlan(tuple(int(x) for x in arr), tuple(micro), time.perf_counter() - t0, self.method)
+        return replace(plan, step_bound_s=min(bound, plan.time_s), split=choice.kind, splits_tried=choice.tried)
 
     def instance(self, lengths: np.ndarray, shapes: list[GroupShape] | None = None) -> Instance:
         shapes = shapes or self.shapes
@@ -90,37 +104,70 @@ class Planner:
         return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.world)
 
     def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray, search: bool = True) -> MicroStep | None:
-        """Plan one micro-step over sequences ``ids``; None when it cannot fit in memory. ``search=False``
-        stops after the greedy plan (used to choose between micro-step splits)."""
-        deadline = time.perf_counter() + self.config.time_limit_s
-        full = self.instance(all_lengths[ids])
-        if full.lengths.sum() > full.capacity.max() / full.sizes.max() * self.world:
-            return None
-        fits = full.lengths[:, None] <= full.capacity[None, :]
-        bound = fluid_bound(full.tmat, full.sizes.astype(float), fits, self.world, full.beta)  # over all shapes
-        exact = self._exact_size(full) <= self.config.exact_max_pairs
-        inst = full if exact else self._pruned(full)
-        best = self._greedy(inst, bound)
-        search = search or best is None  # the greedy found nothing: only the search can tell if it fits
-        if search and self.config.use_milp and exact:
-            best, bound = self._search_exact(inst, bound, best, deadline)
-        elif search and self.config.use_milp:
-            best = self._search(inst, bound, best, deadline)
-        plan = to_micro_step(inst, best, ids, self.cost, bound) if best is not None else None
-        static = self._best_static(full, ids, bound)
-        if static is not None and (plan is None or static.time_s < plan.time_s):
-            return static
-        return plan
+        """Plan one micro-step over sequences ``ids`` on its own (greedy, then the MILP search when
+        ``search``); None when it cannot fit."""
+        full = self.instance(all_lengths)
+        fast = self._micro_greedy(full, ids)
+        if not search:
+            return fast
+        return self._refine(full, ids, fast, time.perf_counter() + self.config.time_limit_s)
 
-    def _best_static(self, full: Instance, ids: np.ndarray, bound: float) -> MicroStep | None:
-        """The best single-shape layout (N / P identical groups, longest-first) of this micro-step: a static
-        layout is a heterogeneous plan too, so the planner never returns anything slower on the same split."""
-        best, best_t = None, math.inf
+    # ---- one micro-step ----
+    def _micro_greedy(self, full: Instance, ids: np.ndarray, deadline: float = math.inf) -> MicroStep | None:
+        """The fast plan of a part (scores splits): fluid bound, greedy, local search; None if it cannot fit."""
+        sub = full.take(ids)
+        if sub.lengths.sum() > sub.capacity.max() / sub.sizes.max() * self.world:
+            return None
+        bound = self._fluid(sub)
+        inst = sub if self._exact_size(sub) <= self.config.exact_max_pairs else self._pruned(sub)
+        bins = self._greedy(inst, bound, deadline)
+        fast = to_micro_step(inst, bins, ids, self.cost, bound) if bins is not None else None
+        static = self._best_static(sub, ids, bound, fast.time_s if fast is not None else math.inf)
+        return static if static is not None else fast
+
+    def _refine(self, full: Instance, ids: np.ndarray, fast: MicroStep | None, deadline: float) -> MicroStep:
+        """Improve a part's fast plan: the MILP search (only where the fast plan is more than ``gap_tol``
+        above the part's bound and time is left), then every static layout of the part (so the planner never
+        returns anything slower than a static layout on the same split)."""
+        sub = full.take(ids)
+        bound = self._fluid(sub)
+        exact = self._exact_size(sub) <= self.config.exact_max_pairs
+        inst = sub if exact else self._pruned(sub)
+        best: MicroStep | None = fast
+        open_gap = fast is None or fast.time_s - bound > self.config.gap_tol * fast.time_s
+        if self.config.use_milp and open_gap and time.perf_counter() < deadline:
+            start = self._greedy(inst, bound, deadline)
+            if exact:
+                bins, bound = self._search_exact(inst, bound, start, deadline)
+            else:
+                bins = self._search(inst, bound, start, deadline)
+            if bins is not None and (best is None or makespan(inst, bins) < best.time_s):
+                best = to_micro_step(inst, bins, ids, self.cost, bound)
+        if best is not fast:  # the fast plan already weighed every static layout
+            static = self._best_static(sub, ids, bound, best.time_s if best is not None else math.inf)
+            best = static if static is not None else best
+        if best is None:
+            raise ValueError(f"could not plan a micro-step of {len(ids)} sequences on {self.world} GPUs")
+        return replace(best, lower_bound_s=bound)
+
+    def _fluid(self, sub: Instance) -> float:
+        fits = sub.lengths[:, None] <= sub.capacity[None, :]
+        return fluid_bound(sub.tmat, sub.sizes.astype(float), fits, self.world, sub.beta)
+
+    def _best_static(self, full: Instance, ids: np.ndarray, bound: float, beat: float) -> MicroStep | None:
+        """The best single-shape layout (N / P identical groups, longest first) of this micro-step if it
+        beats ``beat``. Shapes whose simple bound (longest sequence, or their work over their groups)
+        cannot beat it are skipped without scheduling."""
+        best, best_t = None, beat
         seqs = list(range(len(full.lengths)))
-        for k, size in enumerate(full.sizes.tolist()):
-            if self.world % size:
+        fits = full.lengths.max() <= full.capacity
+        for k in np.argsort(full.tmat.sum(axis=0) * full.sizes):
+            size = int(full.sizes[k])
+            n = self.world // size
+            quick = full.beta[k] + max(full.tmat[:, k].max(), full.tmat[:, k].sum() / n)
+            if self.world % size or not fits[k] or quick >= best_t:
                 continue
-            bins = identical_schedule(full, k, self.world // size, seqs)
+            bins = identical_schedule(full, int(k), n, seqs)
             if bins is not None and makespan(full, bins) < best_t:
                 best, best_t = bins, makespan(full, bins)
         return to_micro_step(full, best, ids, self.cost, bound) if best is not None else None
@@ -176,7 +223,7 @@ class Planner:
             inst.world,
         )
 
-    def _greedy(self, inst: Instance, bound: float) -> list[Bin] | None:
+    def _greedy(self, inst: Instance, bound: float, deadline: float = math.inf) -> list[Bin] | None:
         """Fluid sizing, then longest-first list scheduling and local search.
 
         At a target T each sequence takes its cheapest-GPU-time shape that finishes by T; a shape with work W
@@ -200,7 +247,7 @@ class Planner:
         bins += self._fill(inst, n, load)
         if not list_schedule(inst, bins, list(range(len(inst.lengths)))):
             return None
-        improve(inst, bins)
+        improve(inst, bins, deadline=deadline)
         return bins
 
     def _fill(self, inst: Instance, n: np.ndarray, load: np.ndarray) -> list[Bin]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from planner.baselines import oracle_static, run_static
 from planner.cost import CostModel
+from planner.run_cost import run_cost
 from planner.types import StepPlan
 
 
@@ -18,36 +22,75 @@ def model_flops(cost: CostModel, lengths: tuple[int, ...]) -> float:
     )
 
 
-def summarise(cost: CostModel, plans: list[StepPlan], baselines: list[dict[str, float | None]]) -> dict:
+def summarise(
+    cost: CostModel, plans: list[StepPlan], baselines: list[dict], max_len: int | None = None,
+    run_tokens: float | None = None,
+) -> dict:  # fmt: skip
+    """The JSON ``summary``: planned step, bound and gap, solve times, split statistics, memory, baselines
+    (``static`` = one layout for the run holding ``max_len``, default the longest sampled sequence;
+    ``oracle_static`` = best layout per batch) and, with ``run_tokens``, the run-cost estimate."""
     planned = float(np.mean([p.time_s for p in plans]))
     bound = float(np.mean([p.lower_bound_s for p in plans]))
     solve = np.array([p.solve_s for p in plans])
-    names = sorted({k for b in baselines for k in b})
-    base = {}
-    for k in names:
-        vals = [b.get(k) for b in baselines]
-        base[k] = None if any(v is None for v in vals) else float(np.mean([v for v in vals if v is not None]))
-    flops = np.mean([model_flops(cost, p.lengths) for p in plans])
+    flops = [model_flops(cost, p.lengths) for p in plans]
     peak = cost.cluster.peak_tflops * 1e12 * cost.cluster.world
+    capacity = cost.tokens_capacity(1) * cost.cluster.world
+    floors = [max(1, math.ceil(sum(p.lengths) / capacity - 1e-9)) for p in plans]
     out = {
         "steps": len(plans),
         "planned_step_s": planned,
         "lower_bound_s": bound,
         "gap": (planned - bound) / planned if planned > 0 else 0.0,
         "gap_max": float(max(p.gap for p in plans)),
+        "split_gap": float(np.mean([(p.time_s - p.split_bound_s) / p.time_s for p in plans])),
         "solve_s_p50": float(np.median(solve)),
         "solve_s_max": float(solve.max()),
         "micro_steps_mean": float(np.mean([len(p.micro_steps) for p in plans])),
+        "micro_steps_over_floor_mean": float(np.mean([len(p.micro_steps) - f for p, f in zip(plans, floors)])),
+        "splits": {k: sum(p.split == k for p in plans) for k in sorted({p.split for p in plans})},
         "peak_memory_gib": float(max(p.peak_memory_gib for p in plans)),
         "memory_limit_gib": cost.cluster.memory_gib,
-        "estimated_mfu": float(flops / (planned * peak)) if planned > 0 else 0.0,
-        "baselines": base,
+        "memory_gib": cost.memory_breakdown_gib(max(p.peak_tokens_per_gpu for p in plans)),
+        "estimated_mfu": float(np.mean(flops) / (planned * peak)) if planned > 0 else 0.0,
     }
-    for k in ("best_static", "ulysses_hetero", "greedy"):
-        ref = base.get(k)
-        if ref:
-            out[f"speedup_vs_{k}"] = ref / planned
+    base, series = _baselines(cost, plans, baselines, max_len or max(max(p.lengths) for p in plans))
+    out["baselines"] = base
+    for k in ("static", "oracle_static", "ulysses_hetero", "greedy"):
+        if base.get(k):
+            out[f"speedup_vs_{k}"] = base[k] / planned
+    if run_tokens:
+        cl = cost.cluster
+        tokens = [float(sum(p.lengths)) for p in plans]
+        run: dict = {"tokens": run_tokens, "usd_per_gpu_hour": cl.usd_per_gpu_hour}
+        for name, times in (("adaptive", [p.time_s for p in plans]), ("static", series.get("static"))):
+            if times is not None:
+                run[name] = run_cost(times, tokens, flops, run_tokens, cl.world, cl.peak_tflops, cl.usd_per_gpu_hour)
+        out["run"] = run
     return out
+
+
+def _baselines(
+    cost: CostModel, plans: list[StepPlan], per_batch: list[dict], max_len: int
+) -> tuple[dict, dict[str, list[float]]]:
+    """Mean step seconds per baseline (None where it cannot run every batch) and the per-batch series."""
+    series: dict[str, list[float]] = {}
+    base: dict = {}
+    if not per_batch or not per_batch[0]:
+        return base, series
+    for family, name in (("any", "static"), ("ulysses", "static_ulysses"), ("ring", "static_ring"),
+                         ("hybrid", "static_hybrid")):  # fmt: skip
+        found = run_static(cost, per_batch, max_len, family)
+        base[name] = float(np.mean(found[1])) if found else None
+        if found:
+            series[name] = found[1]
+            base[f"{name}_layout"] = found[0]
+    oracle = oracle_static(per_batch)
+    base["oracle_static"] = float(np.mean(oracle)) if oracle else None
+    for k in ("ulysses_hetero", "greedy"):
+        vals = [b.get(k) for b in per_batch]
+        known = [float(v) for v in vals if v is not None]
+        base[k] = float(np.mean(known)) if len(known) == len(vals) else None
+    return base, series
 
 
 def plan_json(plan: StepPlan) -> dict:
@@ -95,6 +138,18 @@ def table(plan: StepPlan, summary: dict) -> str:
         f"estimated MFU {summary['estimated_mfu']:.1%}"
     )
     for k, v in summary["baselines"].items():
+        if k.endswith("_layout"):
+            continue
         speed = f"{v / summary['planned_step_s']:.2f}x" if v else "-"
-        lines.append(f"  baseline {k:>15}: {'n/a' if v is None else f'{v:.3f} s'}  (planner speed-up {speed})")
+        layout = summary["baselines"].get(f"{k}_layout", "")
+        lines.append(f"  baseline {k:>15}: {'n/a' if v is None else f'{v:.3f} s'}  (planner speed-up {speed}) {layout}")
+    for name, r in summary.get("run", {}).items():
+        if isinstance(r, dict):
+            usd = f", ${r['usd']['p50']:,.0f} ({r['usd']['p10']:,.0f}-{r['usd']['p90']:,.0f})" if r["usd"] else ""
+            lines.append(
+                f"  run {name:>9}: {r['steps']:,} steps, {r['wall_hours']['p50']:,.1f} h wall "
+                f"(p10-p90 {r['wall_hours']['p10']:,.1f}-{r['wall_hours']['p90']:,.1f}), "
+                f"{r['gpu_hours']['p50']:,.0f} GPU-h{usd}, {r['tokens_per_s_per_gpu']['p50']:,.0f} tok/s/GPU, "
+                f"MFU {r['mfu']['p50']:.1%}"
+            )
     return "\n".join(lines)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from planner.cost import CostModel
-from planner.microsteps import check_lengths, split
+from planner.microsteps import check_lengths, search_split
 from planner.packing import Instance, identical_schedule, to_micro_step
 from planner.planner import Planner
 from planner.types import GroupShape, MicroStep, StepPlan
@@ -32,6 +34,12 @@ def static_plan(
     given = [one(np.asarray(ids)) for ids in parts] if parts else []
     if parts and all(m is not None for m in given):
         micro = [m for m in given if m is not None]
-    else:
-        micro = split(arr, cost, planner.instance(arr).cheapest_work(), one, lambda ms: sum(m.time_s for m in ms))
+    else:  # the layout's own split, searched the same way as the planner's
+        inst = planner.instance(arr)
+        cap = float(inst.capacity[0] / inst.sizes[0]) * world
+        finish = inst.tmat[:, 0] + inst.beta[0]
+        micro = search_split(
+            arr, inst.cheapest_work(), finish, cap, world, float(inst.beta[0]), one,
+            lambda ms: sum(m.time_s for m in ms), lambda ids: 0.0, time.perf_counter() + 1.0,
+        ).plans  # fmt: skip
     return StepPlan(tuple(int(x) for x in arr), tuple(micro), 0.0, f"static {shape}")

@@ -31,6 +31,8 @@ class Cluster:
     alpha2_ms: float | None = None
     beta_ms: float = 0.0  # fixed cost of one group's micro-step (launch, optimizer share, ...)
     act_bytes_per_token: float | None = None  # measured activation bytes per token per layer stack
+    comm_gib_per_group: float = 0.0  # NCCL buffers per communicator a rank belongs to (CostModel.comm_gib)
+    usd_per_gpu_hour: float | None = None  # price, for sp-plan's run-cost estimate
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -39,6 +41,10 @@ class Cluster:
         for name in ("peak_tflops", "memory_gib", "intra_gbs", "inter_gbs", "mfu"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"cluster.{name} must be > 0, got {getattr(self, name)}")
+        if self.comm_gib_per_group < 0:
+            raise ValueError(f"cluster.comm_gib_per_group must be >= 0, got {self.comm_gib_per_group}")
+        if self.usd_per_gpu_hour is not None and self.usd_per_gpu_hour < 0:
+            raise ValueError(f"cluster.usd_per_gpu_hour must be >= 0 (or null), got {self.usd_per_gpu_hour}")
 
     @property
     def world(self) -> int:
@@ -160,20 +166,30 @@ class MicroStep:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """A step: micro-steps run one after the other; step time = sum of their slowest groups."""
+    """A step: micro-steps run one after the other; step time = sum of their slowest groups.
+
+    ``step_bound_s``: a lower bound on the best possible step over every micro-step split
+    (:func:`planner.bounds.step_bound`); ``split_bound_s`` only bounds plans on this plan's split."""
 
     lengths: tuple[int, ...]
     micro_steps: tuple[MicroStep, ...]
     solve_s: float
     method: str
+    step_bound_s: float | None = None
+    split: str = ""  # which split family won (contiguous | balanced | mixed), "" when not searched
+    splits_tried: int = 0
 
     @property
     def time_s(self) -> float:
         return sum(m.time_s for m in self.micro_steps)
 
     @property
-    def lower_bound_s(self) -> float:
+    def split_bound_s(self) -> float:
         return sum(m.lower_bound_s for m in self.micro_steps)
+
+    @property
+    def lower_bound_s(self) -> float:
+        return self.step_bound_s if self.step_bound_s is not None else self.split_bound_s
 
     @property
     def gap(self) -> float:
@@ -182,3 +198,7 @@ class StepPlan:
     @property
     def peak_memory_gib(self) -> float:
         return max(g.memory_gib for m in self.micro_steps for g in m.groups)
+
+    @property
+    def peak_tokens_per_gpu(self) -> float:
+        return max(sum(self.lengths[s] for s in g.seqs) / g.shape.size for m in self.micro_steps for g in m.groups)

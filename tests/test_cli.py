@@ -25,10 +25,12 @@ def test_json_summary_and_picture(tmp_path):
     result = json.loads(out.stdout)  # stdout is exactly one JSON object (no solver banner)
     s = result["summary"]
     for key in ("planned_step_s", "lower_bound_s", "gap", "solve_s_p50", "solve_s_max", "baselines",
-                "speedup_vs_best_static", "peak_memory_gib"):  # fmt: skip
+                "speedup_vs_static", "speedup_vs_oracle_static", "peak_memory_gib", "memory_gib"):  # fmt: skip
         assert key in s
     assert s["lower_bound_s"] <= s["planned_step_s"]
-    assert set(s["baselines"]) >= {"best_static", "static_ulysses", "static_ring", "static_hybrid", "ulysses_hetero"}
+    assert set(s["baselines"]) >= {"static", "oracle_static", "static_ulysses", "static_ring", "static_hybrid",
+                                   "ulysses_hetero", "greedy"}  # fmt: skip
+    assert s["baselines"]["oracle_static"] <= s["baselines"]["static"]
     assert pic.stat().st_size > 10_000 and pic.read_bytes()[:4] == b"\x89PNG"
 
 
