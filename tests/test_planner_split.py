@@ -20,8 +20,17 @@ from sp.groups import pool_rank_lists
 from tests.test_planner import EXACT, MODEL, brute_force, check_invariants
 
 SMALL = CostModel(
-    Cluster(name="s", nodes=2, gpus_per_node=2, peak_tflops=100, mfu=0.5, memory_gib=4.0, intra_gbs=100,
-            inter_gbs=5, beta_ms=20),  # fmt: skip
+    Cluster(
+        name="s",
+        nodes=2,
+        gpus_per_node=2,
+        peak_tflops=100,
+        mfu=0.5,
+        memory_gib=4.0,
+        intra_gbs=100,
+        inter_gbs=5,
+        beta_ms=20,
+    ),  # fmt: skip
     MODEL,
 )
 
