@@ -67,6 +67,19 @@ class CostModel:
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding={self.sharding!r}; valid: {list(SHARDINGS)}")
 
+    def with_checkpointing(self, mode: str) -> CostModel:
+        """This cost model under another activation checkpointing mode. A measured
+        ``cluster.act_bytes_per_token`` (taken under the model's own mode) is scaled by the formulas' ratio."""
+        if mode == self.model.checkpointing:
+            return self
+        other = replace(self, model=replace(self.model, checkpointing=mode))
+        measured = self.cluster.act_bytes_per_token
+        if measured is None:
+            return other
+        plain = replace(self, cluster=replace(self.cluster, act_bytes_per_token=None))
+        ratio = replace(other, cluster=plain.cluster).act_bytes_per_token / plain.act_bytes_per_token
+        return replace(other, cluster=replace(self.cluster, act_bytes_per_token=measured * ratio))
+
     # ---- compute ----
     @property
     def _flops_per_s(self) -> float:

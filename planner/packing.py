@@ -36,6 +36,7 @@ class Instance:
     capacity: np.ndarray
     beta: np.ndarray  # [K] fixed seconds of one group's micro-step per shape (CostModel.group_overhead_s)
     world: int
+    mode: str = ""  # the activation checkpointing these times and capacities assume ("": the model's)
 
     def cheapest_work(self) -> np.ndarray:
         """[S] each sequence's GPU-seconds on its cheapest memory-feasible shape (balances micro-step splits)."""
@@ -193,4 +194,4 @@ def to_micro_step(inst: Instance, bins: list[Bin], seq_ids: np.ndarray, cost: Co
         first += size
     if first > inst.world:
         raise AssertionError(f"placed {first} GPUs on a world of {inst.world}")
-    return MicroStep(tuple(groups), bound)
+    return MicroStep(tuple(groups), bound, inst.mode)

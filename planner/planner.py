@@ -42,7 +42,7 @@ from planner.packing import (
     makespan,
     to_micro_step,
 )
-from planner.types import GroupShape, MicroStep, StepPlan
+from planner.types import CHECKPOINTING, GroupShape, MicroStep, StepPlan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +54,7 @@ class PlannerConfig:
     max_buckets: int = 24
     strategies: tuple[str, ...] = STRATEGIES
     use_milp: bool = True
+    checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick (e.g. selective, full); () = the model's
     max_extra_micro_steps: int = 8  # the split search tries up to this many micro-steps over the memory floor
     exact_max_pairs: int = 1500  # micro-steps with at most this many (sequence, group instance) pairs solve exactly
 
@@ -64,6 +65,12 @@ class Planner:
     ) -> None:
         self.cost = cost
         self.config = config or PlannerConfig()
+        bad = [m for m in self.config.checkpointing if m not in CHECKPOINTING]
+        if bad:
+            raise ValueError(f"planner.checkpointing={list(self.config.checkpointing)}; valid modes: {CHECKPOINTING}")
+        self.modes = tuple(dict.fromkeys(self.config.checkpointing or (cost.model.checkpointing,)))
+        self.costs = {m: cost.with_checkpointing(m) for m in self.modes}
+        self.roomiest = max(self.costs.values(), key=lambda c: c.tokens_capacity(1))
         self.world = cost.cluster.world
         self.shapes = shapes or candidate_shapes(cost.model, self.world, self.config.strategies)
         self.method = "milp" if self.config.use_milp else "greedy"
@@ -75,33 +82,48 @@ class Planner:
         are made (a plan is always returned)."""
         t0 = time.perf_counter()
         deadline = t0 + self.config.time_limit_s
-        arr = check_lengths(lengths, self.cost, self.shapes)
-        full = self.instance(arr)
-        fits = full.lengths[:, None] <= full.capacity[None, :]
-        capacity = float((full.capacity / full.sizes).max()) * self.world  # tokens one micro-step can hold
-        bound = step_bound(full.tmat, full.sizes.astype(float), fits, self.world, full.beta, arr, capacity)
-        finish = np.where(fits, full.tmat + full.beta[None, :], np.inf).min(axis=1)
+        arr = check_lengths(lengths, self.roomiest, self.shapes)
+        fulls = {m: self.instance(arr, mode=m) for m in self.modes}
+        # the bound and the split see the relaxation over modes: fastest times, roomiest capacities
+        tmat = np.min([f.tmat for f in fulls.values()], axis=0)  # [S, K]
+        cap_k = np.max([f.capacity for f in fulls.values()], axis=0)  # [K]
+        beta = np.min([f.beta for f in fulls.values()], axis=0)  # [K]
+        sizes = next(iter(fulls.values())).sizes
+        fits = arr[:, None] <= cap_k[None, :]
+        capacity = float((cap_k / sizes).max()) * self.world  # tokens one micro-step can hold
+        bound = step_bound(tmat, sizes.astype(float), fits, self.world, beta, arr, capacity)
+        finish = np.where(fits, tmat + beta[None, :], np.inf).min(axis=1)
+        work = np.where(fits, tmat * sizes[None, :], np.inf).min(axis=1)
         split_deadline = t0 + 0.5 * self.config.time_limit_s
         choice = search_split(
-            arr, full.cheapest_work(), finish, capacity, self.world, float(full.beta.min()),
-            lambda ids: self._micro_greedy(full, ids, split_deadline), lambda ms: sum(m.time_s for m in ms),
-            lambda ids: self._fluid(full.take(ids)), split_deadline,
+            arr, work, finish, capacity, self.world, float(beta.min()),
+            lambda ids: self._micro_fast(fulls, ids, split_deadline), lambda ms: sum(m.time_s for m in ms),
+            lambda ids: min(self._fluid(f.take(ids)) for f in fulls.values()), split_deadline,
             self.config.max_extra_micro_steps,
         )  # fmt: skip
         micro = []
         for i, (ids, fast) in enumerate(zip(choice.parts, choice.plans)):
             share = (deadline - time.perf_counter()) / (len(choice.parts) - i)
+            full = fulls[fast.checkpointing] if fast.checkpointing in fulls else fulls[self.modes[0]]
             micro.append(self._refine(full, ids, fast, time.perf_counter() + share))
         plan = StepPlan(tuple(int(x) for x in arr), tuple(micro), time.perf_counter() - t0, self.method)
         return replace(plan, step_bound_s=min(bound, plan.time_s), split=choice.kind, splits_tried=choice.tried)
 
-    def instance(self, lengths: np.ndarray, shapes: list[GroupShape] | None = None) -> Instance:
+    def instance(
+        self, lengths: np.ndarray, shapes: list[GroupShape] | None = None, mode: str | None = None
+    ) -> Instance:
+        """Times [S, K], capacities and overheads of every shape under checkpointing ``mode`` (default: the
+        first the planner may use). Micro-steps record their mode only when the planner chooses between
+        several."""
         shapes = shapes or self.shapes
-        tmat = np.stack([np.asarray(self.cost.seq_time_s(lengths.astype(float), sh)) for sh in shapes], axis=1)
+        mode = mode or self.modes[0]
+        cost = self.costs[mode]
+        tmat = np.stack([np.asarray(cost.seq_time_s(lengths.astype(float), sh)) for sh in shapes], axis=1)
         sizes = np.array([sh.size for sh in shapes])
-        cap = np.array([self.cost.tokens_capacity(sh.size) for sh in shapes])
-        beta = np.array([self.cost.group_overhead_s(sh) for sh in shapes])
-        return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.world)
+        cap = np.array([cost.tokens_capacity(sh.size) for sh in shapes])
+        beta = np.array([cost.group_overhead_s(sh) for sh in shapes])
+        label = mode if len(self.modes) > 1 else ""
+        return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.world, label)
 
     def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray, search: bool = True) -> MicroStep | None:
         """Plan one micro-step over sequences ``ids`` on its own (greedy, then the MILP search when
@@ -113,6 +135,14 @@ class Planner:
         return self._refine(full, ids, fast, time.perf_counter() + self.config.time_limit_s)
 
     # ---- one micro-step ----
+    def _cost(self, inst: Instance) -> CostModel:
+        return self.costs[inst.mode or self.modes[0]]
+
+    def _micro_fast(self, fulls: dict[str, Instance], ids: np.ndarray, deadline: float) -> MicroStep | None:
+        """The fastest of the part's fast plans over the checkpointing modes the planner may choose."""
+        plans = [p for p in (self._micro_greedy(f, ids, deadline) for f in fulls.values()) if p is not None]
+        return min(plans, key=lambda p: p.time_s) if plans else None
+
     def _micro_greedy(self, full: Instance, ids: np.ndarray, deadline: float = math.inf) -> MicroStep | None:
         """The fast plan of a part (scores splits): fluid bound, greedy, local search; None if it cannot fit."""
         sub = full.take(ids)
@@ -121,7 +151,7 @@ class Planner:
         bound = self._fluid(sub)
         inst = sub if self._exact_size(sub) <= self.config.exact_max_pairs else self._pruned(sub)
         bins = self._greedy(inst, bound, deadline)
-        fast = to_micro_step(inst, bins, ids, self.cost, bound) if bins is not None else None
+        fast = to_micro_step(inst, bins, ids, self._cost(inst), bound) if bins is not None else None
         static = self._best_static(sub, ids, bound, fast.time_s if fast is not None else math.inf)
         return static if static is not None else fast
 
@@ -142,7 +172,7 @@ class Planner:
             else:
                 bins = self._search(inst, bound, start, deadline)
             if bins is not None and (best is None or makespan(inst, bins) < best.time_s):
-                best = to_micro_step(inst, bins, ids, self.cost, bound)
+                best = to_micro_step(inst, bins, ids, self._cost(inst), bound)
         if best is not fast:  # the fast plan already weighed every static layout
             static = self._best_static(sub, ids, bound, best.time_s if best is not None else math.inf)
             best = static if static is not None else best
@@ -170,7 +200,7 @@ class Planner:
             bins = identical_schedule(full, int(k), n, seqs)
             if bins is not None and makespan(full, bins) < best_t:
                 best, best_t = bins, makespan(full, bins)
-        return to_micro_step(full, best, ids, self.cost, bound) if best is not None else None
+        return to_micro_step(full, best, ids, self._cost(full), bound) if best is not None else None
 
     def _exact_size(self, inst: Instance) -> int:
         n = len(inst.lengths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+CHECKPOINTING = ("full", "selective", "none")  # activation checkpointing modes (trainer.sharding)
 SHARDINGS = ("fsdp", "replicate")  # fsdp: ZeRO-3 (states / world); replicate: whole states on every GPU
 
 
@@ -66,7 +67,7 @@ class ModelShape:
     bytes_per_value: int = 2  # bf16 activations and communication
 
     def __post_init__(self) -> None:
-        if self.checkpointing not in ("full", "selective", "none"):
+        if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing={self.checkpointing!r}; valid: 'full', 'selective', 'none'")
         if self.heads % self.n_kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.n_kv_heads})")
@@ -158,6 +159,7 @@ class Assignment:
 class MicroStep:
     groups: tuple[Assignment, ...]
     lower_bound_s: float
+    checkpointing: str = ""  # the activation checkpointing this micro-step runs with ("": the model's)
 
     @property
     def time_s(self) -> float:

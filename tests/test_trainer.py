@@ -16,7 +16,7 @@ STEPS = 3
 
 
 def _job(out, strategy="adaptive", steps=STEPS, use_milp=True, checkpoint_every=0, resume=False,
-         sharding="fsdp", precision="fp32", checkpointing="full"):  # fmt: skip
+         sharding="fsdp", precision="fp32", checkpointing="full", choices=()):  # fmt: skip
     from planner.planner import PlannerConfig
     from planner.types import Cluster, ModelShape
     from trainer.config import DataConfig, TrainConfig
@@ -27,7 +27,7 @@ def _job(out, strategy="adaptive", steps=STEPS, use_milp=True, checkpoint_every=
                          checkpointing=checkpointing, bytes_per_value=4),
         cluster=Cluster(name="cpu", nodes=1, gpus_per_node=4, peak_tflops=0.05, mfu=1.0, memory_gib=4.0,
                         intra_gbs=1.0, inter_gbs=1.0, beta_ms=5.0),
-        planner=PlannerConfig(use_milp=use_milp),
+        planner=PlannerConfig(use_milp=use_milp, checkpointing=choices),
         data=DataConfig(max_len=768, tokens_per_step=3000, seed=1),
         train=TrainConfig(steps=steps, strategy=strategy, out_dir=out, progress=False, warmup_steps=1,
                           checkpoint_every=checkpoint_every, resume=resume, picture_every=2, sharding=sharding,
@@ -51,6 +51,7 @@ def _distributed(rank, world, tmp):
     tr = Trainer(_job(f"{tmp}/replicate", "adaptive", sharding="replicate", checkpointing="selective"))
     out["replicate"] = (tr.run(), _params(tr.model))
     out["idle"] = _idle_ranks(rank, tmp)
+    out["modes"] = _checkpointing_per_micro_step(rank, tmp)
     long_run = {p: Trainer(_job(f"{tmp}/{p}40", "adaptive", 40, use_milp=False, precision=p)).run()
                 for p in ("fp32", "bf16")}  # fmt: skip
     out["bf16"] = long_run
@@ -138,6 +139,37 @@ def _idle_ranks(rank, tmp):
     return max((grads[n] - p.grad).abs().max().item() for n, p in ref.named_parameters())
 
 
+def _checkpointing_per_micro_step(rank, tmp):
+    """A plan whose three micro-steps run full, selective and no checkpointing (one document each, u=2 x r=2
+    on all ranks): the saved bytes of each follow that mode's formula, and the gradients are exact."""
+    from models.attention import SPPackedSeqParams
+    from models.gpt import build_gpt
+    from planner.types import Assignment, GroupShape, MicroStep, StepPlan
+    from trainer.loop import Trainer
+    from trainer.step import run_plan
+
+    tr = Trainer(_job(f"{tmp}/modes", "adaptive", checkpointing="full", choices=("full", "selective", "none")))
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 256, size=n + 1).astype(np.int64) for n in (256, 128, 64)]  # multiples of 2ru = 8
+    modes = ("full", "selective", "none")
+    g = lambda i: (Assignment(0, GroupShape(2, 2), (i,), 0.0, 0.0),)  # noqa: E731
+    plan = StepPlan((256, 128, 64), tuple(MicroStep(g(i), 0.0, m) for i, m in enumerate(modes)), 0.0, "hand")
+    stats = run_plan(tr.model, tr.pool, plan, docs, rank, None, count_saved=True)
+    predicted = [tr.cost.with_checkpointing(m).saved_bytes_per_token(2) * n / 4 for m, n in zip(modes, plan.lengths)]
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() for n, p in tr.model.named_parameters()}
+    if rank:
+        return None
+    ref = build_gpt(tr.job.model, tr.job.data.max_len, seed=tr.job.train.seed)
+    n_tok = sum(plan.lengths)
+    for d in docs:
+        ctx = tr.pool.context((0,), 1, 1, [0, len(d) - 1], check=False)
+        x, y = torch.from_numpy(d[:-1])[None], torch.from_numpy(d[1:])[None]
+        loss = ref(x, None, None, labels=y, packed_seq_params=SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)).sum()
+        (loss / n_tok).backward()
+    diff = max((grads[n] - p.grad).abs().max().item() for n, p in ref.named_parameters())
+    return diff, stats.saved_bytes, predicted
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("train"))
@@ -162,6 +194,17 @@ def test_matches_single_process(runs, strategy):
 def test_idle_ranks_run_empty_passes_with_exact_gradients(runs):
     _, _, dist = runs
     assert dist[0]["idle"] <= 1e-6, f"gradients differ by {dist[0]['idle']:.2e}"
+
+
+def test_plan_chooses_checkpointing_per_micro_step(runs):
+    """The trainer honours each micro-step's checkpointing: bytes saved for backward follow that mode's
+    formula (full < selective < none), gradients stay exact."""
+    _, _, dist = runs
+    diff, measured, predicted = dist[0]["modes"]
+    assert diff <= 1e-6, f"gradients differ by {diff:.2e}"
+    assert measured == [int(p) for p in predicted], (measured, predicted)
+    per_token = [m / n for m, n in zip(measured, (256, 128, 64))]
+    assert per_token[0] < per_token[1] < per_token[2]
 
 
 def test_bf16_ends_within_two_percent_of_fp32(runs):

@@ -84,7 +84,9 @@ class Trainer:
             parallel_state.initialize_model_parallel(1, 1)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         t = job.train
-        self.regime = Regime(t.sharding, resolve_precision(t.precision, self.device), job.model.checkpointing)
+        self.regime = Regime(
+            t.sharding, resolve_precision(t.precision, self.device), job.model.checkpointing, job.planner.checkpointing
+        )
         self.cost = cost_model(job, self.regime.precision)
         cap = self.cost.tokens_capacity(self.world)
         if job.data.max_len > cap:

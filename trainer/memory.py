@@ -49,7 +49,9 @@ class SavedBytes:
 
         if self._model is not None:
             for m in self._model.modules():
-                if isinstance(m, CheckpointWrapper):
+                switch = getattr(m, "sp_switch", None)
+                active = switch is None or switch.mode == getattr(m, "sp_mode", None)
+                if isinstance(m, CheckpointWrapper) and active:
                     self._handles.append(m.register_forward_pre_hook(self._region_inputs, with_kwargs=True))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()

@@ -5,6 +5,8 @@
 1. **Activation checkpointing** (``model.checkpointing``): ``full`` wraps every Megatron ``TransformerLayer``
    in torch's non-reentrant ``checkpoint_wrapper`` (each layer keeps only its input; its forward runs again
    in backward, SP collectives included); ``selective`` wraps each layer's core attention only; ``none``.
+   With ``planner.checkpointing`` choices, the wrappers of every chosen mode are installed and a
+   :class:`CheckpointSwitch` selects the plan's mode per micro-step.
    Megatron's own recompute is not used: it needs the CUDA RNG tracker.
 2. **Sharding** (``train.sharding``): ``fsdp`` = ZeRO-3 with FSDP2, ``fully_shard`` on every layer plus the
    root over a 1-D mesh of the whole world; parameters, gradients and AdamW states live as fp32 shards.
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from planner.types import SHARDINGS
+from planner.types import CHECKPOINTING, SHARDINGS
 from trainer.config import PRECISIONS
 
 
@@ -35,6 +37,7 @@ class Regime:
     sharding: str
     precision: str
     checkpointing: str
+    choices: tuple[str, ...] = ()  # checkpointing modes the plan may switch to per micro-step
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -56,20 +59,65 @@ def layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return stack.layers
 
 
-def apply_checkpointing(model: torch.nn.Module, mode: str) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+@dataclass
+class CheckpointSwitch:
+    """The activation checkpointing mode the model runs in now. Mutable on purpose: the step sets it before
+    each micro-step from the plan (``MicroStep.checkpointing``; "" means ``default``, the model's mode)."""
 
-    if mode == "none":
-        return
+    mode: str
+    default: str
+
+    def set(self, mode: str) -> None:
+        self.mode = mode or self.default
+
+
+def _switched(switch: CheckpointSwitch, wanted: str) -> Any:
+    """A ``checkpoint_fn`` for torch's ``checkpoint_wrapper``: checkpoint (non-reentrant) while the switch is
+    at ``wanted``, run the module plainly otherwise."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if switch.mode == wanted:
+            return checkpoint(module, *args, use_reentrant=False, **kwargs)
+        return module(*args, **kwargs)
+
+    return run
+
+
+def apply_checkpointing(model: torch.nn.Module, mode: str, choices: tuple[str, ...] = ()) -> CheckpointSwitch:
+    """Wrap for ``mode`` and every mode in ``choices`` (the planner's per-micro-step options): ``full`` wraps
+    each layer, ``selective`` each layer's core attention; a wrapper checkpoints only while the returned
+    switch is at its mode (a full wrapper's inner selective one then runs plainly)."""
+    for m in (mode, *choices):
+        if m not in CHECKPOINTING:
+            raise ValueError(f"model.checkpointing={m!r}; valid: 'full', 'selective', 'none'")
+    switch = CheckpointSwitch(mode, mode)
+    wanted = {mode, *choices}
     stack = layers(model)
     for i, layer in enumerate(stack):
-        if mode == "full":
-            stack[i] = checkpoint_wrapper(layer)
-        elif mode == "selective":
+        if "selective" in wanted:
             attn: Any = layer.self_attention
-            attn.core_attention = checkpoint_wrapper(attn.core_attention)
-        else:
-            raise ValueError(f"model.checkpointing={mode!r}; valid: 'full', 'selective', 'none'")
+            attn.core_attention = _wrap(attn.core_attention, switch, "selective")
+        if "full" in wanted:
+            stack[i] = _wrap(layer, switch, "full")
+    return switch
+
+
+def _wrap(module: torch.nn.Module, switch: CheckpointSwitch, mode: str) -> torch.nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    wrapped: Any = checkpoint_wrapper(module, checkpoint_fn=_switched(switch, mode))
+    wrapped.sp_switch, wrapped.sp_mode = switch, mode  # read by checkpoint_switch and trainer.memory
+    return wrapped
+
+
+def checkpoint_switch(model: torch.nn.Module) -> CheckpointSwitch | None:
+    """The switch :func:`apply_checkpointing` installed in ``model`` (None without checkpointing)."""
+    for m in model.modules():
+        switch = getattr(m, "sp_switch", None)
+        if switch is not None:
+            return switch
+    return None
 
 
 def apply_fsdp(model: torch.nn.Module, precision: str, device: torch.device) -> None:
@@ -94,7 +142,7 @@ def parallelize(model: torch.nn.Module, regime: Regime, device: torch.device) ->
     """Checkpointing, then sharding (FSDP) or nothing (replicate), in place; returns the model."""
     if regime.sharding not in SHARDINGS:
         raise ValueError(f"train.sharding={regime.sharding!r}; valid: {list(SHARDINGS)}")
-    apply_checkpointing(model, regime.checkpointing)
+    apply_checkpointing(model, regime.checkpointing, regime.choices)
     if regime.sharding == "fsdp":
         apply_fsdp(model, regime.precision, device)
     return model

@@ -24,6 +24,7 @@ from sp.groups import GroupPool
 from sp.layout import shard
 from trainer.grad_sync import GradSync
 from trainer.memory import SavedBytes
+from trainer.sharding import checkpoint_switch
 
 
 @dataclass
@@ -68,7 +69,12 @@ def run_plan(
     stats = StepStats(torch.zeros((), dtype=torch.float64, device=device))
     if kernel == "auto":  # flash block kernel on CUDA when flash_attn is importable, the reference otherwise
         kernel = "flash" if device.type == "cuda" and _has_flash() else "torch"
+    switch = checkpoint_switch(model)
     for i, micro in enumerate(plan.micro_steps):
+        if switch is not None:  # the plan's checkpointing for this micro-step (forward and its backward)
+            switch.set(micro.checkpointing)
+        elif micro.checkpointing not in ("", "none"):
+            raise ValueError(f"the plan asks for checkpointing={micro.checkpointing!r}; the model has no wrappers")
         if sync is not None and i == len(plan.micro_steps) - 1:
             sync.arm()
         g = my_group(micro.groups, rank)
