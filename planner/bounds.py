@@ -19,7 +19,10 @@ import numpy as np
 
 def fluid_bound(tmat: np.ndarray, sizes: np.ndarray, fits: np.ndarray, world: int, beta: np.ndarray) -> float:
     """tmat [S, K] seconds, sizes [K] GPUs, fits [S, K] memory-feasible, beta [K] fixed seconds per group
-    -> lower bound (seconds). The cluster's capacity uses the smallest beta, which keeps the bound valid."""
+    -> lower bound (seconds), inf when some sequence fits no shape. The cluster's capacity uses the smallest
+    beta, which keeps the bound valid."""
+    if not fits.any(axis=1).all():
+        return float("inf")
     gpu_time = np.where(fits, tmat * sizes[None, :], np.inf)
     finish = np.where(fits, tmat + beta[None, :], np.inf)  # one sequence alone on shape k
     b0 = float(beta.min())

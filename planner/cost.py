@@ -4,7 +4,9 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
 
 - **Compute.** With fitted constants (FlexSP form, ms): ``t_c = (alpha1 L^2 + alpha2 L) / P``. Otherwise from
   FLOPs: linear ``6 N_lin L`` + logits ``6 V h L`` + attention ``6 c n_layers L^2 H d_head`` (c = 1/2 causal),
-  times 4/3 with full activation checkpointing (the forward runs twice), divided by ``P * peak * mfu``.
+  times 4/3 where activation checkpointing runs the forward again (everything under ``full``, the attention
+  core under ``selective``), divided by ``P * peak * mfu``. Fitted constants hold for the model's own mode;
+  :meth:`CostModel.with_checkpointing` rescales them (alpha1: attention, alpha2: the rest) for another.
 - **Ulysses all-to-all** (u > 1): q, k, v, o per layer and pass (fwd, bwd, + recompute fwd under full
   checkpointing); per GPU ``(L / P) (2 H + 2 max(H_kv, u)) d_head bytes (u - 1) / u`` (kv heads replicate past
   u, GQA-aware), over the measured all-to-all bandwidth of a u-group, else intra- or inter-node bandwidth by
@@ -43,6 +45,7 @@ import numpy as np
 from planner.types import SHARDINGS, Cluster, GroupShape, ModelShape
 
 GIB = 2.0**30
+RECOMPUTE = {"full": (4.0 / 3.0, 4.0 / 3.0), "selective": (4.0 / 3.0, 1.0), "none": (1.0, 1.0)}  # (attention, rest)
 
 
 def communicators_per_rank(world: int) -> int:
@@ -73,12 +76,18 @@ class CostModel:
         if mode == self.model.checkpointing:
             return self
         other = replace(self, model=replace(self.model, checkpointing=mode))
+        cl = self.cluster
+        if cl.alpha1_ms is not None and cl.alpha2_ms is not None:  # fitted under the model's own mode
+            (a0, l0), (a1, l1) = RECOMPUTE[self.model.checkpointing], RECOMPUTE[mode]
+            scaled = replace(cl, alpha1_ms=cl.alpha1_ms * a1 / a0, alpha2_ms=cl.alpha2_ms * l1 / l0)
+            other = replace(other, cluster=scaled)
         measured = self.cluster.act_bytes_per_token
         if measured is None:
             return other
         plain = replace(self, cluster=replace(self.cluster, act_bytes_per_token=None))
-        ratio = replace(other, cluster=plain.cluster).act_bytes_per_token / plain.act_bytes_per_token
-        return replace(other, cluster=replace(self.cluster, act_bytes_per_token=measured * ratio))
+        ratio = replace(other, cluster=replace(other.cluster, act_bytes_per_token=None)).act_bytes_per_token
+        ratio /= plain.act_bytes_per_token
+        return replace(other, cluster=replace(other.cluster, act_bytes_per_token=measured * ratio))
 
     # ---- compute ----
     @property
@@ -87,18 +96,25 @@ class CostModel:
 
     @property
     def _recompute(self) -> float:
-        return 4.0 / 3.0 if self.model.checkpointing == "full" else 1.0
+        """Compute factor of the attention core: its forward runs again under full and selective."""
+        return RECOMPUTE[self.model.checkpointing][0]
 
-    def attention_flops(self, length: np.ndarray | float) -> np.ndarray | float:
+    @property
+    def _recompute_linear(self) -> float:
+        """Compute factor of everything else (projections, MLP, logits): recomputed under full only."""
+        return RECOMPUTE[self.model.checkpointing][1]
+
+    def attention_flops(self, length: np.ndarray | float, recompute: bool = True) -> np.ndarray | float:
+        """Attention-core FLOPs (fwd + bwd), with the checkpointing recompute unless ``recompute=False``."""
         m = self.model
         c = 0.5 if self.causal else 1.0
-        return 6.0 * c * m.layers * np.square(length) * m.heads * m.d_head * self._recompute
+        return 6.0 * c * m.layers * np.square(length) * m.heads * m.d_head * (self._recompute if recompute else 1.0)
 
     def compute_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
         cl, m = self.cluster, self.model
         if cl.alpha1_ms is not None and cl.alpha2_ms is not None:
             return (cl.alpha1_ms * np.square(length) + cl.alpha2_ms * length) / size / 1e3
-        linear = 6.0 * (m.linear_params + m.vocab * m.hidden) * length * self._recompute
+        linear = 6.0 * (m.linear_params + m.vocab * m.hidden) * length * self._recompute_linear
         return (linear + self.attention_flops(length)) / size / self._flops_per_s
 
     def attention_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:

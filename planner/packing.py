@@ -45,8 +45,9 @@ class Instance:
 
     def take(self, ids: np.ndarray) -> Instance:
         """The instance of a subset of the sequences (rows of ``tmat``; shapes unchanged)."""
+        rows = self.tmat[ids]  # [len(ids), K]
         return Instance(
-            self.lengths[ids], self.tmat[ids], self.shapes, self.sizes, self.capacity, self.beta, self.world
+            self.lengths[ids], rows, self.shapes, self.sizes, self.capacity, self.beta, self.world, self.mode
         )
 
     def time(self, b: Bin) -> float:

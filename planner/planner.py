@@ -149,6 +149,8 @@ class Planner:
         if sub.lengths.sum() > sub.capacity.max() / sub.sizes.max() * self.world:
             return None
         bound = self._fluid(sub)
+        if not np.isfinite(bound):
+            return None  # a sequence fits no shape in this mode
         inst = sub if self._exact_size(sub) <= self.config.exact_max_pairs else self._pruned(sub)
         bins = self._greedy(inst, bound, deadline)
         fast = to_micro_step(inst, bins, ids, self._cost(inst), bound) if bins is not None else None
@@ -251,6 +253,7 @@ class Planner:
             inst.capacity[keep_a],
             inst.beta[keep_a],
             inst.world,
+            inst.mode,
         )
 
     def _greedy(self, inst: Instance, bound: float, deadline: float = math.inf) -> list[Bin] | None:

@@ -16,10 +16,8 @@ def model_flops(cost: CostModel, lengths: tuple[int, ...]) -> float:
     """Useful training FLOPs of a batch (no recomputation counted)."""
     m = cost.model
     arr: np.ndarray = np.asarray(lengths, dtype=float)
-    recompute = 4.0 / 3.0 if m.checkpointing == "full" else 1.0
-    return float(
-        (6.0 * (m.linear_params + m.vocab * m.hidden) * arr).sum() + np.sum(cost.attention_flops(arr)) / recompute
-    )
+    attention = np.sum(cost.attention_flops(arr, recompute=False))
+    return float((6.0 * (m.linear_params + m.vocab * m.hidden) * arr).sum() + attention)
 
 
 def summarise(

@@ -191,3 +191,41 @@ def test_time_limit_caps_the_whole_step():
     plan = Planner(cost, PlannerConfig(time_limit_s=0.15)).plan(lengths)
     assert time.perf_counter() - t0 < 15.0  # a loose bound on a loaded CI machine; 0.5 s measured here
     assert sorted(s for m in plan.micro_steps for g in m.groups for s in g.seqs) == list(range(20000))
+
+
+def test_with_checkpointing_rescales_fitted_and_measured_constants():
+    cl = Cluster(name="f", nodes=1, gpus_per_node=8, alpha1_ms=1e-6, alpha2_ms=0.2, act_bytes_per_token=1e6)
+    sel = CostModel(cl, ModelShape(name="m", layers=4, hidden=1024, heads=8, checkpointing="selective"))
+    full = sel.with_checkpointing("full")
+    assert full.cluster.alpha1_ms == pytest.approx(1e-6)  # the attention core is recomputed in both
+    assert full.cluster.alpha2_ms == pytest.approx(0.2 * 4 / 3)  # the rest only under full
+    plain = lambda c: CostModel(Cluster(**{**c.cluster.__dict__, "act_bytes_per_token": None}), c.model)  # noqa: E731
+    assert full.act_bytes_per_token == pytest.approx(
+        1e6 * plain(full).act_bytes_per_token / plain(sel).act_bytes_per_token
+    )
+    assert full.act_bytes_per_token < sel.act_bytes_per_token
+    assert sel.with_checkpointing("selective") is sel
+
+
+def test_plan_picks_full_checkpointing_only_where_it_pays():
+    """Selective checkpointing is faster but cannot hold the long sequence on the cluster; with both modes
+    allowed, the long sequence's micro-step runs full and the short ones' selective."""
+    model = ModelShape(name="m", layers=8, hidden=1024, heads=8, kv_heads=2, vocab=32000, checkpointing="selective")
+    cost = CostModel(SMALL.cluster, model)
+    full = cost.with_checkpointing("full")
+    long = int(min(full.tokens_capacity(4), 3 * cost.tokens_capacity(4)))
+    assert cost.tokens_capacity(4) < long <= full.tokens_capacity(4)
+    lengths = [long] + [int(cost.tokens_capacity(1) * 0.9)] * 8
+    with pytest.raises(ValueError, match="exceeds what the cluster can hold"):
+        Planner(cost, EXACT).plan(lengths)
+    plan = Planner(cost, PlannerConfig(**{**EXACT.__dict__, "checkpointing": ("selective", "full")})).plan(lengths)
+    modes = {m.checkpointing for m in plan.micro_steps}
+    assert modes == {"full", "selective"}
+    for m in plan.micro_steps:
+        c = cost.with_checkpointing(m.checkpointing)
+        for g in m.groups:
+            assert sum(plan.lengths[s] for s in g.seqs) <= c.tokens_capacity(g.shape.size) + 1e-6
+        longest = max(plan.lengths[s] for g in m.groups for s in g.seqs)
+        assert (m.checkpointing == "full") == (longest == long)
+    with pytest.raises(ValueError, match="valid modes"):
+        Planner(cost, PlannerConfig(checkpointing=("some",)))
