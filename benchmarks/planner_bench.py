@@ -1,8 +1,11 @@
-"""``sp-bench planner``: planner vs baselines on real length data, and solve time at scale."""
+"""``sp-bench planner``: planner vs baselines on real length data, search effort, checkpointing choice, run
+cost, and solve time at scale. One JSON object per corpus and measurement."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -16,35 +19,62 @@ from planner.types import Cluster, ModelShape
 A100X64_FLEXSP = Cluster(
     name="a100x64_flexsp", nodes=8, gpus_per_node=8, peak_tflops=312.0, memory_gib=28.0, alpha1_ms=5.128e-6,
     alpha2_ms=0.184, beta_ms=629.0, a2a_gbs={2: 119.5, 4: 104.1, 8: 96.5, 16: 10.3, 32: 5.9, 64: 4.9},
-    intra_gbs=119.5, inter_gbs=10.3, act_bytes_per_token=4.71 * 2**20,
+    intra_gbs=119.5, inter_gbs=10.3, act_bytes_per_token=4.71 * 2**20, usd_per_gpu_hour=1.5,
 )  # fmt: skip
 GPT_7B = ModelShape(name="gpt-7b", layers=32, hidden=4096, heads=64, head_dim=64, ffn=16384, vocab=32000,
                     swiglu=False, checkpointing="selective")  # fmt: skip
 CONFIG = PlannerConfig(time_limit_s=0.1, milp_time_limit_s=0.03, max_probes=5)  # configs/planner/default.yaml
+RUN_TOKENS = 2e11
+
+
+def _plans(planner: Planner, batches: list[np.ndarray]) -> tuple[list, float]:
+    plans = [planner.plan(b) for b in batches]
+    return plans, float(np.mean([p.time_s for p in plans]))
 
 
 def quality(path: str, steps: int, global_batch: int, max_len: int, seed: int) -> dict:
+    """The default planner against every baseline on ``steps`` sampled batches, plus search-effort and
+    checkpointing-choice variants on the same batches."""
     cost = CostModel(A100X64_FLEXSP, GPT_7B)
     batches = sample_steps(read_lengths(path), global_batch, steps, max_len, seed, clip=True)
-    planner = Planner(cost, CONFIG)
-    plans = [planner.plan(b) for b in batches]
+    plans = [Planner(cost, CONFIG).plan(b) for b in batches]
     bases = [all_baselines(cost, b, CONFIG, p) for b, p in zip(batches, plans)]
-    s = summarise(cost, plans, bases)
-    return {"bench": "planner_quality", "cluster": "a100x64_flexsp", "model": "gpt-7b", "global_batch": global_batch,
-            "max_len": max_len, "tokens_per_step_mean": float(np.mean([b.sum() for b in batches])), **s}  # fmt: skip
+    s = summarise(cost, plans, bases, max_len, RUN_TOKENS)
+    variants = {}
+    for name, cfg in (
+        ("greedy_only", replace(CONFIG, use_milp=False)),
+        ("milp_1s", replace(CONFIG, time_limit_s=1.0)),
+        ("floor_split_only", replace(CONFIG, max_extra_micro_steps=0)),
+        ("ckpt_choice", replace(CONFIG, checkpointing=("selective", "full"))),
+    ):
+        vp = [Planner(cost, cfg).plan(b) for b in batches]
+        variants[name] = {
+            "planned_step_s": float(np.mean([p.time_s for p in vp])),
+            "solve_s_p50": float(np.median([p.solve_s for p in vp])),
+            "solve_s_max": float(np.max([p.solve_s for p in vp])),
+            "micro_steps_mean": float(np.mean([len(p.micro_steps) for p in vp])),
+            "full_ckpt_micro_steps": int(sum(m.checkpointing == "full" for p in vp for m in p.micro_steps)),
+        }
+    return {"bench": "planner_quality", "corpus": Path(path).name, "cluster": "a100x64_flexsp", "model": "gpt-7b",
+            "global_batch": global_batch, "max_len": max_len,
+            "tokens_per_step_mean": float(np.mean([b.sum() for b in batches])), **s, "variants": variants}  # fmt: skip
 
 
-def scale(path: str, n_seqs: int, nodes: int, steps: int, max_len: int, seed: int) -> dict:
+def scale(
+    path: str, n_seqs: int, nodes: int, steps: int, max_len: int, seed: int, time_limit_s: float = CONFIG.time_limit_s
+) -> dict:
     cluster = Cluster(**{**A100X64_FLEXSP.__dict__, "name": f"a100x{nodes * 8}", "nodes": nodes})
     cost = CostModel(cluster, GPT_7B)
     batches = sample_steps(read_lengths(path), n_seqs, steps, max_len, seed, clip=True)
-    planner = Planner(cost, CONFIG)
-    solve, gaps = [], []
+    planner = Planner(cost, replace(CONFIG, time_limit_s=time_limit_s))
+    solve, gaps, planned = [], [], []
     for b in batches:
         t0 = time.perf_counter()
         p = planner.plan(b)
         solve.append(time.perf_counter() - t0)
         gaps.append(p.gap)
-    return {"bench": "planner_scale", "sequences": n_seqs, "gpus": cluster.world, "steps": steps,
+        planned.append(p.time_s)
+    return {"bench": "planner_scale", "corpus": Path(path).name, "sequences": n_seqs, "gpus": cluster.world,
+            "steps": steps, "time_limit_s": time_limit_s, "planned_step_s": float(np.mean(planned)),
             "solve_s_p50": float(np.median(solve)), "solve_s_max": float(np.max(solve)),
             "gap_mean": float(np.mean(gaps))}  # fmt: skip

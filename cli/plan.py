@@ -44,7 +44,7 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     summary = summarise(cost, plans, bases, max_len, cfg.run.tokens or None)
     result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": summary}
     if cfg.output.format == "json":
-        result["first_step"] = plan_json(plans[0])
+        result["first_step"] = plan_json(plans[0], cost.model.checkpointing)
         print(json.dumps(result), flush=True)
     else:
         print(f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}, {len(plans)} step(s)")

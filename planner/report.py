@@ -91,11 +91,14 @@ def _baselines(
     return base, series
 
 
-def plan_json(plan: StepPlan) -> dict:
+def plan_json(plan: StepPlan, default_checkpointing: str = "") -> dict:
     return {
         "planned_s": plan.time_s,
         "lower_bound_s": plan.lower_bound_s,
         "gap": plan.gap,
+        "step_bound_s": plan.lower_bound_s,
+        "split_bound_s": plan.split_bound_s,
+        "split": plan.split,
         "solve_s": plan.solve_s,
         "micro_steps": [
             [
@@ -107,6 +110,7 @@ def plan_json(plan: StepPlan) -> dict:
                     "sequences": [int(plan.lengths[s]) for s in g.seqs],
                     "time_s": g.time_s,
                     "memory_gib": g.memory_gib,
+                    "checkpointing": m.checkpointing or default_checkpointing,
                 }
                 for g in m.groups
             ]
