@@ -168,3 +168,31 @@ def test_malformed_jsonl_lines_name_file_and_line(tmp_path):
         (tmp_path / "bad.jsonl").write_text(body)
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
             Corpus(DataConfig(source="jsonl", path=str(tmp_path / "bad.jsonl")))
+
+
+def _frozen_rank(rank, world, tmp):
+    """Rank 1 freezes inside its first micro-step; rank 0's collective times out (5 s here) and its error
+    names the phase and rank 1."""
+    import trainer.step as step_mod
+    from trainer.loop import Trainer
+    from trainer.watchdog import CollectiveTimeout
+
+    tr = Trainer(_job(f"{tmp}/frozen", "ring", steps=2, use_milp=False))
+    if rank == 1:
+        real = step_mod.group_pass
+        step_mod.group_pass = lambda *a, **k: (time.sleep(15), real(*a, **k))[1]
+    try:
+        tr.run()
+    except CollectiveTimeout as e:
+        return ("timeout", str(e))
+    except Exception as e:  # noqa: BLE001 - the frozen rank fails once its peer has given up
+        return ("other", f"{type(e).__name__}: {e}")
+    return ("finished", "")
+
+
+def test_frozen_rank_is_named_in_the_timeout(tmp_path):
+    out = run_distributed(_frozen_rank, 2, str(tmp_path), timeout=120, collective_timeout=5)
+    kind, msg = out[0]
+    assert kind == "timeout", msg
+    assert "rank 0: a collective timed out in step 0, phase 'micro-step 1/" in msg
+    assert "rank 1: step 0, phase 'micro-step 1/" in msg and "did not reach it" in msg

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from trainer.observe import Board, GpuMonitor
 from trainer.run_dir import RunLock, config_changes, flat_config, write_complete
 from trainer.sharding import Regime, parallelize, resolve_precision
 from trainer.step import StepStats, run_plan, synchronize
+from trainer.watchdog import Heartbeat
 
 MAX_MICRO_STEPS = 64  # a step that needs more is refused before any data is loaded
 
@@ -118,6 +120,7 @@ class Trainer:
         self.step = 0
         self.bad_in_row = 0
         self.stopped = False
+        self.heartbeat = Heartbeat(self.rank, self.world)
         self._stop_flag = False
         self._parent = os.getppid()  # the launcher (torchrun's agent, srun, mpiexec, the spawn harness)
         self.config = flat_config(job)
@@ -222,6 +225,77 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
 
+    def _train_step(self, fut: Future | None, docs: list[np.ndarray], losses: list[float], bar: Any) -> tuple:
+        """One optimizer step; returns (the next step's plan future, its documents, whether to stop). Each
+        collective phase reports to the heartbeat first."""
+        t = self.job.train
+        t0 = time.perf_counter()
+        hb = self.heartbeat
+        hb.beat("plan broadcast", self.step)
+        plan = self.last_plan = self._broadcast(fut, [len(d) - 1 for d in docs])
+        loader_state = self.loader.state()
+        nxt = self.loader.next_step() if self.step + 1 < t.steps else None
+        fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
+        count = bool(t.memory_every) and self.step % t.memory_every == 0
+        stats = run_plan(
+            self.model, self.pool, plan, docs, self.rank, self.sync, autocast=self.autocast, count_saved=count,
+            heartbeat=hb.beat,
+        )  # fmt: skip
+        hb.beat("loss all-reduce")
+        tokens = sum(len(d) - 1 for d in docs)
+        loss_t = stats.loss_sum.reshape(1).clone()  # on the model's device: NCCL has no CPU tensors
+        dist.all_reduce(loss_t)
+        loss = loss_t.item() / tokens
+        if math.isfinite(loss):
+            self.bad_in_row = 0
+            for g in self.optim.param_groups:
+                g["lr"] = lr_at(self.step, t)
+            hb.beat("gradient norm and optimizer step")
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+            self.optim.step()
+            self._check_finite()
+            if self.board is not None and self.step % t.log_every == 0:  # logged: grads still held here
+                self.state_bytes = sum(state_bytes(self.model, self.optim).values())
+        else:
+            self.bad_in_row += 1
+            grad_norm = float("nan")
+            if self.rank == 0:
+                print(f"[sp-train] step {self.step}: non-finite loss {loss}, step skipped ({self.bad_in_row} in a row)")
+            if self.bad_in_row >= t.max_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_in_row} non-finite losses in a row (limit train.max_bad_steps={t.max_bad_steps}); "
+                    "lower train.lr or check the data"
+                )
+        self.optim.zero_grad(set_to_none=True)
+        synchronize(self.device)
+        step_s = time.perf_counter() - t0
+        self.step_times.append(step_s)
+        losses.append(loss)
+        hb.beat("metrics")
+        self._observe(plan, loss, tokens, step_s, stats, grad_norm)
+        self.step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
+        if os.getppid() != self._parent and not self._stop_flag:  # the launcher died (e.g. torchrun's agent
+            # killed by a signal it does not forward): checkpoint and stop instead of training on orphaned
+            print(f"[sp-train] rank {self.rank}: launcher (pid {self._parent}) is gone; checkpointing and stopping")
+            self._stop_flag = True
+        hb.beat("stop flag", self.step - 1)
+        flag = torch.tensor([1.0 if self._stop_flag else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        self.stopped = bool(flag.item())
+        # the last step always checkpoints (a finished run never loses its weights), others every N
+        periodic = self.step == t.steps or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
+        if periodic or self.stopped:
+            hb.beat("checkpoint save", self.step - 1)
+            checkpoint.save(str(self.out), self.step, self.model, self.optim, {"loader": loader_state}, self.config)
+        if self.stopped:
+            if self.rank == 0:
+                print(f"[sp-train] stop requested: checkpointed step {self.step}, exiting for requeue")
+            return fut, docs, True
+        return fut, (nxt if nxt is not None else docs), False
+
     def _run(self) -> list[float]:
         t = self.job.train
         losses: list[float] = []
@@ -233,68 +307,10 @@ class Trainer:
 
             bar = tqdm(total=t.steps, initial=self.step, desc="sp-train", dynamic_ncols=True)
         while self.step < t.steps:
-            t0 = time.perf_counter()
-            plan = self.last_plan = self._broadcast(fut, [len(d) - 1 for d in docs])
-            loader_state = self.loader.state()
-            nxt = self.loader.next_step() if self.step + 1 < t.steps else None
-            fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
-            count = bool(t.memory_every) and self.step % t.memory_every == 0
-            stats = run_plan(
-                self.model, self.pool, plan, docs, self.rank, self.sync, autocast=self.autocast, count_saved=count
-            )
-            tokens = sum(len(d) - 1 for d in docs)
-            loss_t = stats.loss_sum.reshape(1).clone()  # on the model's device: NCCL has no CPU tensors
-            dist.all_reduce(loss_t)
-            loss = loss_t.item() / tokens
-            if math.isfinite(loss):
-                self.bad_in_row = 0
-                for g in self.optim.param_groups:
-                    g["lr"] = lr_at(self.step, t)
-                grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
-                self.optim.step()
-                self._check_finite()
-                if self.board is not None and self.step % t.log_every == 0:  # logged: grads still held here
-                    self.state_bytes = sum(state_bytes(self.model, self.optim).values())
-            else:
-                self.bad_in_row += 1
-                grad_norm = float("nan")
-                if self.rank == 0:
-                    print(
-                        f"[sp-train] step {self.step}: non-finite loss {loss}, "
-                        f"step skipped ({self.bad_in_row} in a row)"
-                    )
-                if self.bad_in_row >= t.max_bad_steps:
-                    raise RuntimeError(
-                        f"{self.bad_in_row} non-finite losses in a row (limit train.max_bad_steps={t.max_bad_steps}); "
-                        "lower train.lr or check the data"
-                    )
-            self.optim.zero_grad(set_to_none=True)
-            synchronize(self.device)
-            step_s = time.perf_counter() - t0
-            self.step_times.append(step_s)
-            losses.append(loss)
-            self._observe(plan, loss, tokens, step_s, stats, grad_norm)
-            self.step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
-            if os.getppid() != self._parent and not self._stop_flag:  # the launcher died (e.g. torchrun's agent
-                # killed by a signal it does not forward): checkpoint and stop instead of training on orphaned
-                print(f"[sp-train] rank {self.rank}: launcher (pid {self._parent}) is gone; checkpointing and stopping")
-                self._stop_flag = True
-            flag = torch.tensor([1.0 if self._stop_flag else 0.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            self.stopped = bool(flag.item())
-            # the last step always checkpoints (a finished run never loses its weights), others every N
-            periodic = self.step == t.steps or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
-            if periodic or self.stopped:
-                checkpoint.save(str(self.out), self.step, self.model, self.optim, {"loader": loader_state}, self.config)
-            if self.stopped:
-                if self.rank == 0:
-                    print(f"[sp-train] stop requested: checkpointed step {self.step}, exiting for requeue")
+            with self.heartbeat.watch():
+                fut, docs, done = self._train_step(fut, docs, losses, bar)
+            if done:
                 break
-            if nxt is not None:
-                docs = nxt
         if bar is not None:
             bar.close()
         if self.board is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,9 +62,11 @@ def run_plan(
     kernel: str = "auto",
     autocast: torch.dtype | None = None,
     count_saved: bool = False,
+    heartbeat: Callable[[str], None] | None = None,
 ) -> StepStats:
     """``sync=None`` means FSDP (gradients reduce-scatter inside backward, every rank in every micro-step);
-    ``autocast`` runs the passes under ``torch.autocast`` (bf16 compute over replicated fp32 parameters)."""
+    ``autocast`` runs the passes under ``torch.autocast`` (bf16 compute over replicated fp32 parameters);
+    ``heartbeat(phase)`` is called before each micro-step (:class:`trainer.watchdog.Heartbeat`)."""
     device = next(model.parameters()).device
     global_tokens = sum(len(d) - 1 for d in docs)
     stats = StepStats(torch.zeros((), dtype=torch.float64, device=device))
@@ -78,6 +81,9 @@ def run_plan(
         if sync is not None and i == len(plan.micro_steps) - 1:
             sync.arm()
         g = my_group(micro.groups, rank)
+        if heartbeat is not None:
+            where = f"{g.shape} on ranks {g.ranks[0]}-{g.ranks[-1]}" if g is not None and g.seqs else "idle"
+            heartbeat(f"micro-step {i + 1}/{len(plan.micro_steps)}: {where}")
         if (g is None or not g.seqs) and sync is not None:
             stats.busy_s.append(0.0)
             stats.saved_bytes.append(0)
