@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -141,11 +142,16 @@ def test_sbatch_train_job_completes(slurm):
 
 
 def test_sbatch_preemption_checkpoints_requeues_and_resumes(slurm):
+    """Preempted at step k of 40 in a folder that holds a stale COMPLETE from an earlier finished run: the
+    job must requeue and resume (not report "training complete"), and finish with its own COMPLETE."""
     env, d = slurm
-    job = _sbatch(env, d, "train.steps=40", "train.checkpoint_every=100", *QUICK)
+    run = d / "runs" / "stale-complete"
+    run.mkdir(parents=True)
+    (run / "COMPLETE").write_text('{"step": 3, "target_steps": 3, "config_hash": "earlier-run"}\n')
+    job = _sbatch({**env, "SP_RUN_DIR": str(run)}, d, "train.steps=40", "train.checkpoint_every=100", *QUICK)
     log = d / f"sp-train-{job}.out"
     end = time.monotonic() + 120
-    while time.monotonic() < end and not list((d / "runs" / f"sp-train-{job}" / "tb").glob("events.*")):
+    while time.monotonic() < end and not list((run / "tb").glob("events.*")):
         time.sleep(1)
     time.sleep(3)  # a few steps in
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
@@ -157,4 +163,6 @@ def test_sbatch_preemption_checkpoints_requeues_and_resumes(slurm):
     assert 0 < k < 40
     assert "resumed from" in text and f"(step {k})" in text
     assert "requeueing job" in text and "training complete" in text
-    assert _scalars(d / "runs" / f"sp-train-{job}" / "tb", "train/loss") == set(range(40))
+    assert text.index("requeueing job") < text.index("training complete")  # the stale marker did not end it
+    assert json.loads((run / "COMPLETE").read_text())["step"] == 40
+    assert _scalars(run / "tb", "train/loss") == set(range(40))
