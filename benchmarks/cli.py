@@ -5,6 +5,7 @@ sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
 sp-bench planner [--lengths WIKI.txt.gz data/lengths/code_files.txt.gz] [--steps 20]
 sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none]
 sp-bench longctx [--tokens 131072] [--world 8]
+sp-bench cpu-kernel [--head-dims 32 64 128] [--keys 512 4096]
 sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
 """
 
@@ -51,11 +52,19 @@ def main(argv: list[str] | None = None) -> None:
     lc.add_argument("--tokens", type=int, default=131072)
     lc.add_argument("--world", type=int, default=8)
     lc.add_argument("--workdir", default="runs/longctx")
+    ck = sub.add_parser("cpu-kernel", help="torch's fused CPU attention op vs our reference kernel (fwd+bwd)")
+    ck.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
+    ck.add_argument("--keys", type=int, nargs="+", default=[512, 4096])
     gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
     gp.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 131072])
     gp.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)
-    if args.cmd == "gpu":
+    if args.cmd == "cpu-kernel":
+        from benchmarks.cpu_kernel import run as run_cpu_kernel
+
+        for row in run_cpu_kernel(args.head_dims, args.keys):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "gpu":
         from benchmarks.gpu import run as run_gpu
 
         for row in run_gpu(args.tokens, args.steps):

@@ -355,7 +355,13 @@ def _varlen_lse(lse: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     return torch.cat([lse[i, :, : cuts[i + 1] - cuts[i]] for i in range(len(cuts) - 1)], dim=1)
 
 
-KERNELS: dict[str, Callable[[], Any]] = {"torch": TorchKernel, "flash": FlashKernel}
+def _cpu_fused() -> Kernel:
+    from sp.cpu_fused import CpuFusedKernel
+
+    return CpuFusedKernel()
+
+
+KERNELS: dict[str, Callable[[], Any]] = {"torch": TorchKernel, "flash": FlashKernel, "cpu_fused": _cpu_fused}
 
 
 def get_kernel(name: str) -> Kernel:

@@ -70,8 +70,8 @@ def run_plan(
     device = next(model.parameters()).device
     global_tokens = sum(len(d) - 1 for d in docs)
     stats = StepStats(torch.zeros((), dtype=torch.float64, device=device))
-    if kernel == "auto":  # flash block kernel on CUDA when flash_attn is importable, the reference otherwise
-        kernel = "flash" if device.type == "cuda" and _has_flash() else "torch"
+    if kernel == "auto":  # flash on CUDA when flash_attn is importable; torch's fused CPU op on the CPU
+        kernel = ("flash" if _has_flash() else "torch") if device.type == "cuda" else "cpu_fused"
     switch = checkpoint_switch(model)
     for i, micro in enumerate(plan.micro_steps):
         if switch is not None:  # the plan's checkpointing for this micro-step (forward and its backward)

@@ -1,0 +1,90 @@
+"""Block kernel on torch's fused CPU attention: ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its
+``_backward``, which return and accept an external (out, lse), as a ring needs. ``sp-bench cpu-kernel``
+measured it 1.2-6.7x faster than the reference :class:`sp.kernels.TorchKernel` (fwd + bwd of a 512-row block
+pair, head dim 32-128, 2 cores); the trainer uses it on the CPU (``kernel="auto"``).
+
+Conventions differ from ours in two ways, both handled here:
+- the op's causal mask is **top-left** aligned (query row i sees key j <= i of the call), ours is by
+  position (a key is visible when its position <= the query's). :func:`topleft_calls` cuts a pair at any
+  offsets into at most one unmasked call (keys before the queries' start) and one causal call whose first
+  key has the first query's position; rows before the first key see nothing (out 0, lse -inf);
+- GQA: the op wants as many kv heads as query heads; kv heads are repeated (query head h uses kv head
+  h // g) and the kv gradients summed back over each group.
+The backward of every call gets the pair's final (out, lse), so the calls' gradients simply add up.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sp.kernels import _lse_dtype, compute_dtype
+
+TopLeftCall = tuple[int, int, int, int, bool]  # (first query row, end row, first key, end key, causal)
+
+
+def topleft_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[TopLeftCall]:
+    """The calls of one (query block, key block) pair for a top-left-aligned causal kernel."""
+    if not mask:
+        return [(0, nq, 0, nk, False)]
+    off = q_pos - k_pos  # keys [0, off) precede every query: visible to all rows
+    if off >= 0:
+        calls = [(0, nq, 0, min(off, nk), False)] if off > 0 else []
+        if off < nk:  # keys from the first query's position on: causal, aligned at its start
+            calls.append((0, nq, off, min(nk, off + nq), True))
+        return calls
+    first = -off  # rows before the first key see nothing
+    if first >= nq:
+        return []
+    return [(first, nq, 0, min(nk, nq - first), True)]
+
+
+class CpuFusedKernel:
+    """Same interface as :class:`sp.kernels.TorchKernel` (q [nq, h, d], k/v [nk, hk, d]; lse [h, nq])."""
+
+    def __init__(self) -> None:
+        self._fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        self._bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    @staticmethod
+    def _heads(t: torch.Tensor, g: int) -> torch.Tensor:
+        # [n, hk, d] -repeat-> [n, hk * g, d] -permute-> [1, h, n, d]
+        return t.repeat_interleave(g, dim=1).permute(1, 0, 2).unsqueeze(0)
+
+    def forward(self, q, k, v, q_pos, k_pos, mask, scale):
+        nq, h, d = q.shape
+        g = h // k.shape[1]
+        out = torch.zeros(nq, h, d, dtype=compute_dtype(q.dtype), device=q.device)
+        lse = torch.full((h, nq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
+        for r0, r1, k0, k1, causal in topleft_calls(nq, k.shape[0], q_pos, k_pos, mask):
+            # [rows, h, d] -permute-> [1, h, rows, d]
+            qc = q[r0:r1].permute(1, 0, 2).unsqueeze(0)
+            o, part = self._fwd(qc, self._heads(k[k0:k1], g), self._heads(v[k0:k1], g), 0.0, causal, scale=scale)
+            part = part[0].to(lse.dtype)  # [1, h, rows] -> [h, rows]
+            new = torch.logaddexp(lse[:, r0:r1], part)  # [h, rows]
+            old_w = torch.exp(lse[:, r0:r1] - new).T.unsqueeze(-1)  # [h, rows] -T-> [rows, h, 1]
+            new_w = torch.exp(part - new).T.unsqueeze(-1)
+            # [1, h, rows, d] -squeeze, permute-> [rows, h, d]
+            o = o[0].permute(1, 0, 2)
+            out[r0:r1] = out[r0:r1] * old_w + o.to(out.dtype) * new_w
+            lse[:, r0:r1] = new
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, q_pos, k_pos, mask, scale):
+        nq, h, d = q.shape
+        nk, hk = k.shape[0], k.shape[1]
+        g = h // hk
+        cd = compute_dtype(q.dtype)  # gradients are returned in it: the ring accumulates in fp32
+        dq = torch.zeros(nq, h, d, dtype=cd, device=q.device)
+        dk = torch.zeros(nk, h, d, dtype=cd, device=q.device)
+        dv = torch.zeros(nk, h, d, dtype=cd, device=q.device)
+        for r0, r1, k0, k1, causal in topleft_calls(nq, nk, q_pos, k_pos, mask):
+            # [rows, h, d] -permute-> [1, h, rows, d], in q's dtype as the op wants
+            do_c, q_c, o_c = (t[r0:r1].to(q.dtype).permute(1, 0, 2).unsqueeze(0) for t in (dout, q, out))
+            row_lse = lse[:, r0:r1].unsqueeze(0).to(_lse_dtype(q.dtype))  # [h, rows] -> [1, h, rows]
+            k_c, v_c = self._heads(k[k0:k1], g), self._heads(v[k0:k1], g)
+            gq, gk, gv = self._bwd(do_c, q_c, k_c, v_c, o_c, row_lse, 0.0, causal, scale=scale)
+            dq[r0:r1] += gq[0].permute(1, 0, 2).to(cd)  # [1, h, rows, d] -permute-> [rows, h, d]
+            dk[k0:k1] += gk[0].permute(1, 0, 2).to(cd)
+            dv[k0:k1] += gv[0].permute(1, 0, 2).to(cd)
+        # [nk, h, d] -view-> [nk, hk, g, d] -sum-> [nk, hk, d]: GQA gradients back onto the shared kv heads
+        return dq, dk.view(nk, hk, g, d).sum(2), dv.view(nk, hk, g, d).sum(2)
