@@ -6,21 +6,10 @@ elsewhere (the fused op's exactness: see the developers' notes; it is not used b
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from sp.kernels import TorchKernel
-
-
-def _best_of(fn, reps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from trainer.profile import best_time
 
 
 def run(head_dims: list[int], keys_list: list[int], heads: int = 8, rows: int = 512, reps: int = 3) -> list[dict]:
@@ -49,7 +38,7 @@ def run(head_dims: list[int], keys_list: list[int], heads: int = 8, rows: int = 
                     o, lse = fused_fwd(qb, kb, vb, 0.0, causal, scale=scale)
                     fused_bwd(db, qb, kb, vb, o, lse, 0.0, causal, scale=scale)
 
-                t_ref, t_fused = _best_of(reference, reps), _best_of(fused, reps)
+                t_ref, t_fused = best_time(reference, reps), best_time(fused, reps)
                 out.append({"bench": "cpu_kernel", "head_dim": d, "heads": heads, "rows": rows, "keys": nk,
                             "causal": causal, "reference_ms": t_ref * 1e3, "fused_ms": t_fused * 1e3,
                             "fused_speedup": t_ref / t_fused, "threads": torch.get_num_threads()})  # fmt: skip

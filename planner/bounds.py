@@ -14,6 +14,8 @@ true optimality gap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -35,6 +37,11 @@ def fluid_bound(tmat: np.ndarray, sizes: np.ndarray, fits: np.ndarray, world: in
     if ok(lo):
         return lo
     hi = max(float(finish[np.isfinite(finish)].max()), b0 + float(gpu_time.min(axis=1).sum()) / world)
+    return _smallest_ok(ok, lo, hi)
+
+
+def _smallest_ok(ok: Callable[[float], bool], lo: float, hi: float) -> float:
+    """Bisection for the smallest t in [lo, hi] with ok(t) (ok monotone, ok(hi) true, ok(lo) false)."""
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
@@ -85,9 +92,4 @@ def step_bound(
         return lo
     hi = max(lo, float(f.max()) + rest, m0 * b0 + float(gpu_time.min(axis=1).sum()) / world)
     hi = max(hi, float(finish[np.isfinite(finish)].max()) + rest)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
-        if hi - lo <= 1e-9 * hi:
-            break
-    return hi
+    return _smallest_ok(ok, lo, hi)

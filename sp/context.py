@@ -26,7 +26,7 @@ class SPContext:
     ring_global_ranks: tuple[int, ...] = ()  # global ranks of my ring, in ring order
     causal: bool = True
     softmax_scale: float | None = None
-    kernel: str = "torch"  # block kernel: torch | flash; or ring_flash (ring-flash-attn's whole zigzag ring)
+    kernel: str = "torch"  # block kernel: torch | cpu_fused | flash; or ring_flash (ring-flash-attn's zigzag ring)
     head_chunks: int = 2  # Ulysses overlap: all-to-all of head chunk i+1 runs under attention of chunk i
     device: str = "cpu"  # where the per-step index tensors live (copied there once, not once per layer)
 

@@ -8,11 +8,10 @@ import random
 import pytest
 import torch
 
-import sp
 from sp.cpu_fused import CpuFusedKernel, topleft_calls
 from sp.kernels import TorchKernel
 from tests.dist import run_distributed
-from tests.reference import reference_attention
+from tests.reference import check_long_segments, long_segments_worker
 
 
 def test_fused_equals_the_reference_for_any_offsets():
@@ -61,35 +60,6 @@ def test_bf16_close_to_fp64():
         assert ((b.double() - a).abs().max() / a.abs().max()).item() < 3e-2
 
 
-LENGTHS = [1024, 1500, 300]
-
-
-def _ring_worker(rank, world):
-    pool = sp.GroupPool()
-    g = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(sum(LENGTHS), n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2, 4))
-    cu = [0, 1024, 2524, 2824]
-    out = {}
-    for u, r in [(1, 2), (2, 1)]:
-        ctx = pool.context((0, 1), u, r, cu, kernel="cpu_fused")
-        local = [sp.shard(x, ctx.layout, ctx.rank).requires_grad_(True) for x in (q, k, v)]
-        o = sp.attention(*local, ctx)
-        o.backward(sp.shard(do, ctx.layout, ctx.rank))
-        out[(u, r)] = [o.detach(), *(x.grad for x in local)]
-    return out
-
-
 @pytest.mark.slow
 def test_fused_kernel_through_ring_and_ulysses():
-    parts = run_distributed(_ring_worker, 2, timeout=180)
-    g = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(2824, n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2, 4))
-    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-    o = reference_attention(q, k, v, [0, 1024, 2524, 2824], causal=True)
-    o.backward(do)
-    ref = [o.detach(), q.grad, k.grad, v.grad]
-    for (u, r), _ in parts[0].items():
-        layout = sp.GroupLayout.build([0, 1024, 2524, 2824], u, r)
-        for i, name in enumerate(("out", "dq", "dk", "dv")):
-            full = sp.unshard([parts[rk][(u, r)][i] for rk in range(2)], layout)
-            assert torch.allclose(full, ref[i], atol=1e-10), f"u={u} r={r} {name}"
+    check_long_segments(run_distributed(long_segments_worker, 2, "cpu_fused", [(1, 2), (2, 1)], timeout=180))

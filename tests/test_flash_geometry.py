@@ -14,7 +14,7 @@ import sp
 from sp.kernels import FlashKernel, TorchKernel, flash_calls
 from tests.dist import run_distributed
 from tests.flash_standin import STANDINS, register
-from tests.reference import reference_attention
+from tests.reference import check_long_segments, long_segments_worker
 
 
 def _pair(nq, nk, g):
@@ -62,41 +62,9 @@ def test_flash_rejects_fp32_and_ring_flash_rejects_non_causal():
         sp.attention(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), ctx)
 
 
-LENGTHS = [1024, 1500, 300]  # long causal segments: 512-row tiles meet keys at other offsets
-
-
-def _ring_worker(rank, world):
-    register()
-    pool = sp.GroupPool()
-    g = torch.Generator().manual_seed(1)
-    t = sum(LENGTHS)
-    q, k, v, do = (torch.randn(t, n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2, 4))
-    cu = [0, 1024, 2524, 2824]
-    out = {}
-    for u, r in [(1, 1), (1, 2), (2, 1)]:
-        if rank >= u * r:
-            continue
-        ctx = pool.context(tuple(range(u * r)), u, r, cu, kernel="flash_cpu")
-        local = [sp.shard(x, ctx.layout, ctx.rank).requires_grad_(True) for x in (q, k, v)]
-        o = sp.attention(*local, ctx)
-        o.backward(sp.shard(do, ctx.layout, ctx.rank))
-        out[(u, r)] = [o.detach(), *(x.grad for x in local)]
-    return out
-
-
 def test_flash_kernel_through_the_ring_on_long_causal_segments():
-    parts = run_distributed(_ring_worker, 2, timeout=180)
-    g = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(2824, n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2, 4))
-    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-    o = reference_attention(q, k, v, [0, 1024, 2524, 2824], causal=True)
-    o.backward(do)
-    ref = [o.detach(), q.grad, k.grad, v.grad]
-    for (u, r), _ in parts[0].items():
-        layout = sp.GroupLayout.build([0, 1024, 2524, 2824], u, r)
-        for i, name in enumerate(("out", "dq", "dk", "dv")):
-            full = sp.unshard([parts[rk][(u, r)][i] for rk in range(u * r)], layout)
-            assert torch.allclose(full, ref[i], atol=1e-10), f"u={u} r={r} {name}"
+    parts = run_distributed(long_segments_worker, 2, "flash_cpu", [(1, 1), (1, 2), (2, 1)], register, timeout=180)
+    check_long_segments(parts)
 
 
 def test_one_step_is_at_most_two_varlen_calls():
