@@ -120,14 +120,15 @@ def plan_json(plan: StepPlan, default_checkpointing: str = "") -> dict:
 
 
 def table(plan: StepPlan, summary: dict) -> str:
-    lines = [f"{'micro':>5} {'ranks':>9} {'strategy':>22} {'#seq':>5} {'longest':>8} {'time s':>8} {'mem GiB':>8}"]
+    head = f"{'micro':>5} {'ranks':>9} {'strategy':>22} {'#seq':>5} {'longest':>8} {'time s':>8} {'mem GiB':>8}"
+    lines = [head + (" ckpt" if any(m.checkpointing for m in plan.micro_steps) else "")]
     for i, m in enumerate(plan.micro_steps):
         for g in m.groups:
             longest = max(plan.lengths[s] for s in g.seqs)
             ranks = f"{g.first_rank}-{g.first_rank + g.shape.size - 1}"
             lines.append(
                 f"{i:>5} {ranks:>9} {str(g.shape):>22} {len(g.seqs):>5} {longest:>8} "
-                f"{g.time_s:>8.3f} {g.memory_gib:>8.1f}"
+                f"{g.time_s:>8.3f} {g.memory_gib:>8.1f} {m.checkpointing}".rstrip()
             )
     lines.append("")
     lines.append(

@@ -398,8 +398,10 @@ def cost_model(job: TrainJob, precision: str) -> CostModel:
 
 
 def plan_activation_gib(plan: StepPlan, cost: CostModel) -> float:
-    """The planner's predicted bytes saved for backward on the busiest rank of the plan."""
-    return max(cost.activation_gib(sum(plan.lengths[s] for s in g.seqs), g.shape.size, g.shape.ulysses)
+    """The planner's predicted bytes saved for backward on the busiest rank of the plan (each micro-step
+    under its own checkpointing mode)."""
+    return max(cost.with_checkpointing(m.checkpointing or cost.model.checkpointing).activation_gib(
+               sum(plan.lengths[s] for s in g.seqs), g.shape.size, g.shape.ulysses)
                for m in plan.micro_steps for g in m.groups)  # fmt: skip
 
 
