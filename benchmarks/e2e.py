@@ -99,11 +99,17 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
         return lengths
 
     def plans_for(cost, lengths):
-        plans = {"adaptive": Planner(cost, PlannerConfig(time_limit_s=0.5)).plan(lengths)}
-        for u, r in STATIC:
-            if cost.tokens_capacity(u * r) >= max_len:  # static layouts whose groups hold max_len
-                plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
-        return plans
+        """Planned on rank 0 and broadcast, as the trainer does: the planner's search is time-capped, so
+        ranks planning on their own could choose different plans and wait in different collectives."""
+        box: list = [None]
+        if dist.get_rank() == 0:
+            plans = {"adaptive": Planner(cost, PlannerConfig(time_limit_s=0.5)).plan(lengths)}
+            for u, r in STATIC:
+                if cost.tokens_capacity(u * r) >= max_len:  # static layouts whose groups hold max_len
+                    plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
+            box[0] = plans
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     # ---- calibration, part 2: regress measured steps of whole plans (own batches) on their predictions ----
     cost = CostModel(cluster, shape)

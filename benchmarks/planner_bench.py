@@ -27,11 +27,6 @@ CONFIG = PlannerConfig(time_limit_s=0.1, milp_time_limit_s=0.03, max_probes=5)  
 RUN_TOKENS = 2e11
 
 
-def _plans(planner: Planner, batches: list[np.ndarray]) -> tuple[list, float]:
-    plans = [planner.plan(b) for b in batches]
-    return plans, float(np.mean([p.time_s for p in plans]))
-
-
 def quality(path: str, steps: int, global_batch: int, max_len: int, seed: int) -> dict:
     """The default planner against every baseline on ``steps`` sampled batches, plus search-effort and
     checkpointing-choice variants on the same batches."""

@@ -3,12 +3,13 @@ blaster, searched instead of fixed).
 
 Memory sets a floor, m0 = ceil(tokens / what the cluster holds at once), but the floor is not always best: a
 long sequence's micro-step may leave GPUs idle that one more micro-step would not. :func:`search_split` tries
-m = m0, m0 + 1, ... and, for each m, three splits, each scored by fast greedy plans of its parts:
+m = m0, m0 + 1, ... and, for each m, four splits, each scored by fast greedy plans of its parts:
 
 - ``contiguous``: sorted longest first, cut into m runs of about equal tokens (FlexSP's blaster);
 - ``balanced``: longest first, each to the micro-step with the least work that has memory room;
 - ``mixed``: longest first, each to the micro-step whose estimated time, max(longest finish, b0 + work / N),
-  grows least: short sequences fill the shadow of a long one, long ones pair up only while that is free.
+  grows least: short sequences fill the shadow of a long one, long ones pair up only while that is free;
+- ``timed``: sorted longest first, cut into runs of about equal estimated time (not equal tokens).
 
 It keeps the best split seen and stops after ``patience`` values of m that did not improve it, at
 ``max_extra`` micro-steps over the floor, or at the deadline (once any split fits).
@@ -28,7 +29,7 @@ from planner.cost import CostModel
 from planner.types import GroupShape
 
 T = TypeVar("T")
-SPLITS = ("contiguous", "balanced", "mixed")
+SPLITS = ("contiguous", "balanced", "mixed", "timed")
 
 
 def check_lengths(lengths: list[int] | np.ndarray, cost: CostModel, shapes: list[GroupShape]) -> np.ndarray:
@@ -56,6 +57,39 @@ def contiguous_split(lengths: np.ndarray, m: int) -> list[np.ndarray]:
     cum = np.cumsum(lengths[order])
     cuts = np.searchsorted(cum, cum[-1] * np.arange(1, m) / m, side="left") + 1
     return [p for p in np.split(order, np.unique(np.clip(cuts, 1, len(order) - 1))) if len(p)]
+
+
+def timed_split(
+    lengths: np.ndarray, m: int, work: np.ndarray, finish: np.ndarray, capacity: float, world: int, b0: float
+) -> list[np.ndarray] | None:
+    """Sorted longest first, cut into at most m runs of about equal *estimated time* max(first finish,
+    b0 + work / N) instead of equal tokens: the smallest time tau at which runs that each fit in memory and
+    in tau cover the batch (bisection on tau; each run is extended as far as prefix sums allow)."""
+    order = np.argsort(-lengths, kind="stable")
+    cum_tok = np.concatenate([[0.0], np.cumsum(lengths[order].astype(float))])  # [S + 1]
+    cum_work = np.concatenate([[0.0], np.cumsum(work[order])])  # [S + 1]
+    top = finish[order]  # [S] a run's first sequence is its longest
+
+    def cuts(tau: float) -> list[int] | None:
+        out, i = [0], 0
+        while i < len(order):
+            if top[i] > tau or len(out) > m:
+                return None
+            by_tokens = np.searchsorted(cum_tok, cum_tok[i] + capacity, side="right") - 1
+            by_time = np.searchsorted(cum_work, cum_work[i] + (tau - b0) * world, side="right") - 1
+            i = max(i + 1, int(min(by_tokens, by_time)))  # a run holds at least its first sequence
+            out.append(i)
+        return out if len(out) - 1 <= m else None
+
+    lo, hi = float(top.max()), float(top.max()) + b0 + float(cum_work[-1]) / world
+    if not np.isfinite(hi) or cuts(hi) is None:
+        return None
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if cuts(mid) is not None else (mid, hi)
+    bounds = cuts(hi)
+    assert bounds is not None
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def balanced_split(lengths: np.ndarray, m: int, work: np.ndarray, capacity: float) -> list[np.ndarray] | None:
@@ -140,6 +174,7 @@ def search_split(
             "contiguous": contiguous_split(lengths, m),
             "balanced": balanced_split(lengths, m, work, capacity * 0.95) if m > 1 else None,
             "mixed": mixed_split(lengths, m, work, finish, capacity * 0.95, world, b0) if m > 1 else None,
+            "timed": timed_split(lengths, m, work, finish, capacity * 0.95, world, b0) if m > 1 else None,
         }
         for kind, parts in options.items():
             if parts is None or any(lengths[p].sum() > capacity for p in parts):

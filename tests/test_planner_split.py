@@ -229,3 +229,26 @@ def test_plan_picks_full_checkpointing_only_where_it_pays():
         assert (m.checkpointing == "full") == (longest == long)
     with pytest.raises(ValueError, match="valid modes"):
         Planner(cost, PlannerConfig(checkpointing=("some",)))
+
+
+def test_split_families_are_partitions_within_memory():
+    from planner.microsteps import balanced_split, contiguous_split, mixed_split, timed_split
+
+    rng = np.random.default_rng(5)
+    lengths = np.minimum(rng.lognormal(7, 1.5, size=300).astype(np.int64) + 1, 60000)
+    work = lengths * 1e-4 + lengths.astype(float) ** 2 * 1e-9
+    finish = work / 4 + 0.02
+    cap = float(lengths.sum()) / 3.5
+    for m in (4, 5, 8):
+        for parts in (contiguous_split(lengths, m), balanced_split(lengths, m, work, cap),
+                      mixed_split(lengths, m, work, finish, cap, 64, 0.02),
+                      timed_split(lengths, m, work, finish, cap, 64, 0.02)):  # fmt: skip
+            assert parts is not None and len(parts) <= m
+            assert sorted(np.concatenate(parts).tolist()) == list(range(len(lengths)))
+        for parts in (balanced_split(lengths, m, work, cap), timed_split(lengths, m, work, finish, cap, 64, 0.02)):
+            assert parts is not None and all(lengths[p].sum() <= cap for p in parts)
+    timed = timed_split(lengths, 5, work, finish, cap, 64, 0.02)
+    assert timed is not None
+    order = np.argsort(-lengths, kind="stable")
+    assert np.array_equal(np.concatenate(timed), order)  # contiguous runs of the sorted order
+    assert timed_split(lengths, 2, work, finish, cap, 64, 0.02) is None  # 3.5 capacities need >= 4 runs
