@@ -1,21 +1,20 @@
-"""The per-step planner: micro-step split, fluid bound, greedy warm start, MILP search, packing.
+"""The per-step planner: step bound, micro-step split search, fast plans, MILP refinement, packing.
 
-``Planner(cost).plan(lengths)`` returns a :class:`~planner.types.StepPlan`. For each micro-step:
+``Planner(cost).plan(lengths)`` returns a :class:`~planner.types.StepPlan` within ``time_limit_s`` (the whole
+step's solve):
 
-1. time every sequence on every candidate shape (``tmat``), drop shapes that are never a sequence's fastest
-   in their size;
-2. the fluid lower bound (:mod:`planner.bounds`) and a greedy plan (fluid sizing + longest-first list
-   scheduling + local search) bracket the optimum;
-3. bisection on the target makespan T: each probe solves the MILP of :mod:`planner.milp` (shape counts and
-   bucket assignment), packs it into groups, runs local search, and keeps the best plan;
-4. stop at ``gap_tol`` between the best plan and the search's lower end, at ``max_probes``, or at the time
-   limit. The reported bound is the fluid bound (valid for the exact problem).
+1. time every sequence on every candidate shape (``tmat``), once per checkpointing mode it may use;
+2. the step bound over every split (:func:`planner.bounds.step_bound`);
+3. the split search (:func:`planner.microsteps.search_split`, first half of the time): each candidate split
+   is scored by fast plans of its parts: fluid bound, greedy (fluid sizing + longest-first list scheduling
+   + local search) and every static layout, the best over the checkpointing modes;
+4. refinement of the chosen split's micro-steps in the remaining time, where a fast plan is more than
+   ``gap_tol`` above its micro-step's fluid bound: bisection on the target makespan T, each probe a MILP of
+   :mod:`planner.milp` (shape counts and bucket assignment) packed into groups plus local search. Small
+   micro-steps (``exact_max_pairs``) use the exact instance model instead: every infeasible probe proves its
+   T unreachable, so the micro-step's bound rises to meet the plan.
 
-Small micro-steps (``exact_max_pairs``) skip pruning and use the exact instance model instead of 3.: every
-infeasible probe then proves its T unreachable, so the bound rises to meet the plan (optimal up to ``gap_tol``).
-
-A batch whose tokens do not fit the cluster's memory at once is split into the fewest micro-steps that fit
-(:func:`planner.microsteps.split`).
+The search is time-capped and therefore not deterministic across calls: plan on one rank and broadcast.
 """
 
 from __future__ import annotations

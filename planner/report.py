@@ -48,7 +48,7 @@ def summarise(
         "splits": {k: sum(p.split == k for p in plans) for k in sorted({p.split for p in plans})},
         "peak_memory_gib": float(max(p.peak_memory_gib for p in plans)),
         "memory_limit_gib": cost.cluster.memory_gib,
-        "memory_gib": cost.memory_breakdown_gib(max(p.peak_tokens_per_gpu for p in plans)),
+        "memory_gib": _peak_breakdown(cost, plans),
         "estimated_mfu": float(np.mean(flops) / (planned * peak)) if planned > 0 else 0.0,
     }
     base, series = _baselines(cost, plans, baselines, max_len or max(max(p.lengths) for p in plans))
@@ -65,6 +65,14 @@ def summarise(
                 run[name] = run_cost(times, tokens, flops, run_tokens, cl.world, cl.peak_tflops, cl.usd_per_gpu_hour)
         out["run"] = run
     return out
+
+
+def _peak_breakdown(cost: CostModel, plans: list[StepPlan]) -> dict[str, float]:
+    """Memory per GPU by part for the busiest group of all plans, under its micro-step's checkpointing."""
+    plan = max(plans, key=lambda p: p.peak_memory_gib)
+    micro, group = plan.peak_group()
+    local = sum(plan.lengths[s] for s in group.seqs) / group.shape.size
+    return cost.with_checkpointing(micro.checkpointing or cost.model.checkpointing).memory_breakdown_gib(local)
 
 
 def _baselines(

@@ -201,6 +201,6 @@ class StepPlan:
     def peak_memory_gib(self) -> float:
         return max(g.memory_gib for m in self.micro_steps for g in m.groups)
 
-    @property
-    def peak_tokens_per_gpu(self) -> float:
-        return max(sum(self.lengths[s] for s in g.seqs) / g.shape.size for m in self.micro_steps for g in m.groups)
+    def peak_group(self) -> tuple[MicroStep, Assignment]:
+        """The micro-step and group with the most memory per GPU."""
+        return max(((m, g) for m in self.micro_steps for g in m.groups), key=lambda mg: mg[1].memory_gib)

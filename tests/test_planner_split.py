@@ -135,6 +135,7 @@ def test_summary_baselines_on_a_tiny_run():
     assert s["baselines"]["oracle_static"] <= s["baselines"]["static"] + 1e-12
     assert s["speedup_vs_static"] == pytest.approx(s["baselines"]["static"] / s["planned_step_s"])
     assert s["lower_bound_s"] <= s["planned_step_s"]
+    assert s["memory_gib"]["total"] == pytest.approx(s["peak_memory_gib"])  # the breakdown adds up to the peak
 
 
 def test_run_cost_arithmetic_by_hand():
