@@ -133,6 +133,11 @@ class Planner:
             return fast
         return self._refine(full, ids, fast, time.perf_counter() + self.config.time_limit_s)
 
+    def solves_exactly(self, lengths: np.ndarray) -> bool:
+        """Whether a micro-step of these sequences is small enough for the exact instance MILP (whose
+        infeasible probes prove bounds)."""
+        return self._exact_size(self.instance(np.asarray(lengths))) <= self.config.exact_max_pairs
+
     # ---- one micro-step ----
     def _cost(self, inst: Instance) -> CostModel:
         return self.costs[inst.mode or self.modes[0]]
