@@ -244,6 +244,10 @@ class CostModel:
 
     def reserved_gib(self) -> float:
         """Memory that does not depend on the tokens: states and communicators."""
+        return self._reserved_gib
+
+    @cached_property
+    def _reserved_gib(self) -> float:  # called per group and plan: computed once
         return self.states_gib() + self.comm_gib()
 
     @cached_property
