@@ -166,7 +166,7 @@ class Planner:
         above the part's bound and time is left), then every static layout of the part (so the planner never
         returns anything slower than a static layout on the same split)."""
         sub = full.take(ids)
-        bound = self._fluid(sub)
+        bound = fast.lower_bound_s if fast is not None else self._fluid(sub)  # the fast plan carries it
         exact = self._exact_size(sub) <= self.config.exact_max_pairs
         inst = sub if exact else self._pruned(sub)
         best: MicroStep | None = fast
