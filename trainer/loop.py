@@ -90,7 +90,8 @@ class Trainer:
             t.sharding, resolve_precision(t.precision, self.device), job.model.checkpointing, job.planner.checkpointing
         )
         self.cost = cost_model(job, self.regime.precision)
-        cap = self.cost.tokens_capacity(self.world)
+        modes = {job.model.checkpointing, *job.planner.checkpointing}  # the roomiest mode the plan may pick
+        cap = max(self.cost.with_checkpointing(m).tokens_capacity(self.world) for m in modes)
         if job.data.max_len > cap:
             raise ValueError(
                 f"data.max_len={job.data.max_len} tokens cannot be held by any plan: the whole cluster holds "
