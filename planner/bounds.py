@@ -64,8 +64,10 @@ def step_bound(
        micro-steps, so the j-th largest micro-step "top" (its sequence with the largest f) is at least
        f of the first sequence where n_k reaches j: g_j. Hence sum_j T_j >= G = sum_j max(g_j, b0).
     3. Per micro-step, the fluid argument of :func:`fluid_bound`: its groups' GPU-time
-       sum_s P_k t_sk <= N (T_j - b0). The micro-step holding s lasts at most T - R, where R = G - max_j g_j
-       lower-bounds the other micro-steps' total, so s uses a shape with beta_k + t_sk <= T - R; summing over
+       sum_s P_k t_sk <= N (T_j - b0). The micro-step holding s lasts at most T - R, where R lower-bounds the
+       other micro-steps' total: R = max(G - max_j g_j, (m0 - 1) b0 + W_rest / N), W_rest being the least
+       cheapest-shape work of any token set of sum L - C tokens (the others must hold them; a fractional
+       knapsack by work per token). So s uses a shape with beta_k + t_sk <= T - R; summing over
        micro-steps: sum_s w_s(T - R) <= N (T - m0 b0), w_s(x) = s's cheapest GPU-time among shapes finishing
        by x. The left side falls and the right side grows in T: bisection.
     More micro-steps than m0 only raise R and m b0, so m0 is the adversary's best choice; the bound is
@@ -81,7 +83,17 @@ def step_bound(
     g = np.array([f[order][np.argmax(forced >= j)] if forced[-1] >= j else 0.0 for j in range(1, m0 + 1)])
     g = np.maximum(g, b0)  # [m0] nonincreasing
     total_g = float(g.sum())
-    rest = total_g - float(g.max())
+    # the others hold >= sum L - C tokens: their cheapest work, as a fractional knapsack by work per token
+    w_min = gpu_time.min(axis=1)  # [S] cheapest GPU-seconds over every shape that holds the sequence
+    by_rate = np.argsort(w_min / lengths, kind="stable")
+    need = float(lengths.sum()) - step_capacity
+    cum = np.cumsum(lengths[by_rate].astype(float))  # [S]
+    k = int(np.searchsorted(cum, need)) if need > 0 else -1
+    others_work = 0.0
+    if k >= 0:
+        done = cum[k - 1] if k > 0 else 0.0
+        others_work = float(w_min[by_rate[:k]].sum()) + (need - done) / lengths[by_rate[k]] * w_min[by_rate[k]]
+    rest = max(total_g - float(g.max()), (m0 - 1) * b0 + others_work / world)
 
     def ok(t: float) -> bool:
         cheapest = np.where(finish <= (t - rest) * (1 + 1e-12), gpu_time, np.inf).min(axis=1)
