@@ -101,6 +101,8 @@ def run_plan(
         synchronize(device)
         stats.busy_s.append(time.perf_counter() - t0 if g is not None and g.seqs else 0.0)
         stats.saved_bytes.append(meter.bytes if meter is not None else 0)
+    if switch is not None:
+        switch.set("")  # back to the model's own mode for anything run outside a plan
     if sync is not None:
         sync.finish()
     return stats
