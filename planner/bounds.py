@@ -102,6 +102,5 @@ def step_bound(
     lo = max(total_g, float(f.max()) + rest)
     if ok(lo):
         return lo
-    hi = max(lo, float(f.max()) + rest, m0 * b0 + float(gpu_time.min(axis=1).sum()) / world)
-    hi = max(hi, float(finish[np.isfinite(finish)].max()) + rest)
+    hi = max(lo, m0 * b0 + float(w_min.sum()) / world, float(finish[np.isfinite(finish)].max()) + rest)
     return _smallest_ok(ok, lo, hi)

@@ -29,7 +29,6 @@ from planner.cost import CostModel
 from planner.types import GroupShape
 
 T = TypeVar("T")
-SPLITS = ("contiguous", "balanced", "mixed", "timed")
 
 
 def check_lengths(lengths: list[int] | np.ndarray, cost: CostModel, shapes: list[GroupShape]) -> np.ndarray:

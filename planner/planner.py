@@ -94,10 +94,11 @@ class Planner:
         finish = np.where(fits, tmat + beta[None, :], np.inf).min(axis=1)
         work = np.where(fits, tmat * sizes[None, :], np.inf).min(axis=1)
         split_deadline = t0 + 0.5 * self.config.time_limit_s
+        memo: dict[tuple[str, bytes], float] = {}  # part bounds: the split search's estimate, then its plan
         choice = search_split(
             arr, work, finish, capacity, self.world, float(beta.min()),
-            lambda ids: self._micro_fast(fulls, ids, split_deadline), lambda ms: sum(m.time_s for m in ms),
-            lambda ids: min(self._fluid(f.take(ids)) for f in fulls.values()), split_deadline,
+            lambda ids: self._micro_fast(fulls, ids, split_deadline, memo), lambda ms: sum(m.time_s for m in ms),
+            lambda ids: min(self._part_bound(f, ids, memo) for f in fulls.values()), split_deadline,
             self.config.max_extra_micro_steps,
         )  # fmt: skip
         micro = []
@@ -142,17 +143,32 @@ class Planner:
     def _cost(self, inst: Instance) -> CostModel:
         return self.costs[inst.mode or self.modes[0]]
 
-    def _micro_fast(self, fulls: dict[str, Instance], ids: np.ndarray, deadline: float) -> MicroStep | None:
+    def _micro_fast(
+        self, fulls: dict[str, Instance], ids: np.ndarray, deadline: float, memo: dict[tuple[str, bytes], float]
+    ) -> MicroStep | None:
         """The fastest of the part's fast plans over the checkpointing modes the planner may choose."""
-        plans = [p for p in (self._micro_greedy(f, ids, deadline) for f in fulls.values()) if p is not None]
+        plans = [p for p in (self._micro_greedy(f, ids, deadline, memo) for f in fulls.values()) if p is not None]
         return min(plans, key=lambda p: p.time_s) if plans else None
 
-    def _micro_greedy(self, full: Instance, ids: np.ndarray, deadline: float = math.inf) -> MicroStep | None:
+    def _part_bound(self, full: Instance, ids: np.ndarray, memo: dict[tuple[str, bytes], float] | None) -> float:
+        """The fluid bound of a part, computed once per (mode, part) within one ``plan`` call."""
+        key = (full.mode, np.asarray(ids).tobytes())
+        if memo is None or key not in memo:
+            bound = self._fluid(full.take(ids))
+            if memo is None:
+                return bound
+            memo[key] = bound
+        return memo[key]
+
+    def _micro_greedy(
+        self, full: Instance, ids: np.ndarray, deadline: float = math.inf,
+        memo: dict[tuple[str, bytes], float] | None = None,
+    ) -> MicroStep | None:  # fmt: skip
         """The fast plan of a part (scores splits): fluid bound, greedy, local search; None if it cannot fit."""
         sub = full.take(ids)
         if sub.lengths.sum() > sub.capacity.max() / sub.sizes.max() * self.world:
             return None
-        bound = self._fluid(sub)
+        bound = self._part_bound(full, ids, memo)
         if not np.isfinite(bound):
             return None  # a sequence fits no shape in this mode
         inst = sub if self._exact_size(sub) <= self.config.exact_max_pairs else self._pruned(sub)

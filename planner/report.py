@@ -104,7 +104,6 @@ def plan_json(plan: StepPlan, default_checkpointing: str = "") -> dict:
         "planned_s": plan.time_s,
         "lower_bound_s": plan.lower_bound_s,
         "gap": plan.gap,
-        "step_bound_s": plan.lower_bound_s,
         "split_bound_s": plan.split_bound_s,
         "split": plan.split,
         "solve_s": plan.solve_s,
