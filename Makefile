@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: train test lint typecheck pytest plan clean
+.PHONY: train test lint typecheck pytest plan clean gpu-deps gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,20 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The CUDA path on a GPU machine (TORCH_SPEC must name a CUDA build of torch). flash-attn 2.8.3 has no wheel
+# for torch 2.13: it is built here against the installed torch (nvcc of the torch's CUDA major, ninja;
+# MAX_JOBS bounds the compiler's memory, ~4 GB a job), then checked to load.
+MAX_JOBS ?= 8
+FLASH_SPEC ?= flash-attn==2.8.3
+gpu-deps: $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,mpi,gpu]"
+	MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install --no-build-isolation --no-cache-dir "$(FLASH_SPEC)"
+	$(BIN)/python -c "from sp.kernels import flash_attn_status as s; p = s(); print(p or 'flash-attn loads'); raise SystemExit(p is not None)"
+
+gpu-check: gpu-deps
+	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
+	$(BIN)/sp-bench gpu
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache .mypy_cache .ruff_cache

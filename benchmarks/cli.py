@@ -6,6 +6,7 @@ sp-bench planner [--lengths WIKI.txt.gz data/lengths/code_files.txt.gz] [--steps
 sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none]
 sp-bench longctx [--tokens 131072] [--world 8]
 sp-bench cpu-kernel [--head-dims 32 64 128] [--keys 512 4096]
+sp-bench flash-geometry [--tokens 131072] [--ring 1 4]   # host side of the flash ring step, on the CPU
 sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
 """
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ck = sub.add_parser("cpu-kernel", help="torch's fused CPU attention op vs our reference kernel (fwd+bwd)")
     ck.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     ck.add_argument("--keys", type=int, nargs="+", default=[512, 4096])
+    fg = sub.add_parser("flash-geometry", help="flash ring-step calls, host index time and gather bytes (CPU)")
+    fg.add_argument("--tokens", type=int, nargs="+", default=[131072])
+    fg.add_argument("--ring", type=int, nargs="+", default=[1, 4])
     gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
     gp.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 131072])
     gp.add_argument("--steps", type=int, default=3)
@@ -63,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.cpu_kernel import run as run_cpu_kernel
 
         for row in run_cpu_kernel(args.head_dims, args.keys):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "flash-geometry":
+        from benchmarks.flash_geometry import run as run_geometry
+
+        for row in run_geometry(args.tokens, args.ring):
             print(json.dumps(row), flush=True)
     elif args.cmd == "gpu":
         from benchmarks.gpu import run as run_gpu

@@ -10,8 +10,10 @@ One JSON object per line.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,51 +24,81 @@ def _rel(x: Any, ref: Any) -> float:
     return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def kernel_checks() -> list[dict]:
+def lse_errors(lse: Any, ref: Any) -> dict:
+    """lse compared where the reference is finite (rows that see no key are -inf in both: their difference
+    would be NaN), and the -inf pattern compared on its own."""
+    import torch
+
+    fin = torch.isfinite(ref)
+    err = float((lse.double()[fin] - ref[fin]).abs().max()) if bool(fin.any()) else 0.0
+    return {"lse_max_abs_err": err, "lse_inf_rows_match": bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref)))}
+
+
+def merged(results: list, rows: int, heads: int, dim: int, device: Any) -> tuple[Any, Any]:
+    """(out, lse) of a ring step from per-call results (``forward_pairs`` returns one per kernel call: a
+    flash kernel may split a pair in two), merged as the ring merges them, in float64."""
+    import torch
+
+    from sp.merge import merge_into
+
+    out = torch.zeros(rows, heads, dim, dtype=torch.float64, device=device)
+    lse = torch.full((heads, rows), float("-inf"), dtype=torch.float64, device=device)
+    for r, o, l_ in results:
+        merge_into(out[r], lse[:, r], o.double(), l_.double())
+    return out, lse
+
+
+# (q rows, k rows, q pos, k pos, causal): diagonal, offset causal, rows that see no key, full
+BLOCK_CASES = [(1024, 1024, 0, 0, True), (512, 1536, 1024, 0, True), (700, 300, 0, 200, True),
+               (512, 512, 2048, 0, False)]  # fmt: skip
+STEP_PAIRS = [(0, 1024, 0, 1024, 0, 0, True), (1024, 1024, 0, 2048, 3072, 0, False), (2048, 2048, 2048, 2048, 0, 0,
+              True), (0, 512, 3072, 512, 512, 0, True)]  # fmt: skip
+
+
+def kernel_checks(device: str = "cuda", flash: Any = None, heads: tuple[int, int] = (32, 8), dim: int = 128,
+                  rows: int = 4096, shrink: int = 1) -> list[dict]:  # fmt: skip
+    """The flash kernel (``flash``: default the real one) against the float64 reference in bf16: single
+    pairs (forward, fused backward from the final out/lse) and one batched varlen ring step. ``shrink``
+    divides every length (the CPU test runs this with flash-attn stand-ins at a smaller size)."""
     import torch
 
     from sp.kernels import FlashKernel, TorchKernel, backward_pairs, forward_pairs
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
-    flash, ref = FlashKernel(), TorchKernel()
-    for nq, nk, q_pos, k_pos, mask in [(1024, 1024, 0, 0, True), (512, 1536, 1024, 0, True), (700, 300, 0, 200, True),
-                                       (512, 512, 2048, 0, False)]:  # fmt: skip
-        q, k, v, do = (torch.randn(n, h, 128, device="cuda", generator=g).bfloat16()
-                       for n, h in ((nq, 32), (nk, 8), (nk, 8), (nq, 32)))  # fmt: skip
-        out, lse = flash.forward(q, k, v, q_pos, k_pos, mask, 128**-0.5)
-        r_out, r_lse = ref.forward(q.double(), k.double(), v.double(), q_pos, k_pos, mask, 128**-0.5)
-        grads = flash.backward(do, q, k, v, r_out.bfloat16(), r_lse.float(), q_pos, k_pos, mask, 128**-0.5)
+    g = torch.Generator(device=device).manual_seed(0)
+    h, hk = heads
+    scale = dim**-0.5
+    flash, ref = flash or FlashKernel(), TorchKernel()
+    out_rows = []
+    for nq, nk, q_pos, k_pos, mask in [tuple(x // shrink for x in c[:4]) + (c[4],) for c in BLOCK_CASES]:
+        q, k, v, do = (torch.randn(n, hh, dim, device=device, generator=g).bfloat16()
+                       for n, hh in ((nq, h), (nk, hk), (nk, hk), (nq, h)))  # fmt: skip
+        out, lse = flash.forward(q, k, v, q_pos, k_pos, mask, scale)
+        r_out, r_lse = ref.forward(q.double(), k.double(), v.double(), q_pos, k_pos, mask, scale)
+        grads = flash.backward(do, q, k, v, r_out.bfloat16(), r_lse.float(), q_pos, k_pos, mask, scale)
         r_grads = ref.backward(do.double(), q.double(), k.double(), v.double(), r_out, r_lse, q_pos, k_pos, mask,
-                               128**-0.5)  # fmt: skip
-        rows.append({
+                               scale)  # fmt: skip
+        out_rows.append({
             "case": f"flash_block/{nq}x{nk}/q{q_pos}k{k_pos}/{'causal' if mask else 'full'}",
-            "out_rel_err": _rel(out, r_out), "lse_max_abs_err": float((lse.double() - r_lse).abs().max()),
+            "out_rel_err": _rel(out, r_out), **lse_errors(lse, r_lse),
             **{f"d{n}_rel_err": _rel(a, b) for n, a, b in zip("qkv", grads, r_grads)},
             "one_bf16_rounding": _rel(r_out.bfloat16(), r_out),
         })  # fmt: skip
-    q, k, v, do = (torch.randn(4096, h, 128, device="cuda", generator=g).bfloat16() for h in (32, 8, 8, 32))
-    pairs = [(0, 1024, 0, 1024, 0, 0, True), (1024, 1024, 0, 2048, 3072, 0, False), (2048, 2048, 2048, 2048, 0, 0,
-             True), (0, 512, 3072, 512, 512, 0, True)]  # fmt: skip
-    got = forward_pairs(flash, q, k, v, pairs, 128**-0.5)
-    want = forward_pairs(ref, q.double(), k.double(), v.double(), pairs, 128**-0.5)
-    err = max(_rel(a[1], b[1]) for a, b in zip(got, want))
-    grads = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
-    r_grads = [torch.zeros(x.shape, device="cuda", dtype=torch.float64) for x in (q, k, v)]
-    out = torch.zeros(q.shape, device="cuda", dtype=torch.float64)
-    lse = torch.full((32, 4096), float("-inf"), device="cuda", dtype=torch.float64)
-    from sp.merge import merge_into
-
-    for rows_, o, l_ in want:
-        merge_into(out[rows_], lse[:, rows_], o, l_)
-    backward_pairs(flash, do, q, k, v, out.bfloat16(), lse.float(), pairs, 128**-0.5, *grads)
-    backward_pairs(ref, do.double(), q.double(), k.double(), v.double(), out, lse, pairs, 128**-0.5, *r_grads)
-    rows.append({"case": "flash_varlen_step", "out_rel_err": err,
-                 **{f"d{n}_rel_err": _rel(a, b) for n, a, b in zip("qkv", grads, r_grads)}})  # fmt: skip
-    return rows
+    n = rows // shrink
+    q, k, v, do = (torch.randn(n, hh, dim, device=device, generator=g).bfloat16() for hh in (h, hk, hk, h))
+    pairs = [tuple(x // shrink for x in p[:6]) + (p[6],) for p in STEP_PAIRS]
+    got = merged(forward_pairs(flash, q, k, v, pairs, scale), n, h, dim, device)
+    out, lse = merged(forward_pairs(ref, q.double(), k.double(), v.double(), pairs, scale), n, h, dim, device)
+    grads = [torch.zeros(x.shape, device=device) for x in (q, k, v)]
+    r_grads = [torch.zeros(x.shape, device=device, dtype=torch.float64) for x in (q, k, v)]
+    backward_pairs(flash, do, q, k, v, out.bfloat16(), lse.float(), pairs, scale, *grads)
+    backward_pairs(ref, do.double(), q.double(), k.double(), v.double(), out, lse, pairs, scale, *r_grads)
+    out_rows.append({"case": "flash_varlen_step", "out_rel_err": _rel(got[0], out), **lse_errors(got[1], lse),
+                     **{f"d{n}_rel_err": _rel(a, b) for n, a, b in zip("qkv", grads, r_grads)}})  # fmt: skip
+    return out_rows
 
 
-def training(tokens_list: list[int], steps: int) -> list[dict]:
+def training(tokens_list: list[int], steps: int) -> Iterator[dict]:
+    """One row per document length, yielded as it finishes."""
     import torch
     import torch.distributed as dist
 
@@ -79,7 +111,6 @@ def training(tokens_list: list[int], steps: int) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="sp-bench-gpu-"))
     dist.init_process_group("cpu:gloo,cuda:nccl", store=dist.FileStore(str(work / "store"), 1), rank=0,
                             world_size=1, device_id=torch.device("cuda", 0))  # fmt: skip
-    rows = []
     try:
         for tokens in tokens_list:
             data = work / f"doc{tokens}.jsonl"
@@ -94,12 +125,14 @@ def training(tokens_list: list[int], steps: int) -> list[dict]:
                                   checkpoint_every=0, resume=False, picture_every=0, memory_every=1,
                                   sharding="fsdp", precision="bf16"),
             )  # fmt: skip
+            gc.collect()  # earlier rows' models live on in reference cycles and would inflate this row's peak
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             tr = Trainer(job)
             losses = tr.run()
             times = tr.step_times  # device-synchronised per step
             v = tr.last_values
-            rows.append({
+            yield {
                 "case": f"train/{MID['name']}/{tokens // 1024}K/fsdp/bf16/full", "tokens": tokens,
                 "step_s": times, "tokens_per_s": tokens / min(times[1:] or times),
                 "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -109,18 +142,23 @@ def training(tokens_list: list[int], steps: int) -> list[dict]:
                 "state_bytes": int(v["memory/states_gib"] * 2**30),
                 "state_bytes_predicted": int(v["memory/states_predicted_gib"] * 2**30),
                 "peak_predicted_gib": tr.cost.memory_gib(tokens, 1), "loss": losses[-1],
-            })  # fmt: skip
+            }  # fmt: skip
             del tr
-            torch.cuda.empty_cache()
     finally:
         dist.destroy_process_group()
-    return rows
 
 
-def run(tokens: list[int], steps: int) -> list[dict]:
+def run(tokens: list[int], steps: int) -> Iterator[dict]:
+    """Every row, yielded as soon as it is measured (a crash in a later row keeps the earlier ones)."""
     import torch
 
+    from sp.kernels import flash_attn_status
+
     if not torch.cuda.is_available():
-        raise SystemExit("sp-bench gpu needs a CUDA GPU (and flash-attn: pip install '.[gpu]')")
+        raise SystemExit("sp-bench gpu needs a CUDA GPU (and flash-attn: see the README's 'GPU install')")
+    problem = flash_attn_status()
+    if problem:
+        raise SystemExit(f"sp-bench gpu: {problem}")
     os.environ.setdefault("LOCAL_RANK", "0")
-    return kernel_checks() + training(tokens, steps)
+    yield from kernel_checks()
+    yield from training(tokens, steps)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sp.kernels import _lse_dtype, compute_dtype
+from sp.kernels import TILE_ROWS, _lse_dtype, compute_dtype
 
 TopLeftCall = tuple[int, int, int, int, bool]  # (first query row, end row, first key, end key, causal)
 
@@ -40,6 +40,8 @@ def topleft_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[
 
 class CpuFusedKernel:
     """Same interface as :class:`sp.kernels.TorchKernel` (q [nq, h, d], k/v [nk, hk, d]; lse [h, nq])."""
+
+    tile_rows: int | None = TILE_ROWS  # the op's working set grows with rows x keys: the ring tiles for it
 
     def __init__(self) -> None:
         self._fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

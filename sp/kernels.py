@@ -18,6 +18,7 @@ Registry: ``torch`` (reference, any device, float64-exact) and ``flash`` (CUDA +
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -47,6 +48,11 @@ def classify(q_pos: int, nq: int, k_pos: int, nk: int, seqlen: int, causal: bool
 
 
 class Kernel(Protocol):
+    """A block kernel. ``tile_rows``: the ring cuts pairs into query tiles of that many rows (the kernel's
+    score memory is ``tile x keys``); None: pairs go whole (flash keeps no score matrix)."""
+
+    tile_rows: int | None
+
     def forward(
         self,
         q: torch.Tensor,
@@ -73,6 +79,9 @@ class Kernel(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
+TILE_ROWS = 512  # query rows per call for kernels that materialise a score tile (reference, CPU fused)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision inputs, the input dtype otherwise: what kernels compute and accumulate in."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -86,6 +95,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class TorchKernel:
     """Plain-softmax reference in PyTorch. GQA: q heads ``h = hk * g`` use kv head ``h // g``."""
+
+    tile_rows: int | None = TILE_ROWS  # its score tile is [tile, keys]: the ring tiles pairs for it
 
     def _scores(self, q, k, q_pos, k_pos, mask, scale):
         nq, h, d = q.shape
@@ -178,12 +189,13 @@ def flash_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[Fl
     j <= t + nk - nq); ours is by true position (row i sees key j <= i + q_pos - k_pos). With
     ``off = q_pos - k_pos`` the rows split in three: rows ``i < -off`` see no key (no call: out 0, lse -inf);
     rows ``[e, f)`` are causal, called with keys cut to ``f + off`` so that bottom-right alignment equals
-    ours; rows ``i >= nk - 1 - off`` see every key (one unmasked call)."""
+    ours (``f = nk - off``: the last row that fits sees every key of the cut); rows ``i >= nk - off`` see
+    every key (one unmasked call). A diagonal pair (``nq == nk``, ``off == 0``) is one causal call."""
     if not mask:
         return [(0, nq, nk, False)]
     off = q_pos - k_pos
     e = min(nq, max(0, -off))
-    f = min(nq, max(e, nk - 1 - off))
+    f = min(nq, max(e, nk - off))  # the causal call's keys f + off <= nk: a diagonal tile is one call
     calls = []
     if f > e:
         calls.append((e, f, f + off, True))
@@ -204,12 +216,31 @@ _FLASH_DEFAULTS: dict[str, Any] = {
 }
 
 
+def parameter_names(fn: Callable[..., Any]) -> set[str]:
+    """The named parameters ``fn`` really takes. flash-attn >= 2.7 on torch >= 2.4 wraps its private
+    ``_flash_attn_backward`` / ``_flash_attn_varlen_backward`` in ``torch.library.custom_op``: the wrapper's
+    own signature is ``(*args, **kwargs)``; the wrapped function (``_init_fn``) or the op's schema has the
+    real one. A callable whose names cannot be read is an error, never a call with every argument dropped."""
+    import inspect
+
+    fn = inspect.unwrap(fn)
+    init = getattr(fn, "_init_fn", None)  # torch.library.CustomOpDef
+    if init is not None:
+        return set(inspect.signature(init).parameters)
+    schema = getattr(fn, "_schema", None)  # a torch.ops OpOverload
+    if schema is not None:
+        return {a.name for a in schema.arguments}
+    params = inspect.signature(fn).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if not named:
+        raise TypeError(f"cannot read the parameter names of {fn!r}: its signature is {inspect.signature(fn)}")
+    return named
+
+
 def _by_name(fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Call ``fn`` with the keyword arguments its signature has: flash-attn's private functions gained and
     renamed parameters across 2.x releases (window_size -> window_size_left/right, softcap)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
+    params = parameter_names(fn)
     return fn(**{k: v for k, v in {**_FLASH_DEFAULTS, **kwargs}.items() if k in params})
 
 
@@ -223,6 +254,7 @@ class FlashKernel:
 
     impl: Callable[..., Any] | None = None
     backward_impl: Callable[..., Any] | None = None
+    tile_rows: int | None = None  # flash's memory is linear in the rows: pairs go whole, never tiled
     varlen_impl: Callable[..., Any] | None = None
     varlen_backward_impl: Callable[..., Any] | None = None
     half_only: bool = True
@@ -263,9 +295,10 @@ class FlashKernel:
 
     @staticmethod
     def _packing(entries: list[tuple[int, int, int, int]], device: torch.device):
-        """Row indices that pack the entries' q and k rows, their cu_seqlens (int32) and max lengths."""
-        qi = torch.cat([torch.arange(a, a + n) for a, n, _, _ in entries]).to(device)
-        ki = torch.cat([torch.arange(a, a + n) for _, _, a, n in entries]).to(device)
+        """Row selections that pack the entries' q and k rows (:class:`Rows`), their cu_seqlens (int32) and
+        max lengths."""
+        qi = Rows.of([(a, n) for a, n, _, _ in entries], device)
+        ki = Rows.of([(a, n) for _, _, a, n in entries], device)
         nq = torch.tensor([0] + [n for _, n, _, _ in entries]).cumsum(0).to(device, torch.int32)
         nk = torch.tensor([0] + [n for _, _, _, n in entries]).cumsum(0).to(device, torch.int32)
         return qi, ki, nq, nk, max(n for _, n, _, _ in entries), max(n for _, _, _, n in entries)
@@ -279,9 +312,9 @@ class FlashKernel:
             if not entries:
                 continue
             qi, ki, cq, ck, mq, mk = self._packing(entries, q.device)
-            o, l_, _ = _by_name(fwd, q=q.index_select(0, qi), k=k.index_select(0, ki), v=v.index_select(0, ki),
-                                cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk,
-                                softmax_scale=scale, causal=causal, return_attn_probs=True)  # fmt: skip
+            o, l_, _ = _by_name(fwd, q=qi.take(q), k=ki.take(k), v=ki.take(v), cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                max_seqlen_q=mq, max_seqlen_k=mk, softmax_scale=scale, causal=causal,
+                                return_attn_probs=True)  # fmt: skip
             l_ = _varlen_lse(l_, cq)  # [h, total q rows]
             l_ = torch.where(torch.isposinf(l_), float("-inf"), l_)
             off = 0
@@ -298,15 +331,16 @@ class FlashKernel:
             if not entries:
                 continue
             qi, ki, cq, ck, mq, mk = self._packing(entries, q.device)
-            qp, kp, vp = q.index_select(0, qi), k.index_select(0, ki), v.index_select(0, ki)
+            qp, kp, vp = qi.take(q).contiguous(), ki.take(k).contiguous(), ki.take(v).contiguous()
             bq, bk, bv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
-            _by_name(bwd, dout=dout.index_select(0, qi), q=qp, k=kp, v=vp, out=out.index_select(0, qi),
-                     softmax_lse=lse.index_select(1, qi).to(lse_dt).contiguous(), dq=bq, dk=bk, dv=bv,
-                     cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq, max_seqlen_k=mk, softmax_scale=scale,
-                     causal=causal)  # fmt: skip
-            dq.index_add_(0, qi, bq.to(dq.dtype))
-            dk.index_add_(0, ki, bk.to(dk.dtype))
-            dv.index_add_(0, ki, bv.to(dv.dtype))
+            # lse [h, T] -transpose-> [T, h] -take rows-> [n, h] -transpose-> [h, n]
+            row_lse = qi.take(lse.T).T.to(lse_dt).contiguous()
+            _by_name(bwd, dout=qi.take(dout).contiguous(), q=qp, k=kp, v=vp, out=qi.take(out).contiguous(),
+                     softmax_lse=row_lse, dq=bq, dk=bk, dv=bv, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq,
+                     max_seqlen_k=mk, softmax_scale=scale, causal=causal)  # fmt: skip
+            qi.add_into(dq, bq)
+            ki.add_into(dk, bk)
+            ki.add_into(dv, bv)
 
     def forward(self, q, k, v, q_pos, k_pos, mask, scale):
         self._check(q)
@@ -345,6 +379,38 @@ class FlashKernel:
         return dq, dk, dv
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A selection of rows, packed in order: a plain slice when the runs are consecutive (a view: no copy,
+    the common case of whole pairs), else a gather index (rows may repeat: causal prefixes of tiles)."""
+
+    span: slice | None
+    index: torch.Tensor | None
+
+    @staticmethod
+    def of(runs: list[tuple[int, int]], device: torch.device) -> Rows:
+        if all(a + n == b for (a, n), (b, _) in zip(runs, runs[1:])):
+            return Rows(slice(runs[0][0], runs[-1][0] + runs[-1][1]), None)
+        return Rows(None, torch.cat([torch.arange(a, a + n) for a, n in runs]).to(device))
+
+    def numel(self) -> int:
+        if self.span is not None:
+            return self.span.stop - self.span.start
+        assert self.index is not None
+        return self.index.numel()
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected rows of ``x`` (dim 0)."""
+        return x[self.span] if self.span is not None else x.index_select(0, self.index)  # type: ignore[arg-type]
+
+    def add_into(self, acc: torch.Tensor, rows: torch.Tensor) -> None:
+        """``acc[selected rows] += rows`` (repeated rows add up)."""
+        if self.span is not None:
+            acc[self.span] += rows.to(acc.dtype)
+        else:
+            acc.index_add_(0, self.index, rows.to(acc.dtype))  # type: ignore[arg-type]
+
+
 def _varlen_lse(lse: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """flash-attn's varlen ``softmax_lse`` as ``[h, total]``: releases before 2.5 pad it to
     ``[batch, h, max_seqlen]``, later ones return ``[h, total]``."""
@@ -364,13 +430,45 @@ def _cpu_fused() -> Kernel:
 KERNELS: dict[str, Callable[[], Any]] = {"torch": TorchKernel, "flash": FlashKernel, "cpu_fused": _cpu_fused}
 
 
+FLASH_INSTALL = (
+    "MAX_JOBS=8 pip install --no-build-isolation --no-cache-dir 'flash-attn==2.8.3' (needs nvcc and "
+    "ninja; or `make gpu-deps`; see the README's 'GPU install')"
+)
+
+
+@functools.cache
+def flash_attn_status() -> str | None:
+    """None when flash-attn's CUDA extension loads; else why not, in one line. A flash-attn built against
+    another torch passes ``find_spec`` and then fails on its first import with an undefined C++ symbol (the
+    torch ABI changed): that case is named as such, with the rebuild command."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return f"flash-attn is not installed: {FLASH_INSTALL}"
+    try:
+        version = importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    try:
+        import flash_attn.flash_attn_interface  # noqa: F401  (loads flash_attn_2_cuda)
+    except (ImportError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "undefined symbol" in msg:
+            return (
+                f"flash-attn {version} is installed but was built against another torch (this is torch "
+                f"{torch.__version__}; {msg}); rebuild it: pip uninstall -y flash-attn && {FLASH_INSTALL}"
+            )
+        return f"flash-attn {version} is installed but does not import ({msg}); reinstall: {FLASH_INSTALL}"
+    return None
+
+
 def get_kernel(name: str) -> Kernel:
     if name not in KERNELS:
         raise ValueError(f"unknown attention kernel {name!r}; valid kernels: {sorted(KERNELS)}")
     if name == "flash":  # the real one; tests register CPU stand-ins under other names
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError as e:
-            raise ValueError("kernel 'flash' needs the flash_attn package (pip install '.[gpu]') and CUDA") from e
+        problem = flash_attn_status()
+        if problem is not None:
+            raise ValueError(f"kernel 'flash' needs CUDA and a working flash-attn: {problem}")
     kernel: Kernel = KERNELS[name]()
     return kernel

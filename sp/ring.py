@@ -24,7 +24,16 @@ import torch
 
 from sp.comm import Exchange, bytes_of, ring_exchange
 from sp.context import SPContext
-from sp.kernels import BlockPair, Kernel, Visibility, backward_pairs, classify, compute_dtype, forward_pairs
+from sp.kernels import (
+    TILE_ROWS,
+    BlockPair,
+    Kernel,
+    Visibility,
+    backward_pairs,
+    classify,
+    compute_dtype,
+    forward_pairs,
+)
 from sp.layout import Segment
 from sp.merge import merge_into
 
@@ -38,11 +47,11 @@ class RingStats:
 
 
 Pair = tuple[Segment, Segment, bool, int]  # (q segment, k segment, causal mask?, valid keys)
-TILE = 512  # query rows per kernel call
 
 
-def block_pairs(ctx: SPContext, src: int) -> list[Pair]:
-    """Visible (q segment, k segment) pairs between my ring-local rows and ring rank ``src``'s K/V."""
+def block_pairs(ctx: SPContext, src: int, tile: int | None = TILE_ROWS) -> list[Pair]:
+    """Visible (q segment, k segment) pairs between my ring-local rows and ring rank ``src``'s K/V, cut into
+    query tiles of ``tile`` rows (None: whole segments, for kernels that keep no score matrix)."""
     by_seq: dict[int, list[Segment]] = {}
     for ks in ctx.ring_segments[src]:
         by_seq.setdefault(ks.seq, []).append(ks)
@@ -50,17 +59,17 @@ def block_pairs(ctx: SPContext, src: int) -> list[Pair]:
     lens = ctx.layout.seqlens
     for qs in ctx.ring_segments[ctx.ring_rank]:
         for ks in by_seq.get(qs.seq, ()):
-            pairs.extend(_tiles(qs, ks, lens[qs.seq], ctx.causal))
+            pairs.extend(_tiles(qs, ks, lens[qs.seq], ctx.causal, tile or max(qs.length, 1)))
     return pairs
 
 
-def _tiles(qs: Segment, ks: Segment, seqlen: int, causal: bool) -> list[Pair]:
-    """The visible pairs of query tiles (``TILE`` rows) against ``ks``. Tiling bounds a block's score matrix
-    to ``TILE x keys`` and, for causal pairs, cuts each tile's keys at its last position, so the kernel skips
+def _tiles(qs: Segment, ks: Segment, seqlen: int, causal: bool, rows: int) -> list[Pair]:
+    """The visible pairs of query tiles (``rows`` rows) against ``ks``. Tiling bounds a block's score matrix
+    to ``rows x keys`` and, for causal pairs, cuts each tile's keys at its last position, so the kernel skips
     the masked upper triangle (about half the work of a long diagonal block)."""
     out: list[Pair] = []
-    for a in range(0, qs.length, TILE):
-        n = min(TILE, qs.length - a)
+    for a in range(0, qs.length, rows):
+        n = min(rows, qs.length - a)
         tile = Segment(qs.seq, qs.start + a, n, qs.pos + a)
         keys = min(ks.length, tile.pos + n - ks.pos) if causal else ks.length
         vis, nk = classify(tile.pos, n, ks.pos, max(keys, 0), seqlen, causal)
@@ -101,7 +110,9 @@ def ring_forward(
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         if mode != "comm":
-            for qr, o, l_ in forward_pairs(kernel, q, kv[0], kv[1], _rows(block_pairs(ctx, (i - step) % r)), scale):
+            for qr, o, l_ in forward_pairs(
+                kernel, q, kv[0], kv[1], _rows(block_pairs(ctx, (i - step) % r, kernel.tile_rows)), scale
+            ):
                 merge_into(out[qr], lse[:, qr], o.to(acc), l_.to(acc))
         if nxt is not None:
             kv = nxt.wait()
@@ -131,7 +142,7 @@ def ring_backward(
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # contribution to ring rank i - step's block
         if mode != "comm":
-            pairs = _rows(block_pairs(ctx, (i - step) % r))
+            pairs = _rows(block_pairs(ctx, (i - step) % r, kernel.tile_rows))
             backward_pairs(kernel, dout, q, kv[0], kv[1], out, lse, pairs, scale, dq, dkv[0], dkv[1])
         if dkv_in is not None:
             dkv += dkv_in.wait()

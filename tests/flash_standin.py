@@ -38,11 +38,37 @@ def register() -> None:
     KERNELS["flash_cpu"] = partial(FlashKernel, **STANDINS, half_only=False)
 
 
-def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
-                         window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                         deterministic=False, rng_state=None):  # fmt: skip
-    """flash-attn 2.7's private backward: gradients of one call from the given (out, softmax_lse), written
-    into dq/dk/dv (kv heads summed over their query-head group), bottom-right causal."""
+@torch.library.custom_op("sp_standin::_flash_attn_backward", mutates_args=("dq", "dk", "dv"), device_types="cpu")
+def _flash_attn_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: torch.Tensor | None,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """flash-attn 2.8.3's private backward, wrapped as it wraps it (``torch.library.custom_op``: the object's
+    signature is ``(*args, **kwargs)``, no parameter has a default but ``rng_state``): gradients of one call
+    from the given (out, softmax_lse), written into dq/dk/dv (kv heads summed over their query-head group),
+    bottom-right causal; returns softmax_d."""
+    assert dq is not None and dk is not None and dv is not None
+    _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
+    return torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+def _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal):
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     g = h // hk
@@ -59,6 +85,7 @@ def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
     dp = torch.einsum("bqhd,bkhd->bhqk", do, vf)
     ds = p * (dp - delta) * softmax_scale
     dq.copy_(torch.einsum("bhqk,bkhd->bqhd", ds, kf))
+    # [b, sk, h, d] -view-> [b, sk, hk, g, d] -sum-> [b, sk, hk, d]
     dk.copy_(torch.einsum("bhqk,bqhd->bkhd", ds, q.to(cd)).view(b, sk, hk, g, d).sum(3))
     dv.copy_(torch.einsum("bhqk,bqhd->bkhd", p, do).view(b, sk, hk, g, d).sum(3))
 
@@ -82,16 +109,41 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse, None) if return_attn_probs else out
 
 
-def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left=-1,
-                                window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False,
-                                rng_state=None):  # fmt: skip
+@torch.library.custom_op("sp_standin::_flash_attn_varlen_backward", mutates_args=("dq", "dk", "dv"), device_types="cpu")
+def _flash_attn_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: torch.Tensor | None,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """flash-attn 2.8.3's varlen backward, custom-op wrapped like the real one (packed ``[total, h, d]``)."""
+    assert dq is not None and dk is not None and dv is not None
+    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         a, b, c, e = cq[i], cq[i + 1], ck[i], ck[i + 1]
-        _flash_attn_backward(dout[a:b][None], q[a:b][None], k[c:e][None], v[c:e][None], out[a:b][None],
-                             softmax_lse[:, a:b][None], dq[a:b][None], dk[c:e][None], dv[c:e][None], 0.0,
-                             softmax_scale, causal)  # fmt: skip
+        _backward_into(dout[a:b][None], q[a:b][None], k[c:e][None], v[c:e][None], out[a:b][None],
+                       softmax_lse[:, a:b][None], dq[a:b][None], dk[c:e][None], dv[c:e][None], softmax_scale,
+                       causal)  # fmt: skip
+    return torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 STANDINS = {

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
+from sp.kernels import flash_attn_status
+
+_PROBLEM = "no CUDA device" if not torch.cuda.is_available() else flash_attn_status()
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
-        reason="needs CUDA and flash_attn (pip install '.[gpu]')",
-    ),
+    pytest.mark.skipif(_PROBLEM is not None, reason=f"needs CUDA and flash-attn: {_PROBLEM}"),
 ]
 
 

@@ -25,6 +25,7 @@ class GpuMonitor:
 
     def __init__(self, local_rank: int | None = None) -> None:
         self.handle = None
+        self._failed: set[str] = set()
         local = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
         try:
             import pynvml
@@ -40,11 +41,22 @@ class GpuMonitor:
             print(f"[sp-train] NVML unavailable ({type(e).__name__}): no GPU utilisation readings")
 
     def read(self) -> dict[str, float]:
+        """The readings this GPU supports; one that fails (NotSupported under MIG, a GPU lost) is skipped
+        and reported once, never raised into the step."""
         if self.handle is None:
             return {}
-        util = self._nvml.nvmlDeviceGetUtilizationRates(self.handle)
-        mem = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
-        return {"gpu/util_pct": float(util.gpu), "gpu/memory_used_gib": mem.used / 2**30}
+        out: dict[str, float] = {}
+        for name, fn in (("gpu/util_pct", lambda: float(self._nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)),
+                         ("gpu/memory_used_gib",
+                          lambda: self._nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**30)):  # fmt: skip
+            if name in self._failed:
+                continue
+            try:
+                out[name] = fn()
+            except Exception as e:  # pynvml.NVMLError_NotSupported (MIG) and friends
+                self._failed.add(name)
+                print(f"[sp-train] NVML reading {name} unavailable ({type(e).__name__}: {e}); skipped from now on")
+        return out
 
 
 class Board:

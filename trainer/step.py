@@ -139,6 +139,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 
 def _has_flash() -> bool:
+    """flash-attn loads: True; not installed: False (the reference kernel); installed but broken (e.g. built
+    against another torch): an error, since falling back would silently run the slow reference kernel."""
     import importlib.util
 
-    return importlib.util.find_spec("flash_attn") is not None
+    from sp.kernels import flash_attn_status
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    problem = flash_attn_status()
+    if problem is not None:
+        raise ValueError(f"train kernel 'auto' on CUDA: {problem}")
+    return True
