@@ -25,6 +25,27 @@ def usage(prog: str, description: str, groups: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def check_declared(cfg: Any, path: str = "") -> None:
+    """Every key of the composed config is a field of its schema. Hydra's ``+key=value`` adds keys to
+    structured nodes, and ``OmegaConf.to_object`` would then drop them silently: refuse them instead,
+    naming the key and the valid ones (free-form dict fields, e.g. ``model.rope_scaling``, are not checked)."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    typ = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(typ):
+        valid = sorted(f.name for f in dataclasses.fields(typ))
+        for key in cfg:
+            if key not in valid:
+                where = path.rstrip(".") or "the config"
+                raise ValueError(f"unknown config key {path + str(key)!r}; valid keys of {where}: {', '.join(valid)}")
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            check_declared(node, f"{path}{key}.")
+
+
 def run_app(
     config_name: str, prog: str, run: Callable[[Any], object], description: str = "", groups: tuple[str, ...] = ()
 ) -> None:
@@ -41,6 +62,7 @@ def run_app(
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=config_name)
     def _app(cfg: Any) -> None:
         try:
+            check_declared(cfg)
             run(OmegaConf.to_object(cfg))
         except ValueError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)

@@ -11,13 +11,13 @@ import json
 
 
 def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
-    from cli.schema import freeze
+    from cli.schema import freeze, model_shape
     from planner.baselines import all_baselines
     from planner.cost import CostModel
     from planner.lengths import read_lengths, sample_steps
     from planner.planner import Planner, PlannerConfig
     from planner.report import plan_json, summarise, table
-    from planner.types import Cluster, ModelShape
+    from planner.types import Cluster
     from trainer.config import TrainConfig
 
     if cfg.output.format not in ("table", "json"):  # checked before any planning
@@ -27,7 +27,7 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     if not cfg.run.tokens >= 0:
         raise ValueError(f"run.tokens={cfg.run.tokens}; valid: 0 (no run estimate) or > 0, e.g. 2e11")
     sharding = freeze(TrainConfig, cfg.train).sharding  # one setting for sp-train and sp-plan
-    cost = CostModel(freeze(Cluster, cfg.cluster), freeze(ModelShape, cfg.model), cfg.causal, sharding)
+    cost = CostModel(freeze(Cluster, cfg.cluster), model_shape(cfg.model), cfg.causal, sharding)
     pcfg = freeze(PlannerConfig, cfg.planner)
     lc = cfg.lengths
     batches: list = []

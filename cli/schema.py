@@ -25,6 +25,9 @@ def twin(cls: type) -> type:
         hints = typing.get_type_hints(cls)
         fields = []
         for f in dataclasses.fields(cls):
+            if hints[f.name] == dict[str, Any]:  # free-form (model.rope_scaling): an untyped node, so that
+                fields.append((f.name, Any, field(default=None)))  # `key={a: 1}` replaces it whole
+                continue
             if f.default is not dataclasses.MISSING:
                 spec = field(default=f.default)
             elif f.default_factory is not dataclasses.MISSING:
@@ -38,14 +41,28 @@ def twin(cls: type) -> type:
 
 def freeze(cls: type, obj: Any) -> Any:
     """Build the frozen ``cls`` from its twin instance (lists become tuples where the field is a tuple)."""
+    return cls(**fields_of(cls, obj))
+
+
+def fields_of(cls: type, obj: Any) -> dict[str, Any]:
+    """The twin instance's field values as ``cls`` takes them."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         v = getattr(obj, f.name)
         if typing.get_origin(hints[f.name]) is tuple and isinstance(v, list):
             v = tuple(v)
+        if hints[f.name] == dict[str, Any]:
+            v = dict(v or {})
         kwargs[f.name] = v
-    return cls(**kwargs)
+    return kwargs
+
+
+def model_shape(obj: Any) -> ModelShape:
+    """The model of a config node; with ``hf_path`` its architecture comes from the folder's config.json."""
+    from models.hf.config import resolve
+
+    return ModelShape(**resolve(fields_of(ModelShape, obj)))
 
 
 ClusterSchema = twin(Cluster)

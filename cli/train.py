@@ -14,15 +14,15 @@ from pathlib import Path
 
 
 def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
-    from cli.schema import freeze
+    from cli.schema import freeze, model_shape
     from planner.planner import PlannerConfig
-    from planner.types import Cluster, ModelShape
+    from planner.types import Cluster
     from trainer.bootstrap import init_distributed
     from trainer.config import DataConfig, TrainConfig
     from trainer.loop import Trainer, TrainJob
 
     job = TrainJob(
-        model=freeze(ModelShape, cfg.model),
+        model=model_shape(cfg.model),
         cluster=freeze(Cluster, cfg.cluster),
         planner=freeze(PlannerConfig, cfg.planner),
         data=freeze(DataConfig, cfg.data),

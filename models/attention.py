@@ -15,7 +15,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 import sp
-from models.rope import apply_rope
+from models.rope import Rope, apply_rope, rope_tables
 from sp.context import SPContext
 
 
@@ -32,8 +32,7 @@ class SPCoreAttention(MegatronModule):
 
     def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str, **kwargs: Any):
         super().__init__(config=config)
-        self.rope_base = getattr(config, "sp_rope_base", 10000.0)
-        self.use_rope = getattr(config, "sp_use_rope", True)
+        self.rope: Rope | None = getattr(config, "sp_rope", None)  # set by models.gpt; None: no RoPE
 
     def forward(
         self,
@@ -56,9 +55,9 @@ class SPCoreAttention(MegatronModule):
             raise ValueError(f"packed SP batches have batch size 1, got query shape {tuple(query.shape)}")
         # [s, 1, heads, dim] -select batch-> [s, heads, dim]
         q, k, v = query[:, 0], key[:, 0], value[:, 0]
-        if self.use_rope:
-            pos = ctx.position_ids
-            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        if self.rope is not None:
+            cos, sin = rope_tables(self.rope, ctx.position_ids, q.dtype)  # at true in-sequence positions
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = sp.attention(q.contiguous(), k.contiguous(), v.contiguous(), ctx)
         # [s, heads, dim] -reshape-> [s, 1, heads * dim]
         return out.reshape(out.shape[0], 1, -1)

@@ -1,7 +1,12 @@
 """The GPT: megatron-core's ``GPTModel`` on the local layer spec, with :class:`SPCoreAttention` as core attention.
 
-CPU (gloo, megatron-core 0.16.1 on Python 3.11) and CUDA both work: CPU initialisation, no dropout (exact
-training), no Megatron positional embedding (RoPE is applied inside the core attention at true positions).
+CPU (gloo, megatron-core 0.16.1 on Python 3.11) and CUDA both work: no dropout (exact training), no
+Megatron positional embedding (RoPE, with the model's theta and scaling, is applied inside the core attention
+at true positions), RMSNorm with the model's epsilon, optional q/k/v biases (Qwen2) and tied embeddings.
+
+The model is always built on the meta device (no memory, no initialisation); :func:`build_gpt` with a
+``device`` then materialises it and initialises it with :mod:`models.init` (every rank its own rows when
+the trainer shards it first: no rank builds the full model anywhere).
 """
 
 from __future__ import annotations
@@ -12,7 +17,14 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.attention import SPCoreAttention
+from models.init import init_random
+from models.rope import Rope
+from models.shards import materialize
 from planner.types import ModelShape
+
+
+def rope_of(shape: ModelShape) -> Rope:
+    return Rope.of(shape.d_head, shape.theta, shape.rope_scaling, shape.max_position_embeddings)
 
 
 def transformer_config(shape: ModelShape, dtype: torch.dtype = torch.float32) -> TransformerConfig:
@@ -26,29 +38,43 @@ def transformer_config(shape: ModelShape, dtype: torch.dtype = torch.float32) ->
         gated_linear_unit=shape.swiglu,
         activation_func=torch.nn.functional.silu if shape.swiglu else torch.nn.functional.gelu,
         normalization="RMSNorm",
+        layernorm_epsilon=shape.rms_norm_eps,
         add_bias_linear=False,
+        add_qkv_bias=shape.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
+        perform_initialization=False,  # models.init does it, per rank and row block
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         init_method_std=0.02,
     )
+    cfg.sp_rope = rope_of(shape)  # read by SPCoreAttention
     return cfg
 
 
-def build_gpt(shape: ModelShape, max_len: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> GPTModel:
-    """Identical weights on every rank: initialised from ``torch.manual_seed(seed)`` on the CPU."""
+def build_meta(shape: ModelShape, max_len: int, dtype: torch.dtype = torch.float32) -> GPTModel:
+    """The model on the meta device: shapes only (shard it, then materialise and initialise per rank)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SPCoreAttention
-    torch.manual_seed(seed)
-    model = GPTModel(
-        config=transformer_config(shape, dtype),
-        transformer_layer_spec=spec,
-        vocab_size=shape.vocab,
-        max_sequence_length=max_len,
-        position_embedding_type="none",
-        share_embeddings_and_output_weights=False,
-    )
+    with torch.device("meta"):
+        model = GPTModel(
+            config=transformer_config(shape, dtype),
+            transformer_layer_spec=spec,
+            vocab_size=shape.vocab,
+            max_sequence_length=max_len,
+            position_embedding_type="none",
+            share_embeddings_and_output_weights=shape.tie_embeddings,
+        )
+    return model
+
+
+def build_gpt(
+    shape: ModelShape, max_len: int, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> GPTModel:
+    """The whole model on one process, initialised from ``seed`` (:mod:`models.init`): the same weights
+    the trainer's ranks initialise for their own rows."""
+    model = materialize(build_meta(shape, max_len, dtype), torch.device(device))
+    init_random(model, seed, shape.layers)
     return model

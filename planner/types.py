@@ -4,9 +4,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 CHECKPOINTING = ("full", "selective", "none")  # activation checkpointing modes (trainer.sharding)
 SHARDINGS = ("fsdp", "replicate")  # fsdp: ZeRO-3 (states / world); replicate: whole states on every GPU
+
+
+# transformers' rope_scaling keys per rope type (the rope_type key itself aside); the values are computed
+# exactly as transformers computes them (models/rope.py). Other types (dynamic, longrope, ...) are refused.
+ROPE_KEYS: dict[str, dict[str, bool]] = {  # key -> required
+    "default": {},
+    "linear": {"factor": True},
+    "llama3": {"factor": True, "low_freq_factor": True, "high_freq_factor": True,
+               "original_max_position_embeddings": True},
+    "yarn": {"factor": False, "original_max_position_embeddings": True, "beta_fast": False, "beta_slow": False,
+             "attention_factor": False, "mscale": False, "mscale_all_dim": False, "truncate": False},
+}  # fmt: skip
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None, where: str = "model.rope_scaling") -> None:
+    """A clear error for an unknown rope type, an unknown key or a missing one, naming the valid ones."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_KEYS:
+        raise ValueError(f"{where}.rope_type={kind!r}; valid: {sorted(ROPE_KEYS)}")
+    keys = ROPE_KEYS[kind]
+    unknown = sorted(set(scaling) - set(keys) - {"rope_type", "type", "rope_theta"})
+    if unknown:
+        raise ValueError(f"{where} has keys {unknown} that rope_type {kind!r} does not take; valid: {sorted(keys)}")
+    missing = sorted(k for k, req in keys.items() if req and scaling.get(k) is None)
+    if missing:
+        raise ValueError(f"{where} (rope_type {kind!r}) needs {missing}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,12 +94,34 @@ class ModelShape:
     swiglu: bool = True
     checkpointing: str = "full"  # "full" | "selective" | "none"
     bytes_per_value: int = 2  # bf16 activations and communication
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # output layer shares the input embedding (Qwen2 small models)
+    qkv_bias: bool = False  # biases on q, k, v (Qwen2)
+    rope_theta: float | None = None  # RoPE base; None: 10,000, or the Hugging Face config's with hf_path
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # transformers' rope_scaling: {rope_type: ..., ...}
+    hf_path: str | None = None  # a Hugging Face model folder: its config.json sets the architecture fields
+    max_position_embeddings: int = 0  # the HF config's (kept for export; yarn's default factor uses it)
 
     def __post_init__(self) -> None:
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing={self.checkpointing!r}; valid: 'full', 'selective', 'none'")
+        for name in ("layers", "hidden", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)}; valid: >= 1 (with model=hf, set model.hf_path=DIR: "
+                    "a Hugging Face folder whose config.json has the architecture)"
+                )
         if self.heads % self.n_kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.n_kv_heads})")
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            raise ValueError(f"model.rope_theta={self.rope_theta}; valid: a number > 0 (e.g. 500000)")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"model.rms_norm_eps={self.rms_norm_eps}; valid: a number > 0")
+        check_rope_scaling(self.rope_scaling)
+
+    @property
+    def theta(self) -> float:
+        return 10000.0 if self.rope_theta is None else float(self.rope_theta)
 
     @property
     def n_kv_heads(self) -> int:
@@ -91,7 +142,8 @@ class ModelShape:
         return self.layers * (attn + mlp)
 
     def param_shapes(self) -> list[tuple[int, ...]]:
-        """Every parameter's shape, in the Megatron GPT's order (local spec, RMSNorm, untied output layer)."""
+        """Every parameter's shape, in the Megatron GPT's order (local spec, RMSNorm; the output layer unless
+        tied to the embedding)."""
         h, d = self.hidden, self.d_head
         layer = [
             (h,),  # input_layernorm
@@ -101,7 +153,9 @@ class ModelShape:
             ((2 if self.swiglu else 1) * self.d_ffn, h),  # linear_fc1
             (h, self.d_ffn),  # linear_fc2
         ]
-        return [(self.vocab, h), *layer * self.layers, (h,), (self.vocab, h)]
+        if self.qkv_bias:
+            layer.insert(2, ((self.heads + 2 * self.n_kv_heads) * d,))  # linear_qkv.bias
+        return [(self.vocab, h), *layer * self.layers, (h,), *([] if self.tie_embeddings else [(self.vocab, h)])]
 
     @property
     def params(self) -> int:

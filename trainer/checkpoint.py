@@ -114,6 +114,15 @@ def stored_config(path: Path) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """The model's weights alone (no optimiser state, step or data position): each rank reads its shards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+
+
 def load(path: Path, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
     msd, osd = get_state_dict(model, optim)
     state: dict[str, Any] = {"model": msd, "optim": osd}

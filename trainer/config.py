@@ -15,7 +15,7 @@ class DataConfig:
     source: str = "stdlib"  # stdlib | glob | jsonl | indexed
     path: str | None = None  # glob pattern, .jsonl file, or Megatron indexed-dataset prefix (no .bin/.idx)
     text_field: str = "text"
-    tokenizer: str | None = None  # a HuggingFace tokenizers JSON file; None = bytes (vocab 256)
+    tokenizer: str | None = None  # a tokenizers JSON file or a Hugging Face model folder; None = bytes (vocab 256)
     max_len: int = 4096  # longest training sequence (tokens); longer documents are split or rejected
     long_docs: str = "split"  # split | reject
     tokens_per_step: int = 32768
@@ -71,6 +71,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (fp32 master shards) | fp32
     plan_timeout_s: float = 60.0  # the next step's plan is late beyond this: use the greedy plan instead
     memory_every: int = 0  # count bytes saved for backward every N steps (0 = never; costs a little time)
+    init_from: str | None = None  # hf:DIR (Hugging Face weights) or RUN_DIR (weights of one of our runs); None: random
 
     def __post_init__(self) -> None:
         valid = ("adaptive", "ulysses", "ring", "hybrid", "none")
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r}; valid: {list(PRECISIONS)}")
         if not self.plan_timeout_s > 0:
             raise ValueError(f"train.plan_timeout_s={self.plan_timeout_s}; valid: a number of seconds > 0")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("train.init_from=''; valid: null (random), hf:DIR or the folder of one of our runs")
         if self.memory_every < 0:
             raise ValueError(f"train.memory_every={self.memory_every}; valid: 0 (off) or a step count >= 1")
         _check_range("train", self, {

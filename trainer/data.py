@@ -3,7 +3,7 @@
 Sources: the Python standard library's own ``.py`` files (the embedded default: real code with long-tailed
 lengths, no download), a glob of text files, a JSONL file with a text field, or a Megatron indexed dataset
 (``.bin``/``.idx`` from Megatron's preprocess tool, read with megatron-core's ``IndexedDataset``). Tokens are
-bytes (vocab 256) unless a HuggingFace ``tokenizers`` file is named.
+bytes (vocab 256) unless a Hugging Face ``tokenizers`` file or model folder is named.
 
 A document of n tokens is one training sequence of n - 1 (inputs ``t[:-1]``, targets ``t[1:]``). Documents
 longer than ``max_len + 1`` are split into pieces (each target predicted once) or rejected, with a count.
@@ -31,7 +31,9 @@ class Corpus:
         if cfg.tokenizer:
             from tokenizers import Tokenizer
 
-            self._tok = Tokenizer.from_file(cfg.tokenizer)
+            from trainer.tokenizer import tokenizer_file
+
+            self._tok = Tokenizer.from_file(str(tokenizer_file(cfg.tokenizer)))
         self._indexed = None
         self._texts: list[str] | None = None
         self._files: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -75,7 +76,9 @@ class Trainer:
     def __init__(self, job: TrainJob) -> None:
         from megatron.core import parallel_state
 
-        from models.gpt import build_gpt
+        from models.gpt import build_meta
+        from models.shards import materialize
+        from trainer import init_from, tokenizer
 
         self.job = job
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -104,12 +107,17 @@ class Trainer:
                 f"cluster holds about {int(cap)} tokens at once (cluster.memory_gib={job.cluster.memory_gib}, "
                 f"{self.world} GPUs); valid: data.tokens_per_step <= {int(MAX_MICRO_STEPS * cap)}"
             )
+        # checked before anything is built or written: the weights' source, the tokenizer against the vocab
+        self.source = init_from.source(t.init_from, job.model)
+        if job.data.tokenizer:
+            tokenizer.load(job.data.tokenizer, job.model.vocab)
         self.shape = None if t.strategy == "adaptive" else static_shape(job, self.world)
         self.planner = Planner(self.cost, job.planner)
         self.fallback = Planner(self.cost, replace(job.planner, use_milp=False))  # a late plan's stand-in
-        # fp32 master parameters everywhere; bf16 compute comes from FSDP's policy or autocast (replicate)
-        model = build_gpt(job.model, job.data.max_len, seed=t.seed).to(self.device)
-        self.model = parallelize(model, self.regime, self.device)
+        # fp32 master parameters everywhere; bf16 compute comes from FSDP's policy or autocast (replicate).
+        # Built on the meta device and sharded first: each rank materialises and fills only its own rows.
+        self.model = materialize(parallelize(build_meta(job.model, job.data.max_len), self.regime, self.device),
+                                 self.device)  # fmt: skip
         self.autocast = torch.bfloat16 if (self.regime.precision == "bf16" and t.sharding == "replicate") else None
         self.pool = GroupPool()
         self.pool.warm(self.device)  # every communicator created now, in a fixed order
@@ -133,6 +141,13 @@ class Trainer:
             self.loader.load_state(extra["loader"])
             if self.rank == 0:
                 print(f"[sp-train] resumed from {ck} (step {self.step})")
+        else:
+            t0 = time.perf_counter()
+            init_from.initialise(self.model, self.source, job.model, t.seed)
+            if self.rank == 0:
+                print(f"[sp-train] {self.source.describe()} ({time.perf_counter() - t0:.1f} s)")
+        if self.rank == 0:
+            self._record_sources()
         self.board = Board(str(self.out / "tb")) if self.rank == 0 else None
         self.gpu = GpuMonitor() if self.rank == 0 else None
         self.pool_exec = ThreadPoolExecutor(max_workers=1) if self.rank == 0 else None
@@ -182,6 +197,18 @@ class Trainer:
         if safe:
             print("[sp-train] resuming with changed settings: " + "; ".join(safe))
         return str(ck)
+
+    def _record_sources(self) -> None:
+        """Keep what ``sp-export`` needs in the run folder: the tokenizer's files and the source model's
+        config.json (token ids and other fields the export carries over)."""
+        from models.hf.export import RUN_HF_CONFIG, RUN_TOKENIZER
+        from trainer import tokenizer
+
+        if self.job.data.tokenizer:
+            tokenizer.record(self.job.data.tokenizer, self.out / RUN_TOKENIZER)
+        hf = self.job.model.hf_path or (str(self.source.path) if self.source.kind == "hf" else None)
+        if hf and (Path(hf) / "config.json").is_file():
+            shutil.copy2(Path(hf) / "config.json", self.out / RUN_HF_CONFIG)
 
     def request_stop(self) -> None:
         """Signal-safe: finish the current step, checkpoint, and return from :meth:`run`."""

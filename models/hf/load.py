@@ -1,0 +1,100 @@
+"""Hugging Face safetensors into an already sharded model, each rank reading only its own rows.
+
+The model is built on the meta device, sharded (FSDP2: rows of every parameter split over the world), and
+materialised; then every rank reads, for each of its parameters, only the rows ``[offset, offset + local)``
+it holds, through safetensors' memory-mapped slices (``get_slice(name)[lo:hi]``), fused layouts assembled
+by :mod:`models.hf.mapping`. Peak host memory per rank is about its shard plus one slice in flight.
+:func:`check` reads only the files' headers, so a bad folder is refused before anything is built or written.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.hf.mapping import hf_shapes, parts
+from models.shards import local_params
+from planner.types import ModelShape
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face folder: ``model.safetensors`` or shards listed in the index."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
+            self.file_of = {k: self.folder / v for k, v in weight_map.items()}
+        elif (self.folder / SINGLE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(self.folder / SINGLE, framework="pt") as f:
+                self.file_of = dict.fromkeys(f.keys(), self.folder / SINGLE)
+        else:
+            raise ValueError(f"{self.folder}: no {SINGLE} and no {INDEX} (the folder holds no Hugging Face weights)")
+        for path in sorted(set(self.file_of.values())):
+            if not path.is_file():
+                raise ValueError(f"{path} is missing (listed in {index.name}); the checkpoint is incomplete")
+        self._stack = ExitStack()
+        self._open: dict[Path, Any] = {}
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _handle(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if name not in self.file_of:
+            raise ValueError(f"{self.folder}: tensor {name!r} is in no safetensors file of the folder")
+        path = self.file_of[name]
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return self._open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows ``[lo, hi)`` of tensor ``name`` (only those bytes are read)."""
+        return self._handle(name).get_slice(name)[lo:hi]  # type: ignore[no-any-return]
+
+
+def check(folder: str | Path, shape: ModelShape) -> None:
+    """Every tensor ``shape`` needs is in the folder with the right shape (headers only)."""
+    with Checkpoint(folder) as ck:
+        for name, want in hf_shapes(shape).items():
+            got = ck.shape(name)
+            if got != want:
+                raise ValueError(f"{ck.file_of[name]}: tensor {name!r} has shape {list(got)}, the model config "
+                                 f"({Path(folder) / 'config.json'}) needs {list(want)}")  # fmt: skip
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, folder: str | Path, shape: ModelShape) -> int:
+    """Fill this rank's rows of every parameter from the folder; returns the bytes read."""
+    read = 0
+    with Checkpoint(folder) as ck:
+        for name, local, offset, _ in local_params(model):
+            end = offset + local.shape[0]
+            for part in parts(name, shape):
+                lo, hi = max(offset, part.row), min(end, part.row + part.rows)
+                if lo >= hi:
+                    continue
+                src = ck.rows(part.hf, part.hf_row + lo - part.row, part.hf_row + hi - part.row)
+                local[lo - offset : hi - offset].copy_(src)
+                read += src.numel() * src.element_size()
+    return read

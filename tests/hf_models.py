@@ -1,0 +1,50 @@
+"""Tiny random Hugging Face models the interop tests create (nothing is downloaded), perturbed so that
+comparisons are not trivially passed by a near-uniform softmax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)  # fmt: skip
+ROPES = {
+    "theta": {"rope_theta": 500000.0},
+    "linear": {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 64}},
+    "yarn": {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 128}},
+}  # fmt: skip
+
+
+def make(folder: Path, kind: str = "llama3", seed: int = 0, shard: str | None = None, **extra) -> torch.nn.Module:
+    """Save a tiny perturbed model: ``kind`` in ROPES (Llama) or ``qwen2`` (q/k/v biases, tied embeddings)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**{**TINY, "rope_theta": 1e6, "tie_word_embeddings": True, **extra})
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**{**TINY, **ROPES[kind], **extra})
+        model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0
+            p.copy_(base + torch.randn_like(p) * (0.1 if "norm" not in name else 0.05))
+    model.eval()
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+def reference_losses(model: torch.nn.Module, docs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """transformers' per-token loss of each document on its own (targets = the next token)."""
+    out = []
+    for d in docs:
+        logits = model(d[None, :-1]).logits[0].float()  # [n - 1, vocab]
+        out.append(torch.nn.functional.cross_entropy(logits, d[1:], reduction="none"))
+    return out
