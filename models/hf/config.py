@@ -122,7 +122,9 @@ def resolve(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_hf_config(shape: ModelShape, base: dict[str, Any] | None = None) -> dict[str, Any]:
+def to_hf_config(
+    shape: ModelShape, base: dict[str, Any] | None = None, default_max_positions: int = 0
+) -> dict[str, Any]:
     """config.json for ``shape`` (transformers-4 layout, which transformers 4 and 5 both read), on top of
     the source model's config when there is one (keeps token ids and other fields)."""
     arch = "Qwen2ForCausalLM" if shape.qkv_bias else "LlamaForCausalLM"
@@ -132,7 +134,8 @@ def to_hf_config(shape: ModelShape, base: dict[str, Any] | None = None) -> dict[
         "hidden_size": shape.hidden, "num_attention_heads": shape.heads, "num_key_value_heads": shape.n_kv_heads,
         "head_dim": shape.d_head, "intermediate_size": shape.d_ffn, "vocab_size": shape.vocab,
         "rms_norm_eps": shape.rms_norm_eps, "tie_word_embeddings": shape.tie_embeddings, "hidden_act": "silu",
-        "max_position_embeddings": shape.max_position_embeddings or cfg.get("max_position_embeddings") or 131072,
+        "max_position_embeddings": shape.max_position_embeddings or cfg.get("max_position_embeddings")
+        or default_max_positions or 131072,
         "rope_theta": shape.theta, "rope_scaling": dict(shape.rope_scaling) if shape.rope_scaling else None,
     })  # fmt: skip
     if arch == "LlamaForCausalLM":

@@ -53,10 +53,14 @@ def _tensors(ck: Path) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _read(ck: Path, name: str, size: tuple[int, ...]) -> torch.Tensor:
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     t = torch.empty(size, dtype=torch.float32)
-    dcp.load({"model": {name: t}}, storage_reader=dcp.FileSystemReader(str(ck)), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": {name: t}}, storage_reader=dcp.FileSystemReader(str(ck)), no_dist=True)
     return t
 
 
@@ -101,7 +105,7 @@ def export(ck: Path, flat: dict[str, Any], out: Path, run_dir: Path, dtype: str 
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     base_path = run_dir / RUN_HF_CONFIG
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
-    cfg = to_hf_config(shape, base)
+    cfg = to_hf_config(shape, base, default_max_positions=int(flat.get("data.max_len") or 0))
     cfg["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok = run_dir / RUN_TOKENIZER
