@@ -7,6 +7,7 @@ sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing f
 sp-bench longctx [--tokens 131072] [--world 8]
 sp-bench cpu-kernel [--head-dims 32 64 128] [--keys 512 4096]
 sp-bench flash-geometry [--tokens 131072] [--ring 1 4]   # host side of the flash ring step, on the CPU
+sp-bench hf-load [--gb 1.0] [--world 4]       # peak host memory per rank loading a Hugging Face checkpoint
 sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
 """
 
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     fg = sub.add_parser("flash-geometry", help="flash ring-step calls, host index time and gather bytes (CPU)")
     fg.add_argument("--tokens", type=int, nargs="+", default=[131072])
     fg.add_argument("--ring", type=int, nargs="+", default=[1, 4])
+    hl = sub.add_parser("hf-load", help="peak host memory per rank while a Hugging Face checkpoint loads (FSDP)")
+    hl.add_argument("--gb", type=float, default=1.0, help="size of the generated fp32 model")
+    hl.add_argument("--world", type=int, default=4)
+    hl.add_argument("--workdir", default="runs/hf-load")
     gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
     gp.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 131072])
     gp.add_argument("--steps", type=int, default=3)
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.flash_geometry import run as run_geometry
 
         for row in run_geometry(args.tokens, args.ring):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "hf-load":
+        from benchmarks.hf_load import run as run_hf_load
+
+        for row in run_hf_load(args.gb, args.world, args.workdir):
             print(json.dumps(row), flush=True)
     elif args.cmd == "gpu":
         from benchmarks.gpu import run as run_gpu

@@ -39,3 +39,33 @@ def test_one_gpu_training_steps_fsdp_bf16_full_checkpointing():
     assert math.isfinite(row["loss"])
     assert abs(row["act_bytes_measured"] / row["act_bytes_predicted"] - 1) <= 0.10
     assert row["state_bytes"] == row["state_bytes_predicted"]
+
+
+def test_hugging_face_load_onto_the_gpu_equals_transformers(tmp_path):
+    """The loader's CUDA path (pinned staging, device shards): our model on the GPU from a Hugging Face
+    folder gives transformers' per-token losses (fp32)."""
+    from megatron.core import parallel_state
+
+    import sp
+    from models.attention import SPPackedSeqParams
+    from models.gpt import build_meta
+    from models.hf.config import shape_of
+    from models.hf.load import load_into
+    from models.shards import materialize
+    from tests.hf_models import make, reference_losses
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    hf = make(tmp_path / "hf", "llama3", attn_implementation="eager")
+    shape = shape_of({"name": "hf", "layers": 0, "hidden": 0, "heads": 0, "hf_path": str(tmp_path / "hf"),
+                      "rope_scaling": {}})  # fmt: skip
+    model = materialize(build_meta(shape, 4096), torch.device("cuda"))
+    load_into(model, tmp_path / "hf", shape)
+    doc = torch.randint(0, 256, (1001,))
+    (ref,) = reference_losses(hf, [doc])
+    ctx = sp.GroupPool().context((0,), 1, 1, [0, 1000], check=False, device="cuda")
+    got = model(doc[None, :-1].cuda(), None, None, labels=doc[None, 1:].cuda(),
+                packed_seq_params=SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx))[0]  # fmt: skip
+    assert float((got.cpu() - ref).abs().max()) < 1e-4

@@ -250,3 +250,16 @@ def test_config_layouts_and_unsupported_configs(tmp_path):
         assert "config.json" in str(e.value)
     with pytest.raises(ValueError, match="does not exist"):
         read_config(tmp_path / "nowhere")
+
+
+def test_sharded_load_peak_memory_per_rank(tmp_path):
+    """Each of 4 ranks grows by at most (model bytes / world) + the largest tensor + 64 MiB while loading
+    (measured by ``sp-bench hf-load``'s code on a generated ~0.3 GB model)."""
+    from benchmarks.hf_load import run
+
+    rows = run(0.3, 4, str(tmp_path))
+    ranks = [r for r in rows if "rank" in r]
+    assert len(ranks) == 4
+    for r in ranks:
+        assert r["bytes_read"] < r["model_gib"] * 2**30 / 4 * 1.05  # its own rows, not the model
+        assert r["load_growth_gib"] < r["bound_gib"] + 64 / 1024, r

@@ -55,22 +55,27 @@ class Checkpoint:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def _handle(self, name: str) -> Any:
-        from safetensors import safe_open
-
+    def _path(self, name: str) -> Path:
         if name not in self.file_of:
             raise ValueError(f"{self.folder}: tensor {name!r} is in no safetensors file of the folder")
-        path = self.file_of[name]
-        if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
-        return self._open[path]
+        return self.file_of[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        """From the file's header (kept open: headers only, no tensor bytes are touched)."""
+        from safetensors import safe_open
+
+        path = self._path(name)
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return tuple(self._open[path].get_slice(name).get_shape())
 
     def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
-        """Rows ``[lo, hi)`` of tensor ``name`` (only those bytes are read)."""
-        return self._handle(name).get_slice(name)[lo:hi]  # type: ignore[no-any-return]
+        """Rows ``[lo, hi)`` of tensor ``name``: only those bytes are read, and the file's mapping is dropped
+        right after, so the pages read do not accumulate in this process's resident memory."""
+        from safetensors import safe_open
+
+        with safe_open(self._path(name), framework="pt") as f:
+            return f.get_slice(name)[lo:hi].clone()  # type: ignore[no-any-return]
 
 
 def check(folder: str | Path, shape: ModelShape) -> None:
@@ -95,6 +100,10 @@ def load_into(model: torch.nn.Module, folder: str | Path, shape: ModelShape) -> 
                 if lo >= hi:
                     continue
                 src = ck.rows(part.hf, part.hf_row + lo - part.row, part.hf_row + hi - part.row)
-                local[lo - offset : hi - offset].copy_(src)
+                if local.is_cuda:  # pinned staging: the host-to-device copy runs asynchronously
+                    src = src.pin_memory()
+                local[lo - offset : hi - offset].copy_(src, non_blocking=local.is_cuda)
                 read += src.numel() * src.element_size()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # pinned sources must outlive their copies
     return read
