@@ -3,8 +3,8 @@
 Our ring-local layout for u == 1 is exactly ring-flash-attn's zigzag varlen one: every sequence's local rows
 are [chunk i, chunk 2r-1-i], and each padded length is a multiple of 2r. Padding sits at sequence ends, so
 under causal attention no real token sees it; non-causal input is refused (the library's zigzag ring
-asserts causal). Needs CUDA,
-flash_attn and ring_flash_attn (``pip install '.[gpu]'``); bf16/fp16 only (its fp32 backward is not exact).
+asserts causal). Needs CUDA, flash_attn (``make gpu-deps``) and ring_flash_attn (``pip install --no-deps
+ring-flash-attn``); bf16/fp16 only (its fp32 backward is not exact).
 """
 
 from __future__ import annotations
