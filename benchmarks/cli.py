@@ -3,11 +3,12 @@
 sp-bench attention [--world 4] [--tokens 16384 65536]
 sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
 sp-bench planner [--lengths WIKI.txt.gz data/lengths/code_files.txt.gz] [--steps 20]
-sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none]
+sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none] [--techniques plain all]
 sp-bench longctx [--tokens 131072] [--world 8]
 sp-bench cpu-kernel [--head-dims 32 64 128] [--keys 512 4096]
 sp-bench flash-geometry [--tokens 131072] [--ring 1 4]   # host side of the flash ring step, on the CPU
 sp-bench hf-load [--gb 1.0] [--world 4]       # peak host memory per rank loading a Hugging Face checkpoint
+sp-bench capacity [--gpus 8 16 32 64]          # longest sequence per technique (llama3-8b on H100s)
 sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
 """
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--mid-max-tokens", type=int, default=16384, help="cap for the mid model (CPU time)")
     m.add_argument("--checkpointing", nargs="+", default=["full", "none"], choices=["full", "selective", "none"])
     m.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    m.add_argument("--techniques", nargs="+", default=["plain"], choices=["plain", "chunk", "tile", "offload", "all"])
     lc = sub.add_parser("longctx", help="one long document, one step of the real trainer (FSDP, full ckpt)")
     lc.add_argument("--tokens", type=int, default=131072)
     lc.add_argument("--world", type=int, default=8)
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     hl.add_argument("--gb", type=float, default=1.0, help="size of the generated fp32 model")
     hl.add_argument("--world", type=int, default=4)
     hl.add_argument("--workdir", default="runs/hf-load")
+    cp = sub.add_parser("capacity", help="longest single sequence the planner places on N H100s, per technique")
+    cp.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
     gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
     gp.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 131072])
     gp.add_argument("--steps", type=int, default=3)
@@ -83,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
 
         for row in run_hf_load(args.gb, args.world, args.workdir):
             print(json.dumps(row), flush=True)
+    elif args.cmd == "capacity":
+        from benchmarks.capacity import run as run_capacity
+
+        for row in run_capacity(args.gpus):
+            print(json.dumps(row), flush=True)
     elif args.cmd == "gpu":
         from benchmarks.gpu import run as run_gpu
 
@@ -96,7 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.memory import run as run_memory
 
         for row in run_memory(
-            args.world, args.models, args.tokens, args.checkpointing, args.precision, args.mid_max_tokens
+            args.world,
+            args.models,
+            args.tokens,
+            args.checkpointing,
+            args.precision,
+            args.mid_max_tokens,
+            tuple(args.techniques),
         ):
             print(json.dumps(row), flush=True)
     elif args.cmd == "attention":

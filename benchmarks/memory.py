@@ -7,7 +7,11 @@ ranks under :class:`trainer.memory.SavedBytes` (forward only: the saved bytes ar
 planner's :meth:`CostModel.saved_bytes_per_token` times tokens / P (the planner does not see the layout's
 per-sequence padding). States: after one optimizer step, this rank's
 fp32 parameter, gradient and AdamW-moment bytes vs :meth:`CostModel.state_bytes` (exact FSDP2 shard sizes);
-the worst rank's difference is reported. One JSON object per case.
+the worst rank's difference is reported. ``--techniques`` adds cases with chunked loss (``chunk``: 1024-token
+chunks), tiled MLP (``tile``: 1024-token tiles), activation offload (``offload``: full checkpointing with
+the layer inputs on the host) or all three (``all``); ``offload_bytes_measured`` (what the layers copied to
+the host, worst rank) is compared with :meth:`CostModel.host_bytes_per_token` times tokens / P. One JSON
+object per case.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ MODELS = {
                        bytes_per_value=4),
     "mid": ModelShape(name="mid", layers=4, hidden=512, heads=8, kv_heads=2, ffn=1408, vocab=256, bytes_per_value=4),
 }  # fmt: skip
+
+
+TECHNIQUES = {
+    "plain": {},
+    "chunk": {"loss_chunk_tokens": 1024},
+    "tile": {"mlp_tile_tokens": 1024},
+    "offload": {"checkpointing": "offload"},
+    "all": {"loss_chunk_tokens": 1024, "mlp_tile_tokens": 1024, "checkpointing": "offload"},
+}
 
 
 def batch_lengths(total: int) -> list[int]:
@@ -43,7 +56,7 @@ def layouts(model: ModelShape, world: int) -> list[tuple[str, int, int]]:
     return out
 
 
-def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]]) -> list[dict]:
+def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int], str]]) -> list[dict]:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -53,16 +66,19 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]])
     from planner.types import Assignment, Cluster, GroupShape
     from sp.groups import GroupPool
     from trainer.memory import SavedBytes, state_bytes
-    from trainer.sharding import Regime, parallelize
+    from trainer.sharding import Regime, checkpoint_switch, parallelize
     from trainer.step import group_pass
 
     parallel_state.initialize_model_parallel(1, 1)
     pool = GroupPool()
     cpu = torch.device("cpu")
     rows = []
-    for name, ckpt, precision, tokens_list in cases:
+    for name, ckpt, precision, tokens_list, technique in cases:
         shape = replace(MODELS[name], checkpointing=ckpt, bytes_per_value=2 if precision == "bf16" else 4)
+        shape = replace(shape, **TECHNIQUES[technique])
+        ckpt = shape.checkpointing
         model = parallelize(build_gpt(shape, max(tokens_list)), Regime("fsdp", precision, ckpt), cpu)
+        switch = checkpoint_switch(model)
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         cost = CostModel(Cluster(name="cpu", nodes=1, gpus_per_node=world), shape, sharding="fsdp")
         rng = np.random.default_rng(0)
@@ -76,18 +92,23 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]])
             for total in tokens_list:
                 docs = [rng.integers(0, shape.vocab, size=n + 1) for n in batch_lengths(total)]
                 g = Assignment(0, GroupShape(u, r), tuple(range(len(docs))), 0.0, 0.0)
+                if switch is not None:
+                    switch.offload.reset()
                 with SavedBytes(model) as meter:
                     loss = group_pass(model, pool, g, docs, "torch", cpu)
                 del loss  # forward only: what is saved is known once the forward ends (backward: 2/3 of the time)
-                worst = torch.tensor([float(meter.bytes)], dtype=torch.float64)
+                off = switch.offload.bytes if switch is not None else 0
+                worst = torch.tensor([float(meter.bytes), float(off)], dtype=torch.float64)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                 predicted = cost.saved_bytes_per_token(u) * total / world
+                off_predicted = cost.host_bytes_per_token() * total / world
                 rows.append({
-                    "case": f"{name}/P{world}/{strategy}/u{u}r{r}/{total // 1024}K/{ckpt}/{precision}",
+                    "case": f"{name}/P{world}/{strategy}/u{u}r{r}/{total // 1024}K/{ckpt}/{precision}/{technique}",
                     "model": name, "world": world, "strategy": strategy, "u": u, "r": r, "tokens": total,
-                    "checkpointing": ckpt, "precision": precision,
-                    "act_bytes_measured": int(worst.item()), "act_bytes_predicted": int(predicted),
-                    "act_error": worst.item() / predicted - 1.0,
+                    "checkpointing": ckpt, "precision": precision, "technique": technique,
+                    "act_bytes_measured": int(worst[0].item()), "act_bytes_predicted": int(predicted),
+                    "act_error": worst[0].item() / predicted - 1.0,
+                    "offload_bytes_measured": int(worst[1].item()), "offload_bytes_predicted": int(off_predicted),
                     "state_bytes_measured": int(states), "state_bytes_predicted": int(cost.state_bytes(rank)),
                     "state_bytes_max_abs_diff_over_ranks": int(state_err.item()),
                     "working_bytes_predicted": int(cost.working_bytes_per_token(u, r) * total / world),
@@ -97,7 +118,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int]]])
 
 
 def run(worlds: list[int], models: list[str], tokens: list[int], checkpointing: list[str], precisions: list[str],
-        mid_max_tokens: int) -> list[dict]:  # fmt: skip
+        mid_max_tokens: int, techniques: tuple[str, ...] = ("plain",)) -> list[dict]:  # fmt: skip
     from sp.spawn import run_distributed
 
     rows: list[dict] = []
@@ -105,6 +126,7 @@ def run(worlds: list[int], models: list[str], tokens: list[int], checkpointing: 
         cases = []
         for name in models:
             toks = [t for t in tokens if name != "mid" or t <= mid_max_tokens]
-            cases += [(name, ck, prec, toks) for ck in checkpointing for prec in precisions]
+            cases += [(name, ck, prec, toks, tech) for ck in checkpointing for prec in precisions for tech in techniques
+                      if tech == "plain" or ck == "full"]  # offload is full checkpointing's variant  # fmt: skip
         rows += run_distributed(_worker, world, cases, timeout=3600)[0]
     return rows

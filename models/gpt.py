@@ -67,6 +67,14 @@ def build_meta(shape: ModelShape, max_len: int, dtype: torch.dtype = torch.float
             position_embedding_type="none",
             share_embeddings_and_output_weights=shape.tie_embeddings,
         )
+    if shape.loss_chunk_tokens:
+        from models import loss
+
+        loss.install(model, shape.loss_chunk_tokens)
+    if shape.mlp_tile_tokens:
+        from models import tiled_mlp
+
+        tiled_mlp.install(model, shape.mlp_tile_tokens)
     return model
 
 

@@ -64,7 +64,7 @@ def all_baselines(
     split when ``plan`` is given), ``ulysses_hetero`` and ``greedy`` step seconds (None where they cannot
     run the batch)."""
     planner = Planner(cost, config)
-    arr = check_lengths(lengths, cost, planner.shapes)
+    arr = check_lengths(lengths, planner.roomiest, planner.shapes)  # the roomiest mode the planner may use
     parts = [np.array(sorted(s for g in m.groups for s in g.seqs)) for m in plan.micro_steps] if plan else None
     out: dict = {"layouts": {layout_key(s): static_step_s(planner, arr, s, parts) for s in planner.shapes}}
     uly = [s for s in planner.shapes if s.ring == 1]

@@ -21,15 +21,24 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   dim, H heads, kv = max(H_kv, u), f ffn, V vocab), counted tensor by tensor against the trainer's
   Megatron GPT (``sp-bench memory`` checks it):
   each RMSNorm 8h + 4 (fp32 input, fp32 normalised copy, rstd); linear inputs 2 b h (qkv, fc1);
-  RoPE cos/sin 4 d b; attention q, k, v, out (2H + 2kv) d b and fp32 lse 4H; the Ulysses output H d b
-  (u > 1 only); SwiGLU MLP 5 f b (fc1 output, its two halves' products, fc2 input).
+  RoPE cos/sin 2 d b (one table, shared by q and k); attention q, k, v, out (2H + 2kv) d b and fp32 lse 4H;
+  the Ulysses output H d b (u > 1 only); SwiGLU MLP 5 f b (fc1 output, its two halves' products, fc2 input;
+  none with ``model.mlp_tile_tokens``: the tiled MLP keeps only its input).
   ``none`` keeps all of that per layer; ``selective`` drops RoPE and the attention internals and keeps the
   core attention's inputs (2H + 2H_kv) d b and the projection input H d b; ``full`` keeps b h per layer
-  (its input). Outside the layers: token ids 8, final norm 8h + 4, output-layer input b h, fp32 softmax
-  4V, loss masks and labels 10.
-  Working set on top (transient): one recomputed layer under ``full``, logits (b + 8) V, all-to-all
-  buffers 2 (H + 2kv) d b (u > 1), ring K/V double buffer 4 kv d b (r > 1). A measured
-  ``cluster.act_bytes_per_token`` (sp-profile) replaces saved + working.
+  (its input); ``offload`` keeps nothing on the GPU (that input is in host memory:
+  :meth:`CostModel.host_bytes_per_token`, L b h per token, against ``cluster.host_memory_gib`` per node).
+  Outside the layers: token ids 8, final norm 8h + 4, output-layer input b h, fp32 softmax 4V, labels and
+  target mask 10 (chunked loss, ``model.loss_chunk_tokens``: an fp32 lse and the labels, 13).
+  Working set on top (transient): one recomputed layer's internals under ``full``/``offload`` (plus the
+  fetched input under ``offload``), logits (b + 8) V (none with the chunked loss), all-to-all buffers
+  2 (H + 2kv) d b (u > 1), ring K/V double buffer 4 kv d b (r > 1); token-independent
+  (:meth:`CostModel.fixed_working_bytes`): one loss chunk's logits, softmax and gradient plus the fp32
+  output-weight gradient, one MLP tile's intermediates. A measured ``cluster.act_bytes_per_token``
+  (sp-profile) replaces saved + working.
+- **Offload time**: the layer inputs come back from host memory before each recompute, L (tokens / P) b h
+  bytes at ``cluster.host_gbps`` (the device-to-host copy overlaps the forward). The chunked loss adds one
+  logits matmul per token (its backward recomputes them), 2 V h FLOPs; the tiled MLP one MLP forward.
 - Per group and micro-step (:meth:`CostModel.group_overhead_s`): ``beta`` (ms) plus the latency of the
   group's collectives, paid once per packed batch (all its sequences go through each layer together).
 """
@@ -45,7 +54,13 @@ import numpy as np
 from planner.types import SHARDINGS, Cluster, GroupShape, ModelShape
 
 GIB = 2.0**30
-RECOMPUTE = {"full": (4.0 / 3.0, 4.0 / 3.0), "selective": (4.0 / 3.0, 1.0), "none": (1.0, 1.0)}  # (attention, rest)
+RECOMPUTE = {
+    "full": (4.0 / 3.0, 4.0 / 3.0),
+    "selective": (4.0 / 3.0, 1.0),
+    "none": (1.0, 1.0),
+    "offload": (4.0 / 3.0, 4.0 / 3.0),
+}  # (attention, rest)
+LAYER_RECOMPUTE = ("full", "offload")  # modes that run each layer's forward again in backward
 
 
 def communicators_per_rank(world: int) -> int:
@@ -110,11 +125,21 @@ class CostModel:
         c = 0.5 if self.causal else 1.0
         return 6.0 * c * m.layers * np.square(length) * m.heads * m.d_head * (self._recompute if recompute else 1.0)
 
+    def _technique_flops_per_token(self) -> float:
+        """Extra FLOPs per token: the chunked loss recomputes the logits in backward (2 V h), the tiled MLP
+        runs one more MLP forward (2 (3 or 2) h f per layer)."""
+        m = self.model
+        extra = 2.0 * m.vocab * m.hidden if m.loss_chunk_tokens else 0.0
+        if m.mlp_tile_tokens:
+            extra += 2.0 * (3 if m.swiglu else 2) * m.hidden * m.d_ffn * m.layers
+        return extra
+
     def compute_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
         cl, m = self.cluster, self.model
         if cl.alpha1_ms is not None and cl.alpha2_ms is not None:
             return (cl.alpha1_ms * np.square(length) + cl.alpha2_ms * length) / size / 1e3
         linear = 6.0 * (m.linear_params + m.vocab * m.hidden) * length * self._recompute_linear
+        linear += self._technique_flops_per_token() * length
         return (linear + self.attention_flops(length)) / size / self._flops_per_s
 
     def attention_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
@@ -127,7 +152,15 @@ class CostModel:
     # ---- communication ----
     @property
     def _passes(self) -> int:
-        return 3 if self.model.checkpointing == "full" else 2
+        return 3 if self.model.checkpointing in LAYER_RECOMPUTE else 2
+
+    def offload_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
+        """``offload`` mode: each layer's input (b h bytes per local token) comes back from host memory
+        before its recompute, on the critical path (the device-to-host copy overlaps the forward)."""
+        m = self.model
+        if m.checkpointing != "offload":
+            return 0.0 * length
+        return m.layers * (length / size) * m.bytes_per_value * m.hidden / (self.cluster.host_gbps * 1e9)
 
     def _bw(self, table: dict[int, float], n: int, spans_nodes: bool) -> float:
         if n in table:
@@ -154,12 +187,13 @@ class CostModel:
         step_bytes = 2 * (length / r) * (kv / u) * m.d_head * m.bytes_per_value
         comm = step_bytes / self._bw(cl.p2p_gbs, r, spans)
         attn_fwd = self.attention_s(length, shape.size) / self._recompute / 3.0 / r / m.layers  # one fwd step
-        fwd_steps = (r - 1) * (2 if m.checkpointing == "full" else 1)
+        fwd_steps = (r - 1) * (2 if m.checkpointing in LAYER_RECOMPUTE else 1)
         exposed = fwd_steps * np.maximum(0.0, comm - attn_fwd) + (2 * r - 1) * np.maximum(0.0, comm - 2 * attn_fwd)
         return m.layers * exposed
 
     def seq_time_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
-        return self.compute_s(length, shape.size) + self.a2a_s(length, shape) + self.ring_exposed_s(length, shape)
+        return (self.compute_s(length, shape.size) + self.a2a_s(length, shape) + self.ring_exposed_s(length, shape)
+                + self.offload_s(length, shape.size))  # fmt: skip
 
     @property
     def beta_s(self) -> float:
@@ -177,7 +211,7 @@ class CostModel:
             n += m.layers * self._passes * 4
         if shape.ring > 1:
             r = shape.ring
-            n += m.layers * ((r - 1) * (2 if m.checkpointing == "full" else 1) + 2 * r - 1)
+            n += m.layers * ((r - 1) * (2 if m.checkpointing in LAYER_RECOMPUTE else 1) + 2 * r - 1)
         return self.beta_s + n * lat
 
     # ---- memory ----
@@ -187,17 +221,24 @@ class CostModel:
         b, h, d, f, heads = m.bytes_per_value, m.hidden, m.d_head, m.d_ffn, m.heads
         kv = max(m.n_kv_heads, u)  # kv heads replicate past their count
         norm = 8 * h + 4  # fp32 input + fp32 normalised copy + fp32 rstd
-        rope_attn = 4 * d * b + (2 * heads + 2 * kv) * d * b + 4 * heads  # cos/sin (q, k); q k v out; fp32 lse
+        rope_attn = 2 * d * b + (2 * heads + 2 * kv) * d * b + 4 * heads  # cos/sin (shared by q, k); q k v out; lse
         proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
-        mlp = (5 if m.swiglu else 2) * f * b
+        mlp = 0 if m.mlp_tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled: only its input (fc1's, above)
         none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp
         per_layer = {
             "none": none,
             "selective": none - rope_attn - proj_in + (2 * heads + 2 * m.n_kv_heads) * d * b + heads * d * b,
             "full": b * h,  # the layer's input, kept by the checkpoint
+            "offload": 0,  # that input is in host memory (host_bytes_per_token)
         }[m.checkpointing]
-        outside = 8 + norm + b * h + 4 * m.vocab + 10  # token ids, final norm, output-layer input, fp32 softmax
-        return m.layers * per_layer + outside
+        return m.layers * per_layer + self._outside_bytes()
+
+    def _outside_bytes(self) -> float:
+        """Saved per token outside the layers: token ids, final norm, output-layer input, the fp32 softmax,
+        labels and the loss's target mask (chunked loss: an fp32 lse and the labels)."""
+        m = self.model
+        loss = 4 + 9 if m.loss_chunk_tokens else 4 * m.vocab + 10
+        return 8 + (8 * m.hidden + 4) + m.bytes_per_value * m.hidden + loss
 
     def working_bytes_per_token(self, u: int = 1, r: int = 1) -> float:
         """Transient bytes per local token on top of the saved ones (not seen by saved-tensor hooks): the
@@ -206,11 +247,30 @@ class CostModel:
         m = self.model
         b, d, kv = m.bytes_per_value, m.d_head, max(m.n_kv_heads, u)
         layer = 0.0
-        if m.checkpointing == "full":
-            layer = replace(self, model=replace(m, checkpointing="none", layers=1)).saved_bytes_per_token(u)
-        logits = (b + 8) * m.vocab
+        if m.checkpointing in LAYER_RECOMPUTE:
+            one = replace(self, model=replace(m, checkpointing="none", layers=1))
+            layer = one.saved_bytes_per_token(u) - one._outside_bytes()  # the recomputed layer's internals
+            if m.checkpointing == "offload":
+                layer += b * m.hidden  # the input fetched back from the host
+        logits = 0 if m.loss_chunk_tokens else (b + 8) * m.vocab
         comm = (2 * (m.heads + 2 * kv) * d * b if u > 1 else 0) + (2 * 2 * kv * d * b if r > 1 else 0)
         return layer + logits + comm
+
+    def fixed_working_bytes(self) -> float:
+        """Transient bytes that do not grow with the tokens: one loss chunk's logits, softmax and gradient
+        (fp32, fp32, b) plus the fp32 output-weight gradient it accumulates; one MLP tile's intermediates."""
+        m = self.model
+        out = 0.0
+        if m.loss_chunk_tokens:
+            out += m.loss_chunk_tokens * m.vocab * (8 + m.bytes_per_value) + 4 * m.vocab * m.hidden
+        if m.mlp_tile_tokens:
+            out += m.mlp_tile_tokens * (5 if m.swiglu else 2) * m.d_ffn * m.bytes_per_value
+        return out
+
+    def host_bytes_per_token(self) -> float:
+        """Host memory per local token (``offload``: every layer's input)."""
+        m = self.model
+        return m.layers * m.bytes_per_value * m.hidden if m.checkpointing == "offload" else 0.0
 
     @property
     def act_bytes_per_token(self) -> float:
@@ -243,12 +303,12 @@ class CostModel:
         return communicators_per_rank(self.cluster.world) * self.cluster.comm_gib_per_group
 
     def reserved_gib(self) -> float:
-        """Memory that does not depend on the tokens: states and communicators."""
+        """Memory that does not depend on the tokens: states, communicators, the fixed working set."""
         return self._reserved_gib
 
     @cached_property
     def _reserved_gib(self) -> float:  # called per group and plan: computed once
-        return self.states_gib() + self.comm_gib()
+        return self.states_gib() + self.comm_gib() + self.fixed_working_bytes() / GIB
 
     @cached_property
     def _states_gib(self) -> float:  # called per group and plan: computed once
@@ -257,7 +317,12 @@ class CostModel:
     def tokens_capacity(self, size: int) -> float:
         """Tokens a group of ``size`` GPUs can hold in one micro-step."""
         free = (self.cluster.memory_gib - self.reserved_gib()) * GIB
-        return max(0.0, free) / self.act_bytes_per_token * size
+        gpu = max(0.0, free) / self.act_bytes_per_token * size
+        host = self.host_bytes_per_token()
+        if host == 0:
+            return gpu
+        per_gpu = self.cluster.host_memory_gib * GIB / self.cluster.gpus_per_node  # the node's host memory, shared
+        return min(gpu, per_gpu / host * size)
 
     def activation_gib(self, tokens: float, size: int, u: int = 1) -> float:
         """Bytes saved for backward on each GPU of a group of ``size`` (Ulysses degree ``u``) running
@@ -273,14 +338,19 @@ class CostModel:
         recomputed layer, communication buffers) and NCCL communicators. A measured
         ``cluster.act_bytes_per_token`` replaces the saved + working split by one ``activations`` entry."""
         out = {"states": self.states_gib(), "communicators": self.comm_gib()}
+        if self.fixed_working_bytes():
+            out["fixed_working"] = self.fixed_working_bytes() / GIB
         if self.cluster.act_bytes_per_token is not None:
             out["activations"] = self.cluster.act_bytes_per_token * local_tokens / GIB
         else:
             us = self.model.ulysses_degrees(self.cluster.world)
             u = max(us, key=lambda u: self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2))
             out["saved"] = self.saved_bytes_per_token(u) * local_tokens / GIB
-            logits = (self.model.bytes_per_value + 8) * self.model.vocab * local_tokens / GIB
+            per_token = 0 if self.model.loss_chunk_tokens else (self.model.bytes_per_value + 8) * self.model.vocab
+            logits = per_token * local_tokens / GIB
             out["logits"] = logits
             out["working_other"] = self.working_bytes_per_token(u, 2) * local_tokens / GIB - logits
         out["total"] = sum(out.values())
+        if self.host_bytes_per_token():
+            out["host_offload_per_gpu"] = self.host_bytes_per_token() * local_tokens / GIB  # not in the GPU total
         return out

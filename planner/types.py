@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-CHECKPOINTING = ("full", "selective", "none")  # activation checkpointing modes (trainer.sharding)
+CHECKPOINTING = ("full", "selective", "none", "offload")  # activation checkpointing modes (trainer.sharding);
+# offload = full checkpointing with each layer's kept input in host memory (trainer.offload)
 SHARDINGS = ("fsdp", "replicate")  # fsdp: ZeRO-3 (states / world); replicate: whole states on every GPU
 
 
@@ -63,12 +64,14 @@ class Cluster:
     act_bytes_per_token: float | None = None  # measured activation bytes per token per layer stack
     comm_gib_per_group: float = 0.0  # NCCL buffers per communicator a rank belongs to (CostModel.comm_gib)
     usd_per_gpu_hour: float | None = None  # price, for sp-plan's run-cost estimate
+    host_gbps: float = 25.0  # host <-> GPU copy bandwidth per GPU (activation offload; PCIe Gen5 x16 shared)
+    host_memory_gib: float = 1536.0  # host memory per node usable for offloaded activations
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cluster.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("peak_tflops", "memory_gib", "intra_gbs", "inter_gbs", "mfu"):
+        for name in ("peak_tflops", "memory_gib", "intra_gbs", "inter_gbs", "mfu", "host_gbps", "host_memory_gib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"cluster.{name} must be > 0, got {getattr(self, name)}")
         if self.comm_gib_per_group < 0:
@@ -92,7 +95,7 @@ class ModelShape:
     ffn: int | None = None
     vocab: int = 32000
     swiglu: bool = True
-    checkpointing: str = "full"  # "full" | "selective" | "none"
+    checkpointing: str = "full"  # "full" | "selective" | "none" | "offload"
     bytes_per_value: int = 2  # bf16 activations and communication
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output layer shares the input embedding (Qwen2 small models)
@@ -101,10 +104,12 @@ class ModelShape:
     rope_scaling: dict[str, Any] = field(default_factory=dict)  # transformers' rope_scaling: {rope_type: ..., ...}
     hf_path: str | None = None  # a Hugging Face model folder: its config.json sets the architecture fields
     max_position_embeddings: int = 0  # the HF config's (kept for export; yarn's default factor uses it)
+    loss_chunk_tokens: int = 0  # > 0: output projection + loss per chunk of this many tokens (models/loss.py)
+    mlp_tile_tokens: int = 0  # > 0: the MLP runs over tiles of this many tokens (models/tiled_mlp.py)
 
     def __post_init__(self) -> None:
         if self.checkpointing not in CHECKPOINTING:
-            raise ValueError(f"checkpointing={self.checkpointing!r}; valid: 'full', 'selective', 'none'")
+            raise ValueError(f"checkpointing={self.checkpointing!r}; valid: {', '.join(map(repr, CHECKPOINTING))}")
         for name in ("layers", "hidden", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -118,6 +123,9 @@ class ModelShape:
         if not self.rms_norm_eps > 0:
             raise ValueError(f"model.rms_norm_eps={self.rms_norm_eps}; valid: a number > 0")
         check_rope_scaling(self.rope_scaling)
+        for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name}={getattr(self, name)}; valid: 0 (off) or a token count >= 1")
 
     @property
     def theta(self) -> float:

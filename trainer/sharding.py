@@ -4,7 +4,8 @@
 
 1. **Activation checkpointing** (``model.checkpointing``): ``full`` wraps every Megatron ``TransformerLayer``
    in torch's non-reentrant ``checkpoint_wrapper`` (each layer keeps only its input; its forward runs again
-   in backward, SP collectives included); ``selective`` wraps each layer's core attention only; ``none``.
+   in backward, SP collectives included); ``offload`` is full with that input kept in host memory
+   (:mod:`trainer.offload`); ``selective`` wraps each layer's core attention only; ``none``.
    With ``planner.checkpointing`` choices, the wrappers of every chosen mode are installed and a
    :class:`CheckpointSwitch` selects the plan's mode per micro-step.
    Megatron's own recompute is not used: it needs the CUDA RNG tracker.
@@ -20,7 +21,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from planner.types import CHECKPOINTING, SHARDINGS
 from trainer.config import PRECISIONS
+from trainer.offload import OffloadCounter, offloaded
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class CheckpointSwitch:
 
     mode: str
     default: str
+    offload: OffloadCounter = field(default_factory=OffloadCounter)  # bytes on the host in ``offload`` mode
 
     def set(self, mode: str) -> None:
         self.mode = mode or self.default
@@ -79,6 +82,8 @@ def _switched(switch: CheckpointSwitch, wanted: str) -> Any:
     def run(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if switch.mode == wanted:
             return checkpoint(module, *args, use_reentrant=False, **kwargs)
+        if wanted == "full" and switch.mode == "offload":  # full checkpointing, the kept input on the host
+            return offloaded(module, switch.offload, *args, **kwargs)
         return module(*args, **kwargs)
 
     return run
@@ -90,7 +95,7 @@ def apply_checkpointing(model: torch.nn.Module, mode: str, choices: tuple[str, .
     switch is at its mode (a full wrapper's inner selective one then runs plainly)."""
     for m in (mode, *choices):
         if m not in CHECKPOINTING:
-            raise ValueError(f"model.checkpointing={m!r}; valid: 'full', 'selective', 'none'")
+            raise ValueError(f"model.checkpointing={m!r}; valid: {', '.join(repr(c) for c in CHECKPOINTING)}")
     switch = CheckpointSwitch(mode, mode)
     wanted = {mode, *choices}
     stack = layers(model)
@@ -98,7 +103,7 @@ def apply_checkpointing(model: torch.nn.Module, mode: str, choices: tuple[str, .
         if "selective" in wanted:
             attn: Any = layer.self_attention
             attn.core_attention = _wrap(attn.core_attention, switch, "selective")
-        if "full" in wanted:
+        if wanted & {"full", "offload"}:
             stack[i] = _wrap(layer, switch, "full")
     return switch
 

@@ -1,0 +1,98 @@
+"""``sp-bench capacity``: the longest single sequence the planner can place on N GPUs, per memory technique.
+
+For each cluster size (8, 16, 32, 64 H100s of the ``h100x64`` profile: 8 per node, 76 GiB usable, 1.5 TiB
+of host memory per node for offload) and each technique set, a bisection over the sequence length finds the
+longest L for which the planner returns a plan (``Planner.plan([L])``: a sequence it cannot place is a
+ValueError); tokens per GPU = L / N. Also the planned step time of a 1M-token sequence where it fits, the
+plan's layout and its peak memory per GPU. Techniques: ``baseline`` (full checkpointing, today's),
+``chunk`` (chunked loss, 2048-token chunks like ProLong's blocks), ``tile`` (tiled MLP, 8192-token tiles),
+``offload`` (layer inputs in host memory), ``all``, and ``all, offload chosen`` (the planner picks full or
+offload per micro-step: offload only where it is needed). One JSON object per (N, technique).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+TECHNIQUES = {
+    "baseline": {},
+    "chunk": {"loss_chunk_tokens": 2048},
+    "tile": {"mlp_tile_tokens": 8192},
+    "chunk+tile": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192},
+    "offload": {"checkpointing": "offload"},
+    "all": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192, "checkpointing": "offload"},
+    "all, offload chosen": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192},  # planner picks full | offload
+}
+CHOICE = ("full", "offload")
+
+
+def _cluster(gpus: int):  # type: ignore[no-untyped-def]
+    from planner.types import Cluster
+
+    return Cluster(name=f"h100x{gpus}", nodes=max(1, gpus // 8), gpus_per_node=min(8, gpus), peak_tflops=989.0,
+                   mfu=0.4, memory_gib=76.0, intra_gbs=300.0, inter_gbs=40.0, intra_latency_us=10.0,
+                   inter_latency_us=25.0, beta_ms=150.0, comm_gib_per_group=0.25, host_gbps=32.0,
+                   host_memory_gib=1536.0)  # fmt: skip
+
+
+def _plan(planner, length: int):  # type: ignore[no-untyped-def]
+    try:
+        return planner.plan([length])
+    except ValueError:
+        return None
+
+
+def longest(planner, hi: int) -> int:  # type: ignore[no-untyped-def]
+    """The longest length (to 1%) the planner places."""
+    lo = 1024
+    if _plan(planner, lo) is None:
+        return 0
+    while _plan(planner, hi) is not None:
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1024, lo // 100):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _plan(planner, mid) is not None else (lo, mid)
+    return lo
+
+
+def run(gpus: list[int], model_name: str = "llama3-8b") -> list[dict]:
+    from planner.cost import CostModel
+    from planner.planner import Planner, PlannerConfig
+    from planner.report import _peak_breakdown
+    from planner.types import ModelShape
+
+    base = ModelShape(name="llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
+                      vocab=128256, swiglu=True, checkpointing="full", rope_theta=500000.0)  # fmt: skip
+    rows = []
+    for n in gpus:
+        for tech, kw in TECHNIQUES.items():
+            cost = CostModel(_cluster(n), replace(base, **kw))
+            choices = CHOICE if tech.endswith("chosen") else ()
+            planner = Planner(cost, PlannerConfig(use_milp=False, time_limit_s=1.0, checkpointing=choices))
+            t0 = time.perf_counter()
+            best = longest(planner, 131072)
+            row = {
+                "bench": "capacity",
+                "model": model_name,
+                "gpus": n,
+                "technique": tech,
+                "longest_tokens": best,
+                "tokens_per_gpu": best // n,
+                "search_s": round(time.perf_counter() - t0, 2),
+            }
+            plan = _plan(planner, 1 << 20)
+            if plan is not None:
+                micro, g = plan.peak_group()
+                mem = _peak_breakdown(cost, [plan])
+                row["checkpointing_1m"] = micro.checkpointing or cost.model.checkpointing
+                row.update(
+                    {
+                        "step_s_1m": round(plan.time_s, 3),
+                        "layout_1m": f"u{g.shape.ulysses}r{g.shape.ring}",
+                        "peak_gib_1m": round(mem["total"], 1),
+                        "memory_1m": {k: round(v, 2) for k, v in mem.items()},
+                    }
+                )
+            rows.append(row)
+    return rows
