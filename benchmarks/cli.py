@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     lc.add_argument("--tokens", type=int, default=131072)
     lc.add_argument("--world", type=int, default=8)
     lc.add_argument("--workdir", default="runs/longctx")
+    lc.add_argument("--technique", default="plain", choices=["plain", "chunk", "tile", "offload", "all"])
     ck = sub.add_parser("cpu-kernel", help="torch's fused CPU attention op vs our reference kernel (fwd+bwd)")
     ck.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     ck.add_argument("--keys", type=int, nargs="+", default=[512, 4096])
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "longctx":
         from benchmarks.longctx import run as run_longctx
 
-        print(json.dumps(run_longctx(args.tokens, args.world, args.workdir)), flush=True)
+        print(json.dumps(run_longctx(args.tokens, args.world, args.workdir, args.technique)), flush=True)
     elif args.cmd == "memory":
         from benchmarks.memory import run as run_memory
 

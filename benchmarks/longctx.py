@@ -26,7 +26,10 @@ def write_document(path: Path, tokens: int) -> None:
     path.write_text(json.dumps({"text": "".join(text)}) + "\n")
 
 
-def _worker(rank: int, world: int, data: str, out: str, tokens: int) -> dict:
+def _worker(rank: int, world: int, data: str, out: str, tokens: int, technique: str = "plain") -> dict:
+    from dataclasses import replace
+
+    from benchmarks.memory import TECHNIQUES
     from planner.planner import PlannerConfig
     from planner.types import Cluster, ModelShape
     from trainer.config import DataConfig, TrainConfig
@@ -42,6 +45,7 @@ def _worker(rank: int, world: int, data: str, out: str, tokens: int) -> dict:
         train=TrainConfig(steps=1, out_dir=out, progress=False, checkpoint_every=0, resume=False, picture_every=0,
                           memory_every=1, sharding="fsdp", precision="fp32", collective_timeout_s=3600.0),
     )  # fmt: skip
+    job = replace(job, model=replace(job.model, **TECHNIQUES[technique]))
     tr = Trainer(job)
     t0 = time.perf_counter()
     losses = tr.run()
@@ -51,7 +55,7 @@ def _worker(rank: int, world: int, data: str, out: str, tokens: int) -> dict:
     v = tr.last_values
     plan = tr.last_plan
     return {
-        "case": f"longctx/{tokens}/P{world}/tiny/full/fsdp/fp32",
+        "case": f"longctx/{tokens}/P{world}/tiny/{job.model.checkpointing}/fsdp/fp32/{technique}",
         "tokens": tokens, "world": world, "loss": losses[0], "step_s": seconds,
         "plan": [[str(g.shape), g.first_rank, len(g.seqs)] for m in plan.micro_steps for g in m.groups],
         "act_bytes_measured_max": int(v["memory/saved_for_backward_gib_max"] * 2**30),
@@ -60,13 +64,15 @@ def _worker(rank: int, world: int, data: str, out: str, tokens: int) -> dict:
         "state_bytes_rank0": int(v["memory/states_gib"] * 2**30),
         "state_bytes_predicted_rank0": int(v["memory/states_predicted_gib"] * 2**30),
         "peak_rss_gib_rank0": v["memory/peak_gib"],
+        "offloaded_bytes_max": int(v.get("memory/offloaded_gib_max", 0.0) * 2**30),
+        "offloaded_bytes_predicted_max": int(v.get("memory/offloaded_predicted_gib_max", 0.0) * 2**30),
     }  # fmt: skip
 
 
-def run(tokens: int, world: int, workdir: str) -> dict:
+def run(tokens: int, world: int, workdir: str, technique: str = "plain") -> dict:
     from sp.spawn import run_distributed
 
     Path(workdir).mkdir(parents=True, exist_ok=True)
     data = Path(workdir) / "long.jsonl"
     write_document(data, tokens)
-    return run_distributed(_worker, world, str(data), str(Path(workdir) / "run"), tokens, timeout=7200)[0]
+    return run_distributed(_worker, world, str(data), str(Path(workdir) / "run"), tokens, technique, timeout=7200)[0]

@@ -263,3 +263,22 @@ def test_sharded_load_peak_memory_per_rank(tmp_path):
     for r in ranks:
         assert r["bytes_read"] < r["model_gib"] * 2**30 / 4 * 1.05  # its own rows, not the model
         assert r["load_growth_gib"] < r["bound_gib"] + 64 / 1024, r
+
+
+def test_sp_plan_reads_a_folder_without_weights(tmp_path):
+    """The planner sees the Hugging Face shape from config.json alone (a dry run for a model not yet here)."""
+    import subprocess
+    import sys
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, "-m", "cli.plan", "model=hf", f"model.hf_path={tmp_path}", "cluster=h100x64",
+                          "lengths.fixed=[131072]", "output.format=json", "output.baselines=false"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["model"] == "hf" and out["summary"]["planned_step_s"] > 0
+    shape = _shape(tmp_path)
+    assert 8.0e9 < shape.params < 8.1e9 and shape.theta == 5e5  # Llama-3-8B: 8.03B parameters

@@ -364,9 +364,10 @@ class Trainer:
     def _observe(self, plan: StepPlan, loss: float, tokens: int, step_s: float, stats: StepStats, gnorm: float) -> None:
         t = self.job.train
         n_micro = len(stats.busy_s)
-        mine = torch.tensor([stats.busy_s + [float(b) for b in stats.saved_bytes]], dtype=torch.float64)
-        gathered = torch.zeros(self.world, 2 * n_micro, dtype=torch.float64, device=self.device)
-        dist.all_gather_into_tensor(gathered, mine.to(self.device))  # [world, busy | saved bytes]
+        mine = torch.tensor([stats.busy_s + [float(b) for b in stats.saved_bytes + stats.offloaded_bytes]],
+                            dtype=torch.float64)  # fmt: skip
+        gathered = torch.zeros(self.world, 3 * n_micro, dtype=torch.float64, device=self.device)
+        dist.all_gather_into_tensor(gathered, mine.to(self.device))  # [world, busy | saved | offloaded bytes]
         gathered = gathered.cpu()
         if self.board is None or self.step % t.log_every:
             return
@@ -397,8 +398,12 @@ class Trainer:
             **{f"plan/strategy_{k}": float(v) for k, v in mix.items()},
         }
         if stats.saved_bytes and any(stats.saved_bytes):
-            saved = gathered[:, n_micro:]  # [world, micro-steps]
+            saved = gathered[:, n_micro : 2 * n_micro]  # [world, micro-steps]
             values["memory/saved_for_backward_gib_max"] = float(saved.max()) / 2**30
+            offloaded = float(gathered[:, 2 * n_micro :].max())
+            if offloaded:
+                values["memory/offloaded_gib_max"] = offloaded / 2**30
+                values["memory/offloaded_predicted_gib_max"] = plan_offload_gib(plan, self.cost)
             values["memory/saved_for_backward_predicted_gib_max"] = plan_activation_gib(plan, self.cost)
             print(f"[sp-train] step {self.step} memory per rank: saved for backward "
                   f"{values['memory/saved_for_backward_gib_max']:.4f} GiB (predicted "
@@ -430,6 +435,13 @@ def plan_activation_gib(plan: StepPlan, cost: CostModel) -> float:
     under its own checkpointing mode)."""
     return max(cost.with_checkpointing(m.checkpointing or cost.model.checkpointing).activation_gib(
                sum(plan.lengths[s] for s in g.seqs), g.shape.size, g.shape.ulysses)
+               for m in plan.micro_steps for g in m.groups)  # fmt: skip
+
+
+def plan_offload_gib(plan: StepPlan, cost: CostModel) -> float:
+    """The planner's predicted bytes in host memory on the busiest rank (offload micro-steps only)."""
+    return max(cost.with_checkpointing(m.checkpointing or cost.model.checkpointing).host_bytes_per_token()
+               * sum(plan.lengths[s] for s in g.seqs) / g.shape.size / 2**30
                for m in plan.micro_steps for g in m.groups)  # fmt: skip
 
 

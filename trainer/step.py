@@ -36,6 +36,7 @@ class StepStats:
     loss_sum: torch.Tensor
     busy_s: list[float] = field(default_factory=list)
     saved_bytes: list[int] = field(default_factory=list)
+    offloaded_bytes: list[int] = field(default_factory=list)  # copied to host memory (checkpointing=offload)
 
 
 def my_group(groups: tuple[Assignment, ...], rank: int) -> Assignment | None:
@@ -87,7 +88,10 @@ def run_plan(
         if (g is None or not g.seqs) and sync is not None:
             stats.busy_s.append(0.0)
             stats.saved_bytes.append(0)
+            stats.offloaded_bytes.append(0)
             continue
+        if switch is not None:
+            switch.offload.reset()
         synchronize(device)
         t0 = time.perf_counter()
         meter = SavedBytes(model) if count_saved else None
@@ -101,6 +105,7 @@ def run_plan(
         synchronize(device)
         stats.busy_s.append(time.perf_counter() - t0 if g is not None and g.seqs else 0.0)
         stats.saved_bytes.append(meter.bytes if meter is not None else 0)
+        stats.offloaded_bytes.append(switch.offload.bytes if switch is not None else 0)
     if switch is not None:
         switch.set("")  # back to the model's own mode for anything run outside a plan
     if sync is not None:
