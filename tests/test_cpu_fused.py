@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from sp.cpu_fused import CpuFusedKernel, topleft_calls
 from sp.kernels import TorchKernel
+from sp.kernels.cpu_fused import CpuFusedKernel, topleft_calls
 from tests.dist import run_distributed
 from tests.reference import check_long_segments, long_segments_worker
 

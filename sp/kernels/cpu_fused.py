@@ -1,6 +1,6 @@
 """Block kernel on torch's fused CPU attention: ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its
 ``_backward``, which return and accept an external (out, lse), as a ring needs. ``sp-bench cpu-kernel``
-measured it 1.2-6.7x faster than the reference :class:`sp.kernels.TorchKernel` (fwd + bwd of a 512-row block
+measured it 1.2-6.7x faster than the reference :class:`sp.kernels.reference.TorchKernel` (fwd + bwd of a 512-row block
 pair, head dim 32-128, 2 cores); the trainer uses it on the CPU (``kernel="auto"``).
 
 Conventions differ from ours in two ways, both handled here:
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sp.kernels import TILE_ROWS, _lse_dtype, compute_dtype
+from sp.kernels.base import TILE_ROWS, compute_dtype, lse_dtype
 
 TopLeftCall = tuple[int, int, int, int, bool]  # (first query row, end row, first key, end key, causal)
 
@@ -39,7 +39,7 @@ def topleft_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[
 
 
 class CpuFusedKernel:
-    """Same interface as :class:`sp.kernels.TorchKernel` (q [nq, h, d], k/v [nk, hk, d]; lse [h, nq])."""
+    """Same interface as :class:`sp.kernels.reference.TorchKernel` (q [nq, h, d], k/v [nk, hk, d]; lse [h, nq])."""
 
     tile_rows: int | None = TILE_ROWS  # the op's working set grows with rows x keys: the ring tiles for it
 
@@ -56,7 +56,7 @@ class CpuFusedKernel:
         nq, h, d = q.shape
         g = h // k.shape[1]
         out = torch.zeros(nq, h, d, dtype=compute_dtype(q.dtype), device=q.device)
-        lse = torch.full((h, nq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
+        lse = torch.full((h, nq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         for r0, r1, k0, k1, causal in topleft_calls(nq, k.shape[0], q_pos, k_pos, mask):
             # [rows, h, d] -permute-> [1, h, rows, d]
             qc = q[r0:r1].permute(1, 0, 2).unsqueeze(0)
@@ -82,7 +82,7 @@ class CpuFusedKernel:
         for r0, r1, k0, k1, causal in topleft_calls(nq, nk, q_pos, k_pos, mask):
             # [rows, h, d] -permute-> [1, h, rows, d], in q's dtype as the op wants
             do_c, q_c, o_c = (t[r0:r1].to(q.dtype).permute(1, 0, 2).unsqueeze(0) for t in (dout, q, out))
-            row_lse = lse[:, r0:r1].unsqueeze(0).to(_lse_dtype(q.dtype))  # [h, rows] -> [1, h, rows]
+            row_lse = lse[:, r0:r1].unsqueeze(0).to(lse_dtype(q.dtype))  # [h, rows] -> [1, h, rows]
             k_c, v_c = self._heads(k[k0:k1], g), self._heads(v[k0:k1], g)
             gq, gk, gv = self._bwd(do_c, q_c, k_c, v_c, o_c, row_lse, 0.0, causal, scale=scale)
             dq[r0:r1] += gq[0].permute(1, 0, 2).to(cd)  # [1, h, rows, d] -permute-> [rows, h, d]

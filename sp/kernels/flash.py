@@ -1,185 +1,17 @@
-"""Local attention kernels on one (query segment, key segment) pair of the same sequence.
-
-A *pair* is a contiguous run of query rows at positions ``[q_pos, q_pos + nq)`` against a contiguous run of
-key rows at positions ``[k_pos, k_pos + nk)`` of the same sequence. :func:`classify` reduces every pair to one
-of three cases, so kernels never see a general mask:
-
-- ``SKIP``: nothing visible (keys all padding, or all in the causal future);
-- ``FULL``: every query sees every (valid) key;
-- ``CAUSAL``: key visible iff ``key position <= query position``.
-
-Keys at positions >= the sequence length are padding; they always form a suffix of a segment, so cutting
-``nk`` removes them without a mask. Kernels return the block output and its log-sum-exp (``[heads, nq]``,
--inf where a row sees no key), and the backward takes the *final* merged output and lse (flash-attention's
-recomputation trick), so block gradients add up to the exact gradient.
-
-Registry: ``torch`` (reference, any device, float64-exact) and ``flash`` (CUDA + flash_attn).
-"""
+"""flash-attn 2 on CUDA: the call geometry (bottom-right causal alignment), batched varlen ring steps, the
+fused backward fed the final (out, lse), calls by the private functions' real parameter names, and the
+install check."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-
-class Visibility(Enum):
-    SKIP = 0
-    FULL = 1
-    CAUSAL = 2
-
-
-def classify(q_pos: int, nq: int, k_pos: int, nk: int, seqlen: int, causal: bool) -> tuple[Visibility, int]:
-    """Visibility of a pair and the number of valid (non-padding) keys."""
-    nk_valid = max(0, min(nk, seqlen - k_pos))
-    if nk_valid == 0 or nq == 0:
-        return Visibility.SKIP, 0
-    if not causal:
-        return Visibility.FULL, nk_valid
-    if k_pos > q_pos + nq - 1:
-        return Visibility.SKIP, 0
-    if k_pos + nk_valid - 1 <= q_pos:
-        return Visibility.FULL, nk_valid
-    return Visibility.CAUSAL, nk_valid
-
-
-class Kernel(Protocol):
-    """A block kernel. ``tile_rows``: the ring cuts pairs into query tiles of that many rows (the kernel's
-    score memory is ``tile x keys``); None: pairs go whole (flash keeps no score matrix)."""
-
-    tile_rows: int | None
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        q_pos: int,
-        k_pos: int,
-        mask: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def backward(
-        self,
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        q_pos: int,
-        k_pos: int,
-        mask: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
-
-
-TILE_ROWS = 512  # query rows per call for kernels that materialise a score tile (reference, CPU fused)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision inputs, the input dtype otherwise: what kernels compute and accumulate in."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """flash-attn takes and returns its lse in fp32; the float64 reference path keeps float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@dataclass(frozen=True)
-class TorchKernel:
-    """Plain-softmax reference in PyTorch. GQA: q heads ``h = hk * g`` use kv head ``h // g``."""
-
-    tile_rows: int | None = TILE_ROWS  # its score tile is [tile, keys]: the ring tiles pairs for it
-
-    def _scores(self, q, k, q_pos, k_pos, mask, scale):
-        nq, h, d = q.shape
-        hk = k.shape[1]
-        cd = compute_dtype(q.dtype)
-        # [nq, h, d] -view-> [nq, hk, g, d]
-        qg = q.to(cd).view(nq, hk, h // hk, d)
-        s = torch.einsum("qkgd,nkd->kgqn", qg, k.to(cd)) * scale  # [hk, g, nq, nk]
-        if mask:
-            qp = torch.arange(q_pos, q_pos + nq, device=q.device)
-            kp = torch.arange(k_pos, k_pos + k.shape[0], device=q.device)
-            s = s.masked_fill(kp[None, :] > qp[:, None], float("-inf"))
-        return s
-
-    def forward(self, q, k, v, q_pos, k_pos, mask, scale):
-        nq, h, d = q.shape
-        s = self._scores(q, k, q_pos, k_pos, mask, scale)
-        m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m)
-        denom = p.sum(dim=-1, keepdim=True)  # [hk, g, nq, 1]
-        o = torch.einsum("kgqn,nkd->qkgd", p / torch.where(denom > 0, denom, 1.0), v.to(p.dtype))
-        # [nq, hk, g, d] -reshape-> [nq, h, d]; kept in the compute dtype (the ring accumulates in fp32)
-        out = o.reshape(nq, h, d)
-        # [hk, g, nq, 1] -reshape-> [h, nq]
-        lse = (m + torch.log(denom)).reshape(h, nq)
-        return out, lse
-
-    def backward(self, dout, q, k, v, out, lse, q_pos, k_pos, mask, scale):
-        nq, h, d = q.shape
-        hk = k.shape[1]
-        g = h // hk
-        s = self._scores(q, k, q_pos, k_pos, mask, scale)
-        cd = s.dtype
-        lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
-        # [h, nq] -view-> [hk, g, nq, 1]
-        p = torch.exp(s - lse_safe.to(cd).view(hk, g, nq, 1))
-        # [nq, h, d] -view-> [nq, hk, g, d]
-        do = dout.to(cd).view(nq, hk, g, d)
-        o = out.to(cd).view(nq, hk, g, d)
-        dv = torch.einsum("kgqn,qkgd->nkd", p, do)
-        dp = torch.einsum("qkgd,nkd->kgqn", do, v.to(cd))
-        # [nq, hk, g] -permute-> [hk, g, nq] -unsqueeze-> [hk, g, nq, 1]
-        delta = (do * o).sum(-1).permute(1, 2, 0).unsqueeze(-1)
-        ds = p * (dp - delta) * scale
-        # [nq, hk, g, d] -reshape-> [nq, h, d]
-        dq = torch.einsum("kgqn,nkd->qkgd", ds, k.to(cd)).reshape(nq, h, d)
-        dk = torch.einsum("kgqn,qkgd->nkd", ds, q.to(cd).view(nq, hk, g, d))
-        return dq, dk, dv  # compute dtype: the ring accumulates them in fp32 and casts once
-
-
-BlockPair = tuple[int, int, int, int, int, int, bool]  # q row, q rows, k row, k rows, q pos, k pos, mask
-PairOut = tuple[slice, torch.Tensor, torch.Tensor]  # (q rows, out [rows, h, d], lse [h, rows])
-
-
-def forward_pairs(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pairs: list[BlockPair],
-                  scale: float) -> list[PairOut]:  # fmt: skip
-    """Every pair of one ring step: one batched call where the kernel has one (flash varlen), else a loop."""
-    batched = getattr(kernel, "forward_pairs", None)
-    if batched is not None:
-        return batched(q, k, v, pairs, scale)  # type: ignore[no-any-return]
-    out = []
-    for qs, nq, ks, nk, q_pos, k_pos, mask in pairs:
-        o, lse = kernel.forward(q[qs : qs + nq], k[ks : ks + nk], v[ks : ks + nk], q_pos, k_pos, mask, scale)
-        out.append((slice(qs, qs + nq), o, lse))
-    return out
-
-
-def backward_pairs(kernel: Kernel, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   out: torch.Tensor, lse: torch.Tensor, pairs: list[BlockPair], scale: float,
-                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:  # fmt: skip
-    """Adds every pair's gradients of one ring step into ``dq`` (my rows) and ``dk``/``dv`` (the block's)."""
-    batched = getattr(kernel, "backward_pairs", None)
-    if batched is not None:
-        batched(dout, q, k, v, out, lse, pairs, scale, dq, dk, dv)
-        return
-    for qs, nq, ks, nk, q_pos, k_pos, mask in pairs:
-        qr, kr = slice(qs, qs + nq), slice(ks, ks + nk)
-        g = kernel.backward(dout[qr], q[qr], k[kr], v[kr], out[qr], lse[:, qr], q_pos, k_pos, mask, scale)
-        dq[qr] += g[0]
-        dk[kr] += g[1]
-        dv[kr] += g[2]
-
+from sp.kernels.base import BlockPair, PairOut, compute_dtype, lse_dtype
 
 FlashCall = tuple[int, int, int, bool]  # (first query row, end row, keys, causal)
 
@@ -326,7 +158,7 @@ class FlashKernel:
     def backward_pairs(self, dout, q, k, v, out, lse, pairs: list[BlockPair], scale: float, dq, dk, dv) -> None:
         """All pairs of a ring step in (at most) two fused varlen backward calls, fed the final (out, lse)."""
         _, bwd = self._varlen()
-        lse_dt = _lse_dtype(q.dtype)
+        lse_dt = lse_dtype(q.dtype)
         for causal, entries in self._entries(pairs).items():
             if not entries:
                 continue
@@ -347,7 +179,7 @@ class FlashKernel:
         nq, h, d = q.shape
         fn = self._func()
         out = q.new_zeros(nq, h, d, dtype=compute_dtype(q.dtype))
-        lse_dt = _lse_dtype(q.dtype)
+        lse_dt = lse_dtype(q.dtype)
         lse = torch.full((h, nq), float("-inf"), dtype=lse_dt, device=q.device)
         for a, b, keys, causal in flash_calls(nq, k.shape[0], q_pos, k_pos, mask):
             # [n, h, d] -unsqueeze-> [1, n, h, d] (flash's batch dim)
@@ -362,7 +194,7 @@ class FlashKernel:
         """Block gradients from the final (out, lse); accumulated in the compute dtype (fp32 for bf16)."""
         fn = self._backward_func()
         cd = compute_dtype(q.dtype)
-        lse_dt = _lse_dtype(q.dtype)
+        lse_dt = lse_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         dk = torch.zeros(k.shape, dtype=cd, device=k.device)
         dv = torch.zeros(v.shape, dtype=cd, device=v.device)
@@ -421,15 +253,6 @@ def _varlen_lse(lse: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     return torch.cat([lse[i, :, : cuts[i + 1] - cuts[i]] for i in range(len(cuts) - 1)], dim=1)
 
 
-def _cpu_fused() -> Kernel:
-    from sp.cpu_fused import CpuFusedKernel
-
-    return CpuFusedKernel()
-
-
-KERNELS: dict[str, Callable[[], Any]] = {"torch": TorchKernel, "flash": FlashKernel, "cpu_fused": _cpu_fused}
-
-
 FLASH_INSTALL = (
     "MAX_JOBS=8 pip install --no-build-isolation --no-cache-dir 'flash-attn==2.8.3' (needs nvcc and "
     "ninja; or `make gpu-deps`; see the README's 'GPU install')"
@@ -461,14 +284,3 @@ def flash_attn_status() -> str | None:
             )
         return f"flash-attn {version} is installed but does not import ({msg}); reinstall: {FLASH_INSTALL}"
     return None
-
-
-def get_kernel(name: str) -> Kernel:
-    if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; valid kernels: {sorted(KERNELS)}")
-    if name == "flash":  # the real one; tests register CPU stand-ins under other names
-        problem = flash_attn_status()
-        if problem is not None:
-            raise ValueError(f"kernel 'flash' needs CUDA and a working flash-attn: {problem}")
-    kernel: Kernel = KERNELS[name]()
-    return kernel
