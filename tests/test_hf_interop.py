@@ -95,6 +95,15 @@ def _worker(rank, world, folders, plans):
             got = [None] * world
             dist.all_gather_object(got, mine)
             results[(kind, name)] = {k: v for part in got for k, v in part.items()}
+        if rank == 0:  # logits of each document alone (the model without labels returns them)
+            from models.attention import SPPackedSeqParams
+
+            with torch.no_grad():
+                results[(kind, "logits")] = [
+                    model(d[None, :-1], None, None, packed_seq_params=SPPackedSeqParams(
+                        qkv_format="sbhd", sp_ctx=pool.context((0,), 1, 1, [0, len(d) - 1], check=False)))[0]
+                    for d in docs
+                ]  # fmt: skip
     grads = {}
     model, _ = _plain_model(folders["llama3"])
     for name, groups in [("u4r1", [((0, 1, 2, 3), 4, 1, [0, 1, 2, 3])]), ("u1r4", [((0, 1, 2, 3), 1, 4, [0, 1, 2, 3])]),
@@ -147,6 +156,16 @@ def _reference(folder):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
     return model, reference_losses(model, _docs())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_equal_transformers(kind, folders, distributed):
+    results, _ = distributed
+    model, _ = _reference(folders[kind])
+    with torch.no_grad():
+        for d, got in zip(_docs(), results[(kind, "logits")]):
+            want = model(d[None, :-1]).logits[0]
+            assert float((got - want).abs().max()) < TOL, (kind, len(d))
 
 
 @pytest.mark.parametrize("kind", KINDS)
