@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--mid-max-tokens", type=int, default=16384, help="cap for the mid model (CPU time)")
     m.add_argument("--checkpointing", nargs="+", default=["full", "none"], choices=["full", "selective", "none"])
     m.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    m.add_argument("--fsdp", action="store_true", help="only FSDP2's unsharded parameters/gradients, measured")
     m.add_argument("--techniques", nargs="+", default=["plain"], choices=["plain", "chunk", "tile", "offload", "all"])
     lc = sub.add_parser("longctx", help="one long document, one step of the real trainer (FSDP, full ckpt)")
     lc.add_argument("--tokens", type=int, default=131072)
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.longctx import run as run_longctx
 
         print(json.dumps(run_longctx(args.tokens, args.world, args.workdir, args.technique)), flush=True)
+    elif args.cmd == "memory" and args.fsdp:
+        from benchmarks.memory import run_fsdp
+
+        for row in run_fsdp(args.world, args.models, ["fp32", "bf16"]):
+            print(json.dumps(row), flush=True)
     elif args.cmd == "memory":
         from benchmarks.memory import run as run_memory
 

@@ -130,3 +130,48 @@ def run(worlds: list[int], models: list[str], tokens: list[int], checkpointing: 
                       if tech == "plain" or ck == "full"]  # offload is full checkpointing's variant  # fmt: skip
         rows += run_distributed(_worker, world, cases, timeout=3600)[0]
     return rows
+
+
+def _fsdp_worker(rank: int, world: int, models: list[str], precisions: list[str]) -> list[dict]:
+    """FSDP2's unsharded parameters and gradients, measured over one forward + backward (full
+    checkpointing) with :class:`trainer.memory.FsdpUnsharded`, against :meth:`CostModel.fsdp_unsharded_bytes`
+    with no prefetch (what gloo on the CPU does); the worst rank."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from models.gpt import build_gpt
+    from planner.cost import CostModel
+    from planner.types import Assignment, Cluster, GroupShape
+    from sp.groups import GroupPool
+    from trainer.memory import FsdpUnsharded
+    from trainer.sharding import Regime, parallelize
+    from trainer.step import group_pass
+
+    parallel_state.initialize_model_parallel(1, 1)
+    pool, cpu, rows = GroupPool(), torch.device("cpu"), []
+    for name in models:
+        for precision in precisions:
+            shape = replace(MODELS[name], checkpointing="full", bytes_per_value=2 if precision == "bf16" else 4)
+            model = parallelize(build_gpt(shape, 4096), Regime("fsdp", precision, "full"), cpu)
+            docs = [np.random.default_rng(0).integers(0, shape.vocab, size=1025)]
+            with FsdpUnsharded() as meter:
+                group_pass(model, pool, Assignment(0, GroupShape(1, world), (0,), 0, 0), docs, "torch", cpu).backward()
+            got = torch.tensor([float(meter.params_peak), float(meter.params_and_grads_peak)], dtype=torch.float64)
+            dist.all_reduce(got, op=dist.ReduceOp.MAX)
+            cluster = Cluster(name="cpu", nodes=1, gpus_per_node=world, fsdp_prefetch_layers=0)
+            pred = CostModel(cluster, shape).fsdp_unsharded_bytes()
+            rows.append({"case": f"fsdp/{name}/P{world}/{precision}", "model": name, "world": world,
+                         "precision": precision, "fsdp_params_peak_measured": int(got[0]),
+                         "fsdp_params_peak_predicted": int(pred["params"]),
+                         "fsdp_params_grads_peak_measured": int(got[1]),
+                         "fsdp_params_grads_peak_predicted": int(pred["params"] + pred["grads"]),
+                         "fsdp_reduce_scatter_predicted": int(pred["reduce_scatter"])})  # fmt: skip
+            del model
+    return rows
+
+
+def run_fsdp(worlds: list[int], models: list[str], precisions: list[str]) -> list[dict]:
+    from sp.spawn import run_distributed
+
+    return [row for w in worlds for row in run_distributed(_fsdp_worker, w, models, precisions, timeout=1800)[0]]

@@ -267,6 +267,25 @@ class CostModel:
             out += m.mlp_tile_tokens * (5 if m.swiglu else 2) * m.d_ffn * m.bytes_per_value
         return out
 
+    def fsdp_unsharded_bytes(self) -> dict[str, float]:
+        """FSDP2's transient unsharded state at the activation peak (the start of backward), per GPU: the root
+        unit's parameters (embedding, final norm and output layer: all-gathered for the whole pass), the
+        current layer's and ``cluster.fsdp_prefetch_layers`` prefetched layers' parameters, the current layer's
+        gradients before their reduce-scatter (all in the parameter dtype: bf16 under bf16 precision), and the
+        reduce-scatter's flat fp32 input buffer of one layer. The parameters and gradients are what
+        :class:`trainer.memory.FsdpUnsharded` measures (on the CPU: no prefetch); the buffer is a formula.
+        The root's own gradients and buffer come at the end of backward, when the activations are gone."""
+        m = self.model
+        if self.sharding != "fsdp":
+            return {}
+        shapes = m.param_shapes()
+        b = 2 if m.bytes_per_value == 2 else 4
+        per_layer = len(shapes[1 : -2 if not m.tie_embeddings else -1]) // m.layers  # tensors per layer
+        layer = sum(math.prod(s) for s in shapes[1 : 1 + per_layer])
+        root = sum(math.prod(s) for s in shapes) - m.layers * layer
+        return {"params": (root + (1 + self.cluster.fsdp_prefetch_layers) * layer) * b, "grads": layer * b,
+                "reduce_scatter": 4.0 * layer}  # fmt: skip
+
     def host_bytes_per_token(self) -> float:
         """Host memory per local token (``offload``: every layer's input)."""
         m = self.model
@@ -303,12 +322,14 @@ class CostModel:
         return communicators_per_rank(self.cluster.world) * self.cluster.comm_gib_per_group
 
     def reserved_gib(self) -> float:
-        """Memory that does not depend on the tokens: states, communicators, the fixed working set."""
+        """Memory that does not depend on the tokens: states, communicators, FSDP's unsharded parameters and
+        gradients in flight, the fixed working set."""
         return self._reserved_gib
 
     @cached_property
     def _reserved_gib(self) -> float:  # called per group and plan: computed once
-        return self.states_gib() + self.comm_gib() + self.fixed_working_bytes() / GIB
+        fsdp = sum(self.fsdp_unsharded_bytes().values())
+        return self.states_gib() + self.comm_gib() + (self.fixed_working_bytes() + fsdp) / GIB
 
     @cached_property
     def _states_gib(self) -> float:  # called per group and plan: computed once
@@ -338,6 +359,8 @@ class CostModel:
         recomputed layer, communication buffers) and NCCL communicators. A measured
         ``cluster.act_bytes_per_token`` replaces the saved + working split by one ``activations`` entry."""
         out = {"states": self.states_gib(), "communicators": self.comm_gib()}
+        if self.fsdp_unsharded_bytes():
+            out["fsdp_unsharded"] = sum(self.fsdp_unsharded_bytes().values()) / GIB
         if self.fixed_working_bytes():
             out["fixed_working"] = self.fixed_working_bytes() / GIB
         if self.cluster.act_bytes_per_token is not None:

@@ -64,6 +64,7 @@ class Cluster:
     act_bytes_per_token: float | None = None  # measured activation bytes per token per layer stack
     comm_gib_per_group: float = 0.0  # NCCL buffers per communicator a rank belongs to (CostModel.comm_gib)
     usd_per_gpu_hour: float | None = None  # price, for sp-plan's run-cost estimate
+    fsdp_prefetch_layers: int = 1  # layers FSDP2 all-gathers ahead (implicit backward prefetch on CUDA)
     host_gbps: float = 25.0  # host <-> GPU copy bandwidth per GPU (activation offload; PCIe Gen5 x16 shared)
     host_memory_gib: float = 1536.0  # host memory per node usable for offloaded activations
 

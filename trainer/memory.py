@@ -91,3 +91,54 @@ def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+class FsdpUnsharded:
+    """Peak bytes of FSDP2's unsharded parameters (and, at each group's post-backward, its unsharded
+    gradients) while the context is open, counted where FSDP2 swaps a parameter between its sharded and
+    unsharded form (``FSDPParam.to_unsharded`` / ``to_sharded``) and before each reduce-scatter
+    (``FSDPParamGroup.post_backward``): allocator-independent, like :class:`SavedBytes`. The reduce-scatter's
+    own flat buffers are not seen (the planner adds them from a formula). Uses FSDP2's private classes."""
+
+    def __init__(self) -> None:
+        self.params_peak = 0
+        self.params_and_grads_peak = 0
+        self._live = 0
+        self._held: dict[int, int] = {}
+        self._saved: tuple = ()
+
+    def __enter__(self) -> FsdpUnsharded:
+        import torch.distributed.fsdp._fully_shard._fsdp_param as fp
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as fg
+
+        to_u, to_s, post = fp.FSDPParam.to_unsharded, fp.FSDPParam.to_sharded, fg.FSDPParamGroup.post_backward
+        self._saved = (fp, fg, to_u, to_s, post)
+        meter = self
+
+        def to_unsharded(param: Any) -> None:
+            to_u(param)
+            if id(param) not in meter._held:
+                t = param._unsharded_param
+                meter._held[id(param)] = t.numel() * t.element_size()
+                meter._live += meter._held[id(param)]
+                meter.params_peak = max(meter.params_peak, meter._live)
+
+        def to_sharded(param: Any) -> None:
+            to_s(param)
+            meter._live -= meter._held.pop(id(param), 0)
+
+        def post_backward(group: Any, *args: Any, **kwargs: Any) -> Any:
+            grads = 0
+            for p in group.fsdp_params:
+                g = getattr(getattr(p, "_unsharded_param", None), "grad", None)
+                grads += g.numel() * g.element_size() if g is not None else 0
+            meter.params_and_grads_peak = max(meter.params_and_grads_peak, meter._live + grads)
+            return post(group, *args, **kwargs)
+
+        fp.FSDPParam.to_unsharded, fp.FSDPParam.to_sharded = to_unsharded, to_sharded  # type: ignore[method-assign,assignment]
+        fg.FSDPParamGroup.post_backward = post_backward  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fp, fg, to_u, to_s, post = self._saved
+        fp.FSDPParam.to_unsharded, fp.FSDPParam.to_sharded, fg.FSDPParamGroup.post_backward = to_u, to_s, post
