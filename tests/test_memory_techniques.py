@@ -163,3 +163,15 @@ def test_planner_offloads_only_the_micro_step_that_needs_it():
     where = {m.checkpointing: {s for g in m.groups for s in g.seqs} for m in plan.micro_steps}
     assert modes == {"full", "offload"}, plan
     assert 0 in where["offload"] and not where["full"] & {0}, where
+
+
+def test_fsdp_unsharded_parameters_and_gradients_equal_the_formula():
+    """FSDP2's unsharded parameters (root + the current layer) and, before each reduce-scatter, the layer's
+    unsharded gradients, measured by hooking FSDP2's unshard/reshard/post-backward, in fp32 and bf16."""
+    from benchmarks.memory import run_fsdp
+
+    rows = run_fsdp([2], ["tiny"], ["fp32", "bf16"])
+    assert len(rows) == 2
+    for r in rows:
+        assert r["fsdp_params_peak_measured"] == r["fsdp_params_peak_predicted"], r
+        assert r["fsdp_params_grads_peak_measured"] == r["fsdp_params_grads_peak_predicted"], r
