@@ -1,5 +1,6 @@
 """Gantt picture of one planned step: GPUs on the y axis (each SP group a band over its ranks, labelled
-u x r), time on the x axis, one bar per sequence, colour per strategy, micro-steps separated by dashed lines."""
+u x r), time on the x axis, one bar per sequence, colour per strategy, micro-steps separated by dashed lines
+and labelled with their checkpointing mode where the plan mixes modes or offloads."""
 
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
     world = cost.cluster.world
     fig, ax = plt.subplots(figsize=(12, 2.0 + min(0.12 * world, 10)))
     x0 = 0.0
+    modes = {m.checkpointing or cost.model.checkpointing for m in plan.micro_steps}
     for mi, micro in enumerate(plan.micro_steps):
+        mode = micro.checkpointing or cost.model.checkpointing
+        c = cost.with_checkpointing(mode)  # each micro-step timed under its own checkpointing (offload, ...)
+        if len(modes) > 1 or mode == "offload":
+            ax.text(x0 + micro.time_s / 2, 0.02 * world, f"checkpointing: {mode}", ha="center", va="top", fontsize=7)
         for g in micro.groups:
             y, h = g.first_rank, g.shape.size * 0.92  # a group spans the rows of its GPUs
-            fixed = cost.group_overhead_s(g.shape)
+            fixed = c.group_overhead_s(g.shape)
             ax.barh(y, fixed, left=x0, height=h, align="edge", color="#eeeeee", edgecolor="none")
             t = x0 + fixed
             for s in sorted(g.seqs, key=lambda s: -plan.lengths[s]):
-                d = float(cost.seq_time_s(float(plan.lengths[s]), g.shape))
+                d = float(c.seq_time_s(float(plan.lengths[s]), g.shape))
                 ax.barh(y, d, left=t, height=h, align="edge", color=COLOURS[g.shape.strategy], edgecolor="white",
                         linewidth=0.5)  # fmt: skip
                 if d > 0.05 * plan.time_s and h >= 0.9:
