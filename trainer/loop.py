@@ -107,8 +107,18 @@ class Trainer:
                 f"cluster holds about {int(cap)} tokens at once (cluster.memory_gib={job.cluster.memory_gib}, "
                 f"{self.world} GPUs); valid: data.tokens_per_step <= {int(MAX_MICRO_STEPS * cap)}"
             )
-        # checked before anything is built or written: the weights' source, the tokenizer against the vocab
-        self.source = init_from.source(t.init_from, job.model)
+        # checked before anything is built or written: the weights' source (rank 0 reads the headers or
+        # verifies the run's checkpoint once, every rank gets the verdict), the tokenizer against the vocab
+        verdict: list = [None, None]
+        if self.rank == 0:
+            try:
+                verdict[0] = init_from.source(t.init_from, job.model)
+            except ValueError as e:
+                verdict[1] = str(e)
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[1] is not None:
+            raise ValueError(verdict[1])
+        self.source: init_from.Source = verdict[0]
         if job.data.tokenizer:
             tokenizer.load(job.data.tokenizer, job.model.vocab)
         self.shape = None if t.strategy == "adaptive" else static_shape(job, self.world)
