@@ -83,7 +83,8 @@ def install(model: torch.nn.Module, chunk: int) -> None:
     forward = gpt.forward
 
     def losses_only(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("labels") is None and len(args) < 4:
+        labels = kwargs.get("labels", args[4] if len(args) > 4 else None)  # GPTModel.forward's 5th parameter
+        if labels is None:
             raise ValueError(f"model.loss_chunk_tokens={chunk}: the model returns per-token losses only; pass labels")
         return forward(*args, **kwargs)
 

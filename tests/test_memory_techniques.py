@@ -175,3 +175,26 @@ def test_fsdp_unsharded_parameters_and_gradients_equal_the_formula():
     for r in rows:
         assert r["fsdp_params_peak_measured"] == r["fsdp_params_peak_predicted"], r
         assert r["fsdp_params_grads_peak_measured"] == r["fsdp_params_grads_peak_predicted"], r
+
+
+def _no_labels_worker(rank, world):
+    from megatron.core import parallel_state
+
+    import sp
+    from models.attention import SPPackedSeqParams
+    from models.gpt import build_gpt
+
+    parallel_state.initialize_model_parallel(1, 1)
+    model = build_gpt(_shape(loss_chunk_tokens=64), 128)
+    ctx = sp.GroupPool().context((0,), 1, 1, [0, 9], check=False)
+    try:
+        model(torch.zeros(1, 9, dtype=torch.long), None, None, packed_seq_params=SPPackedSeqParams(qkv_format="sbhd",
+              sp_ctx=ctx))  # fmt: skip
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_chunked_loss_model_refuses_a_call_without_labels():
+    (msg,) = run_distributed(_no_labels_worker, 1, timeout=120)
+    assert "loss_chunk_tokens=64" in msg and "pass labels" in msg
