@@ -84,8 +84,9 @@ def check(folder: str | Path, shape: ModelShape) -> None:
         for name, want in hf_shapes(shape).items():
             got = ck.shape(name)
             if got != want:
-                raise ValueError(f"{ck.file_of[name]}: tensor {name!r} has shape {list(got)}, the model config "
-                                 f"({Path(folder) / 'config.json'}) needs {list(want)}")  # fmt: skip
+                raise ValueError(f"{ck.file_of[name]}: tensor {name!r} has shape {list(got)}; the run's model "
+                                 f"(model.name={shape.name!r}, model.hf_path={shape.hf_path!r}) needs "
+                                 f"{list(want)}")  # fmt: skip
 
 
 @torch.no_grad()
