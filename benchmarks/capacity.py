@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 TECHNIQUES = {
     "baseline": {},
@@ -27,13 +28,23 @@ TECHNIQUES = {
 CHOICE = ("full", "offload")
 
 
+def _config(group: str, name: str) -> dict:
+    """A config file's fields (what sp-plan composes for ``group=name``), without Hydra."""
+    import yaml
+
+    from cli.hydra_app import CONFIG_DIR
+
+    body = yaml.safe_load((Path(CONFIG_DIR) / group / f"{name}.yaml").read_text())
+    body.pop("defaults", None)
+    return body  # type: ignore[no-any-return]
+
+
 def _cluster(gpus: int):  # type: ignore[no-untyped-def]
+    """``h100x64``'s H100 profile on ``gpus`` GPUs (8 per node)."""
     from planner.types import Cluster
 
-    return Cluster(name=f"h100x{gpus}", nodes=max(1, gpus // 8), gpus_per_node=min(8, gpus), peak_tflops=989.0,
-                   mfu=0.4, memory_gib=76.0, intra_gbs=300.0, inter_gbs=40.0, intra_latency_us=10.0,
-                   inter_latency_us=25.0, beta_ms=150.0, comm_gib_per_group=0.25, host_gbps=32.0,
-                   host_memory_gib=1536.0)  # fmt: skip
+    return Cluster(**{**_config("cluster", "h100x64"), "name": f"h100x{gpus}", "nodes": max(1, gpus // 8),
+                      "gpus_per_node": min(8, gpus)})  # fmt: skip
 
 
 def _plan(planner, length: int):  # type: ignore[no-untyped-def]
@@ -62,8 +73,7 @@ def run(gpus: list[int], model_name: str = "llama3-8b") -> list[dict]:
     from planner.report import _peak_breakdown
     from planner.types import ModelShape
 
-    base = ModelShape(name="llama3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
-                      vocab=128256, swiglu=True, checkpointing="full", rope_theta=500000.0)  # fmt: skip
+    base = ModelShape(**_config("model", model_name))
     rows = []
     for n in gpus:
         for tech, kw in TECHNIQUES.items():

@@ -65,13 +65,13 @@ def _rank(rank: int, world: int, folder: str) -> dict:
 
     from benchmarks.hf_load import PeakRss, _rss
     from models.gpt import build_meta
-    from models.hf.config import shape_of
+    from models.hf.config import shape_from_folder
     from models.hf.load import load_into
     from models.shards import materialize
     from trainer.sharding import Regime, parallelize
 
     parallel_state.initialize_model_parallel(1, 1)
-    shape = shape_of({"name": "hf", "layers": 0, "hidden": 0, "heads": 0, "hf_path": folder, "rope_scaling": {}})
+    shape = shape_from_folder(folder)
     model = materialize(parallelize(build_meta(shape, 4096), Regime("fsdp", "fp32", "full"), torch.device("cpu")),
                         torch.device("cpu"))  # fmt: skip
     before = _rss()

@@ -252,9 +252,14 @@ class CostModel:
             layer = one.saved_bytes_per_token(u) - one._outside_bytes()  # the recomputed layer's internals
             if m.checkpointing == "offload":
                 layer += b * m.hidden  # the input fetched back from the host
-        logits = 0 if m.loss_chunk_tokens else (b + 8) * m.vocab
+        logits = self._logits_bytes_per_token()
         comm = (2 * (m.heads + 2 * kv) * d * b if u > 1 else 0) + (2 * 2 * kv * d * b if r > 1 else 0)
         return layer + logits + comm
+
+    def _logits_bytes_per_token(self) -> float:
+        """Transient logits per token: bf16/fp32 logits, their fp32 copy and softmax; none when chunked."""
+        m = self.model
+        return 0.0 if m.loss_chunk_tokens else (m.bytes_per_value + 8) * m.vocab
 
     def fixed_working_bytes(self) -> float:
         """Transient bytes that do not grow with the tokens: one loss chunk's logits, softmax and gradient
@@ -369,8 +374,7 @@ class CostModel:
             us = self.model.ulysses_degrees(self.cluster.world)
             u = max(us, key=lambda u: self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2))
             out["saved"] = self.saved_bytes_per_token(u) * local_tokens / GIB
-            per_token = 0 if self.model.loss_chunk_tokens else (self.model.bytes_per_value + 8) * self.model.vocab
-            logits = per_token * local_tokens / GIB
+            logits = self._logits_bytes_per_token() * local_tokens / GIB
             out["logits"] = logits
             out["working_other"] = self.working_bytes_per_token(u, 2) * local_tokens / GIB - logits
         out["total"] = sum(out.values())

@@ -49,7 +49,7 @@ def test_hugging_face_load_onto_the_gpu_equals_transformers(tmp_path):
     import sp
     from models.attention import SPPackedSeqParams
     from models.gpt import build_meta
-    from models.hf.config import shape_of
+    from models.hf.config import shape_from_folder
     from models.hf.load import load_into
     from models.shards import materialize
     from tests.hf_models import make, reference_losses
@@ -59,8 +59,7 @@ def test_hugging_face_load_onto_the_gpu_equals_transformers(tmp_path):
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     hf = make(tmp_path / "hf", "llama3", attn_implementation="eager")
-    shape = shape_of({"name": "hf", "layers": 0, "hidden": 0, "heads": 0, "hf_path": str(tmp_path / "hf"),
-                      "rope_scaling": {}})  # fmt: skip
+    shape = shape_from_folder(tmp_path / "hf")
     model = materialize(build_meta(shape, 4096), torch.device("cuda"))
     load_into(model, tmp_path / "hf", shape)
     doc = torch.randint(0, 256, (1001,))

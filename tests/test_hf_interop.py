@@ -29,9 +29,9 @@ def _extra(kind):
 
 
 def _shape(folder):
-    from models.hf.config import shape_of
+    from models.hf.config import shape_from_folder
 
-    return shape_of({"name": "hf", "layers": 0, "hidden": 0, "heads": 0, "hf_path": str(folder), "rope_scaling": {}})
+    return shape_from_folder(folder)
 
 
 def _plain_model(folder):

@@ -33,14 +33,13 @@ def _tokenizer(folder: Path, vocab: int | None = None, words: int = 0) -> None:
 
 
 def _job(out, hf, data, steps=3, init_from=None, rope_theta=None):
-    from models.hf.config import shape_of
+    from models.hf.config import shape_from_folder
     from planner.planner import PlannerConfig
     from planner.types import Cluster
     from trainer.config import DataConfig, TrainConfig
     from trainer.loop import TrainJob
 
-    model = shape_of({"name": "hf", "layers": 0, "hidden": 0, "heads": 0, "hf_path": hf, "rope_theta": rope_theta,
-                      "rope_scaling": {}, "checkpointing": "full", "bytes_per_value": 4})  # fmt: skip
+    model = shape_from_folder(hf, rope_theta=rope_theta, checkpointing="full", bytes_per_value=4)
     return TrainJob(
         model=model,
         cluster=Cluster(name="cpu", nodes=1, gpus_per_node=2, peak_tflops=0.05, mfu=1.0, memory_gib=4.0,

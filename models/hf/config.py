@@ -147,3 +147,8 @@ def to_hf_config(
 
 def shape_of(fields: dict[str, Any]) -> ModelShape:
     return ModelShape(**resolve(fields))
+
+
+def shape_from_folder(folder: str | Path, **fields: Any) -> ModelShape:
+    """The model of a Hugging Face folder, with ``fields`` (rope, checkpointing, ...) set on top."""
+    return shape_of({"name": "hf", **fields, "hf_path": str(folder)})
