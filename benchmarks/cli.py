@@ -9,6 +9,7 @@ sp-bench cpu-kernel [--head-dims 32 64 128] [--keys 512 4096]
 sp-bench flash-geometry [--tokens 131072] [--ring 1 4]   # host side of the flash ring step, on the CPU
 sp-bench hf-load [--gb 1.0] [--world 4]       # peak host memory per rank loading a Hugging Face checkpoint
 sp-bench capacity [--gpus 8 16 32 64]          # longest sequence per technique (llama3-8b on H100s)
+sp-bench checkpoint [--gb 2.0] [--world 4]    # integrity share of save and resume: rank-0 sha256 vs parallel xxh3
 sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
 """
 
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     hl.add_argument("--gb", type=float, default=1.0, help="size of the generated fp32 model")
     hl.add_argument("--world", type=int, default=4)
     hl.add_argument("--workdir", default="runs/hf-load")
+    cc = sub.add_parser("checkpoint", help="integrity cost in save and resume: rank-0 sha256 vs parallel xxh3, async")
+    cc.add_argument("--gb", type=float, default=2.0, help="state size (fp32 parameters + AdamW moments)")
+    cc.add_argument("--world", type=int, default=4)
+    cc.add_argument("--repeats", type=int, default=3)
+    cc.add_argument("--workdir", default="runs/checkpoint-bench")
     cp = sub.add_parser("capacity", help="longest single sequence the planner places on N H100s, per technique")
     cp.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
     gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.hf_load import run as run_hf_load
 
         for row in run_hf_load(args.gb, args.world, args.workdir):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "checkpoint":
+        from benchmarks.checkpoint import run as run_checkpoint
+
+        for row in run_checkpoint(args.gb, args.world, args.workdir, args.repeats):
             print(json.dumps(row), flush=True)
     elif args.cmd == "capacity":
         from benchmarks.capacity import run as run_capacity

@@ -5,21 +5,25 @@
 
 SIGUSR1 (Slurm's ``--signal``) or SIGTERM makes every rank finish the current step, checkpoint and exit 0;
 so does the death of the launcher process (a worker whose parent is gone stops instead of training orphaned).
+The handlers are installed on the first line of :func:`main`, before torch or Hydra is imported: a signal
+during start-up (imports, model build, checkpoint load, corpus scan) makes every rank exit 0 at the next
+start-up safe point, before the first step, so the job requeues (:mod:`trainer.preempt`).
 """
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
+from typing import Any
 
 
-def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
+def run(cfg, preempt: Any = None) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
     from cli.schema import freeze, model_shape
     from planner.planner import PlannerConfig
     from planner.types import Cluster
     from trainer.bootstrap import init_distributed
     from trainer.config import DataConfig, TrainConfig
     from trainer.loop import Trainer, TrainJob
+    from trainer.preempt import Preemption, StopBeforeStart
 
     job = TrainJob(
         model=model_shape(cfg.model),
@@ -28,10 +32,17 @@ def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
         data=freeze(DataConfig, cfg.data),
         train=freeze(TrainConfig, cfg.train),
     )
+    import torch.distributed as dist
+
+    preempt = preempt or Preemption().install()
     env = init_distributed(job.train.collective_timeout_s)
-    trainer = Trainer(job)
-    for sig in (signal.SIGUSR1, signal.SIGTERM):  # Slurm's --signal, preemption, `kill`: checkpoint and exit
-        signal.signal(sig, lambda *_: trainer.request_stop())
+    try:
+        trainer = Trainer(job, preempt)
+    except StopBeforeStart as e:
+        if env.rank == 0:
+            print(f"[sp-train] stop requested: {e}; no step was run, the job requeues and starts again", flush=True)
+        dist.destroy_process_group()
+        return
     losses = trainer.run()
     if env.rank == 0:
         out = Path(job.train.out_dir).resolve()
@@ -40,12 +51,14 @@ def run(cfg) -> None:  # cfg: TrainJobSchema after OmegaConf.to_object
               f"last loss {losses[-1] if losses else float('nan'):.4f}")  # fmt: skip
         print(f"[sp-train] TensorBoard: tensorboard --logdir {out / 'tb'}")
         print(f"[sp-train] checkpoints: {out / 'checkpoints'}")
-    import torch.distributed as dist
-
     dist.destroy_process_group()
 
 
 def main() -> None:
+    from trainer.preempt import Preemption  # first: nothing heavy is imported before the handlers are in place
+
+    preempt = Preemption().install()
+    preempt.enter("start")
     import warnings
 
     from cli.hydra_app import run_app
@@ -54,7 +67,7 @@ def main() -> None:
     run_app(
         "config",
         "sp-train",
-        run,
+        lambda cfg: run(cfg, preempt),
         "train a Megatron-core GPT with per-step adaptive sequence-parallel plans (FSDP2, checkpointing, bf16 on CUDA)",
         ("cluster", "data", "model", "planner", "train"),
     )

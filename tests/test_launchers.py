@@ -117,6 +117,35 @@ def _wait(env, job, want, timeout):
     pytest.fail(f"job {job} is {_state(env, job)}, wanted {want}")
 
 
+def _wait_for_line(env, job, log, pattern, timeout):
+    """Poll the job's log until a line matches (an observable event, not a guessed delay)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = log.read_text() if log.exists() else ""
+        if re.search(pattern, text):
+            return text
+        if _state(env, job) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(0.5)
+    pytest.fail(f"job {job} ({_state(env, job)}): no line {pattern!r} in {log}:\n{text[-2000:]}")
+
+
+def _release_requeued(env, job, log, timeout):
+    """Wait for the requeued job's restart (its own log line). Slurm holds a requeued batch job (EligibleTime =
+    requeue + 120 s, then the next scheduling pass): while it is pending, make it eligible now; the requeue is
+    what the test checks, not Slurm's delay. While the batch step is killed for the requeue, ``scontrol``
+    briefly shows FAILED: no state in this window is final, only the restart line."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if re.search(rf"job {job} restart 1 on", log.read_text()):
+            return
+        if _state(env, job) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True,
+                           timeout=30)  # fmt: skip
+        time.sleep(0.5)
+    pytest.fail(f"job {job} ({_state(env, job)}) did not restart after its requeue:\n{log.read_text()[-2000:]}")
+
+
 def _scalars(tb_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -150,11 +179,10 @@ def test_sbatch_preemption_checkpoints_requeues_and_resumes(slurm):
     (run / "COMPLETE").write_text('{"step": 3, "target_steps": 3, "config_hash": "earlier-run"}\n')
     job = _sbatch({**env, "SP_RUN_DIR": str(run)}, d, "train.steps=40", "train.checkpoint_every=100", *QUICK)
     log = d / f"sp-train-{job}.out"
-    end = time.monotonic() + 120
-    while time.monotonic() < end and not list((run / "tb").glob("events.*")):
-        time.sleep(1)
-    time.sleep(3)  # a few steps in
+    _wait_for_line(env, job, log, r"\[sp-train\] step 3/40 loss", 180)  # training, a few steps in
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
+    _wait_for_line(env, job, log, r"requeueing job", 180)
+    _release_requeued(env, job, log, 300)
     _wait(env, job, "COMPLETED", 400)
     text = log.read_text()
     stopped = re.search(r"stop requested: checkpointed step (\d+)", text)

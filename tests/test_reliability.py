@@ -28,8 +28,8 @@ def _scenarios(rank, world, tmp):
     from trainer.loop import Trainer
 
     out = {}
-    # 1. corrupted newest checkpoint: resume falls back to the newest intact one
-    _train(tmp, "corrupt", 2, checkpoint_every=1)
+    # 1. corrupted newest checkpoint (written asynchronously): resume falls back to the newest intact one
+    _train(tmp, "corrupt", 2, checkpoint_every=1, async_checkpoint=True)
     if rank == 0:
         shard = sorted((Path(tmp) / "corrupt/checkpoints/step_000002").glob("*.distcp"))[0]
         data = bytearray(shard.read_bytes())
@@ -81,7 +81,62 @@ def _scenarios(rank, world, tmp):
     tr._parent = -1  # as if torchrun's agent had been killed
     tr.run()
     out["orphan"] = (tr.step, tr.stopped, sorted(p.name for p in (Path(tmp) / "orphan/checkpoints").glob("step_*")))
+    out["data"] = _changed_data(rank, tmp)
+    out["phases"] = _start_up_phases(rank, tmp)
     return out
+
+
+def _changed_data(rank, tmp):
+    """Same config, same path, other content: the resume is refused with the fingerprint's difference."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from trainer.loop import Trainer
+
+    docs = Path(tmp) / "docs"
+    if rank == 0:
+        docs.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            (docs / f"{i}.txt").write_bytes(bytes(rng.integers(32, 127, 700, dtype=np.uint8)))
+    dist.barrier()
+    job = _job(f"{tmp}/data", "adaptive", 1, use_milp=False, resume=True)
+    job = replace(job, data=replace(job.data, source="glob", path=str(docs / "*.txt"), tokens_per_step=1500))
+    Trainer(job).run()
+    if rank == 0:
+        (docs / "3.txt").write_bytes(b"one more document")
+    dist.barrier()
+    try:
+        Trainer(replace(job, train=replace(job.train, steps=2)))
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+def _start_up_phases(rank, tmp):
+    """USR1 to rank 0 alone at each start-up phase: every rank stops there, the folder's lock is released."""
+    import os
+    import signal
+
+    from trainer.loop import Trainer
+    from trainer.preempt import SIGNALS, Preemption, StopBeforeStart
+
+    seen = {}
+    try:
+        for phase in ("init", "build", "data", "load"):
+            os.environ["SP_SIGNAL_AT_PHASE"] = f"{phase}@0"
+            try:
+                Trainer(_job(f"{tmp}/phases", "adaptive", 1, use_milp=False), Preemption().install())
+                seen[phase] = None
+            except StopBeforeStart as e:
+                seen[phase] = e.phase
+        os.environ.pop("SP_SIGNAL_AT_PHASE")
+        seen["after"] = len(Trainer(_job(f"{tmp}/phases", "adaptive", 1, use_milp=False)).run())
+    finally:
+        os.environ.pop("SP_SIGNAL_AT_PHASE", None)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +173,18 @@ def test_orphaned_workers_checkpoint_and_stop(results):
     assert results[0]["orphan"] == (1, True, ["step_000001"])
 
 
+def test_resume_on_changed_data_is_refused_with_the_difference(results):
+    for r in results:
+        msg = r["data"]
+        assert msg is not None and "trained on other data" in msg
+        assert "documents 3 -> 4" in msg and "sizes_xxh3_128" in msg and "tokens 2100 -> 2117" in msg
+
+
+def test_stop_at_each_start_up_phase_stops_every_rank_and_frees_the_folder(results):
+    for r in results:
+        assert r["phases"] == {"init": "init", "build": "build", "data": "data", "load": "load", "after": 1}
+
+
 def test_crafted_extra_pt_cannot_run_code(tmp_path):
     """extra.pt loads with weights_only=True: a pickle that would run code is refused."""
     import pickle
@@ -151,7 +218,7 @@ def test_manifest_detects_changed_and_missing_files(tmp_path):
     (tmp_path / "a.distcp").write_bytes(b"x" * 99 + b"z")
     assert "a.distcp does not match its checksum" in verify(tmp_path)
     (tmp_path / "extra.pt").unlink()
-    assert json.loads((tmp_path / "MANIFEST.json").read_text())["extra.pt"]["bytes"] == 1
+    assert json.loads((tmp_path / "MANIFEST.json").read_text())["files"]["extra.pt"]["bytes"] == 1
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,8 @@ class TrainConfig:
     plan_timeout_s: float = 60.0  # the next step's plan is late beyond this: use the greedy plan instead
     memory_every: int = 0  # count bytes saved for backward every N steps (0 = never; costs a little time)
     init_from: str | None = None  # hf:DIR (Hugging Face weights) or RUN_DIR (weights of one of our runs); None: random
+    async_checkpoint: bool = False  # torch DCP async save: the step loop goes on while a checkpoint is written
+    preempt_warning_s: float = 90.0  # seconds of warning a stop signal gives (sbatch --signal=B:USR1@N): N
 
     def __post_init__(self) -> None:
         valid = ("adaptive", "ulysses", "ring", "hybrid", "none")
@@ -93,8 +95,8 @@ class TrainConfig:
         }, integer=True)  # fmt: skip
         _check_range("train", self, {"grad_clip": (0, None), "lr": (0, None), "min_lr": (0, None),
                                      "weight_decay": (0, None), "bucket_mb": (0, None),
-                                     "collective_timeout_s": (0, None)}, strict=("grad_clip", "lr", "bucket_mb",
-                                                                               "collective_timeout_s"))  # fmt: skip
+                                     "collective_timeout_s": (0, None), "preempt_warning_s": (0, None)},
+                     strict=("grad_clip", "lr", "bucket_mb", "preempt_warning_s", "collective_timeout_s"))  # fmt: skip
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}; valid: 0 <= min_lr <= lr")
         if self.sp_size and self.sp_size & (self.sp_size - 1):

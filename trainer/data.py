@@ -173,3 +173,29 @@ class StepLoader:
             self.cursor += 1
             docs.append(self.corpus.doc(p.doc)[p.start : p.end])
             used += p.length
+
+
+def fingerprint(corpus: Corpus) -> dict:
+    """What a checkpoint records of its training data: per source, its path, document count, total tokens
+    and a hash of the size table (the same content under the same tokenizer gives the same fingerprint)."""
+    import xxhash
+
+    cfg = corpus.cfg
+    path = str(Path(sysconfig.get_paths()["stdlib"])) if cfg.source == "stdlib" else cfg.path
+    return {"sources": [{
+        "source": cfg.source, "path": path, "documents": len(corpus), "tokens": int(corpus.sizes.sum()),
+        "sizes_xxh3_128": xxhash.xxh3_128(np.ascontiguousarray(corpus.sizes, dtype=np.int64).tobytes()).hexdigest(),
+    }]}  # fmt: skip
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """Each difference as ``source i (path): field old -> new``; empty when the data is the same."""
+    olds, news = old.get("sources", []), new.get("sources", [])
+    if len(olds) != len(news):
+        return [f"number of sources: {len(olds)} -> {len(news)}"]
+    out = []
+    for i, (a, b) in enumerate(zip(olds, news, strict=True)):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"source {i} ({b.get('path') or a.get('path')}): {key} {a.get(key)!r} -> {b.get(key)!r}")
+    return out

@@ -23,10 +23,11 @@ from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
 from trainer import checkpoint
 from trainer.config import DataConfig, TrainConfig
-from trainer.data import Corpus, StepLoader
+from trainer.data import Corpus, StepLoader, fingerprint, fingerprint_changes
 from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
+from trainer.preempt import Preemption, budget_warning
 from trainer.run_dir import RunLock, config_changes, flat_config, write_complete
 from trainer.sharding import Regime, parallelize, resolve_precision
 from trainer.step import StepStats, run_plan, synchronize
@@ -73,7 +74,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 class Trainer:
-    def __init__(self, job: TrainJob) -> None:
+    def __init__(self, job: TrainJob, preempt: Preemption | None = None) -> None:
         from megatron.core import parallel_state
 
         from models.gpt import build_meta
@@ -81,6 +82,7 @@ class Trainer:
         from trainer import init_from, tokenizer
 
         self.job = job
+        self.preempt = preempt or Preemption()  # the entry point installs the signal handlers on it
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if job.cluster.world != self.world:
             job = replace(job, cluster=replace(job.cluster, nodes=1, gpus_per_node=self.world))
@@ -88,6 +90,7 @@ class Trainer:
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(1, 1)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.preempt.checkpoint("init", self.rank, self.device)
         t = job.train
         self.regime = Regime(
             t.sharding, resolve_precision(t.precision, self.device), job.model.checkpointing, job.planner.checkpointing
@@ -133,18 +136,34 @@ class Trainer:
         self.pool.warm(self.device)  # every communicator created now, in a fixed order
         self.sync = GradSync(list(self.model.parameters()), t.bucket_mb) if t.sharding == "replicate" else None
         self.optim = self._optimizer()
-        self.loader = StepLoader(Corpus(job.data), job.data)
+        self.saver = checkpoint.Saver(t.out_dir, t.async_checkpoint)
+        self.preempt.checkpoint("build", self.rank, self.device)
+        corpus = Corpus(job.data)
+        self.loader = StepLoader(corpus, job.data)
+        self.data_fingerprint = fingerprint(corpus)
+        self.preempt.checkpoint("data", self.rank, self.device)
         self.out = Path(job.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.step = 0
         self.bad_in_row = 0
         self.stopped = False
         self.heartbeat = Heartbeat(self.rank, self.world)
-        self._stop_flag = False
         self._parent = os.getppid()  # the launcher (torchrun's agent, srun, mpiexec, the spawn harness)
         self.config = flat_config(job)
         self.lock: RunLock | None = None
         ck = self._claim_folder()
+        try:
+            self._start(ck)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _start(self, ck: Path | None) -> None:
+        """Load the resume point or the first weights, then the last start-up safe point."""
+        from trainer import init_from
+
+        job, t = self.job, self.job.train
         if ck is not None:
             extra = checkpoint.load(ck, self.model, self.optim)
             self.step = int(extra["step"])
@@ -156,6 +175,7 @@ class Trainer:
             init_from.initialise(self.model, self.source, job.model, t.seed)
             if self.rank == 0:
                 print(f"[sp-train] {self.source.describe()} ({time.perf_counter() - t0:.1f} s)")
+        self.preempt.checkpoint("load", self.rank, self.device)
         if self.rank == 0:
             self._record_sources()
         self.board = Board(str(self.out / "tb")) if self.rank == 0 else None
@@ -169,16 +189,32 @@ class Trainer:
         if self.rank == 0 and (self.loader.split or self.loader.rejected):
             print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
                   f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
+        stats = checkpoint.save_stats(t.out_dir) if self.rank == 0 and ck is not None else None
+        if stats is not None:  # resumed: the last run's slowest step and save against the warning a signal gives
+            self._warn_budget(stats.get("slowest_step_s", 0.0), stats)
 
     def _claim_folder(self) -> Path | None:
-        """Rank 0 locks the run folder, removes a stale COMPLETE and picks the checkpoint to resume (the
-        newest intact one whose config allows it); every rank gets the verdict."""
+        """Rank 0 locks the run folder and removes a stale COMPLETE; every rank verifies its share of the
+        newest checkpoints; rank 0 picks the one to resume (the newest intact one whose config and data allow
+        it). Every rank gets each verdict."""
+        self._agree(lambda: self._lock_folder())
+        if not self.job.train.resume:
+            return None
+        ck, warnings = checkpoint.newest_intact(str(self.out), collective=True)
+        found = self._agree(lambda: self._resume_point(ck, warnings))
+        return Path(found) if found is not None else None
+
+    def _lock_folder(self) -> None:
+        self.lock = RunLock(self.out)
+        (self.out / "COMPLETE").unlink(missing_ok=True)
+
+    def _agree(self, decide: Any) -> Any:
+        """Rank 0 runs ``decide``; every rank returns its result or raises its RuntimeError/ValueError (the
+        run folder's lock is released first)."""
         verdict: list = [None, None]
         if self.rank == 0:
             try:
-                self.lock = RunLock(self.out)
-                (self.out / "COMPLETE").unlink(missing_ok=True)
-                verdict[0] = self._resume_point() if self.job.train.resume else None
+                verdict[0] = decide()
             except (RuntimeError, ValueError) as e:
                 verdict[1] = (type(e).__name__, str(e))
         dist.broadcast_object_list(verdict, src=0)
@@ -186,10 +222,9 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
             raise {"RuntimeError": RuntimeError, "ValueError": ValueError}[verdict[1][0]](verdict[1][1])
-        return Path(verdict[0]) if verdict[0] is not None else None
+        return verdict[0]
 
-    def _resume_point(self) -> str | None:
-        ck, warnings = checkpoint.newest_intact(str(self.out))
+    def _resume_point(self, ck: Path | None, warnings: list[str]) -> str | None:
         for w in warnings:
             print(f"[sp-train] WARNING: {w}")
         if ck is None:
@@ -203,6 +238,17 @@ class Trainer:
                 "(train.resume=true, the default) would silently continue it. Differences:\n  "
                 + "\n  ".join(refused)
                 + "\nUse a new train.out_dir, or train.resume=false with an empty folder."
+            )
+        data = checkpoint.stored_data(ck)
+        if data is None:
+            print(f"[sp-train] WARNING: {ck.name} has no data fingerprint (an earlier version wrote it): "
+                  "the training data is not checked on this resume")  # fmt: skip
+        elif diffs := fingerprint_changes(data, self.data_fingerprint):
+            raise ValueError(
+                f"train.out_dir={str(self.out)!r} holds a run trained on other data ({ck.name}); resuming would "
+                "silently continue it on different documents. Differences:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse a new train.out_dir (train.init_from=RUN_DIR starts a new stage from its weights)."
             )
         if safe:
             print("[sp-train] resuming with changed settings: " + "; ".join(safe))
@@ -222,7 +268,7 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Signal-safe: finish the current step, checkpoint, and return from :meth:`run`."""
-        self._stop_flag = True
+        self.preempt.request()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW on the fp32 (sharded) parameters: fused kernels on CUDA, foreach on the CPU."""
@@ -260,6 +306,7 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self.saver.close()  # an in-flight save completes (or raises) before the folder is released
             if self.lock is not None:
                 self.lock.release()
 
@@ -315,24 +362,42 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
-        if os.getppid() != self._parent and not self._stop_flag:  # the launcher died (e.g. torchrun's agent
-            # killed by a signal it does not forward): checkpoint and stop instead of training on orphaned
+        if os.getppid() != self._parent and not self.preempt.requested:  # the launcher died (e.g. torchrun's
+            # agent killed by a signal it does not forward): checkpoint and stop instead of training orphaned
             print(f"[sp-train] rank {self.rank}: launcher (pid {self._parent}) is gone; checkpointing and stopping")
-            self._stop_flag = True
+            self.preempt.request()
         hb.beat("stop flag", self.step - 1)
-        flag = torch.tensor([1.0 if self._stop_flag else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        self.stopped = bool(flag.item())
+        self.preempt.enter("step", self.rank)
+        self.stopped = self.preempt.agreed(self.device)  # every rank stops at the same step
         # the last step always checkpoints (a finished run never loses its weights), others every N
         periodic = self.step == t.steps or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
         if periodic or self.stopped:
             hb.beat("checkpoint save", self.step - 1)
-            checkpoint.save(str(self.out), self.step, self.model, self.optim, {"loader": loader_state}, self.config)
+            self._save(loader_state, final=self.stopped or self.step == t.steps)
+            if not self.stopped and self.step < t.steps:  # a request that came during the write: stop now
+                self.stopped = self.preempt.agreed(self.device)
         if self.stopped:
             if self.rank == 0:
                 print(f"[sp-train] stop requested: checkpointed step {self.step}, exiting for requeue")
             return fut, docs, True
         return fut, (nxt if nxt is not None else docs), False
+
+    def _save(self, loader_state: dict, final: bool) -> None:
+        """Checkpoint this step (the last save of a run or a stop is complete on return, async or not)."""
+        slowest = max(self.step_times[-50:] + [self.last_plan.time_s if self.last_plan else 0.0])
+        self.saver.context = {"slowest_step_s": slowest}  # recorded with the save's timings for a resume
+        self.saver.save(self.step, self.model, self.optim, {"loader": loader_state}, self.config,
+                        self.data_fingerprint, during=lambda: self.preempt.enter("save", self.rank))  # fmt: skip
+        if final:
+            self.saver.wait()
+        if self.rank == 0 and not self.saver.in_flight and "total_s" in self.saver.last:
+            self._warn_budget(slowest, self.saver.last)
+
+    def _warn_budget(self, step_s: float, save: dict[str, float]) -> None:
+        warning = budget_warning(step_s, save["total_s"], self.job.train.preempt_warning_s)
+        if warning and not getattr(self, "_budget_warned", False):
+            self._budget_warned = True
+            print(f"[sp-train] WARNING: {warning}", flush=True)
 
     def _run(self) -> list[float]:
         t = self.job.train
@@ -424,6 +489,9 @@ class Trainer:
             values.update(self.gpu.read())
         self.last_values = values
         self.board.scalars(self.step, values)
+        if not t.progress:  # no bar (batch logs): one line a logged step
+            print(f"[sp-train] step {self.step + 1}/{t.steps} loss {loss:.6f} {tokens / step_s:.0f} tok/s "
+                  f"{step_s:.2f} s (planned {plan.time_s:.2f} s)", flush=True)  # fmt: skip
         if t.picture_every and self.step % t.picture_every == 0:
             self.board.picture(self.step, plan, self.cost)
 
