@@ -1,6 +1,7 @@
 """``sp-bench``: benchmarks that print one JSON object per line.
 
 sp-bench attention [--world 4] [--tokens 16384 65536]
+sp-bench attention --vs-single [--tokens1 2048 4096 8192 16384] [--tokens4 8192 16384] [--reps 5]
 sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
 sp-bench planner [--lengths WIKI.txt.gz data/lengths/code_files.txt.gz] [--steps 20]
 sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none] [--techniques plain all]
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--world", type=int, default=4)
     a.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
     a.add_argument("--scaling", action="store_true", help="also run P=1,2 at the smallest size (memory ~1/P)")
+    a.add_argument("--vs-single", action="store_true", help="runtime overhead: sp.attention vs one fused call")
+    a.add_argument("--tokens1", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="--vs-single, world 1")
+    a.add_argument("--tokens4", type=int, nargs="+", default=[8192, 16384], help="--vs-single, world 4")
+    a.add_argument("--reps", type=int, default=5, help="--vs-single: timed repeats after a warm-up")
     e = sub.add_parser("e2e", help="real CPU training, adaptive vs static layouts, interleaved")
     e.add_argument("--lengths", default=os.environ.get("SP_LENGTHS", "../shared/data/lengths/wikipedia.txt.gz"))
     e.add_argument("--steps", type=int, default=6)
@@ -131,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
             args.mid_max_tokens,
             tuple(args.techniques),
         ):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "attention" and args.vs_single:
+        from benchmarks.attention_overhead import run as run_overhead
+
+        for row in run_overhead(args.tokens1, args.tokens4, args.reps):
             print(json.dumps(row), flush=True)
     elif args.cmd == "attention":
         from benchmarks.attention import run
