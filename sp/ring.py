@@ -19,6 +19,7 @@ compute. ``mode`` lets the benchmark time ``"compute"`` (no exchange) or ``"comm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -101,19 +102,28 @@ def ring_forward(
     mode: str = "full",
     stats: RingStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q ``[T, h, d]``, k/v ``[T, hk, d]`` ring-local -> out ``[T, h, d]``, lse ``[h, T]``."""
+    """q ``[T, h, d]``, k/v ``[T, hk, d]`` ring-local -> out ``[T, h, d]``, lse ``[h, T]``.
+
+    A block result for rows no block has reached yet is copied into place (merging it into (0, -inf) gives
+    the same bits); any other merges. Rows no block reaches stay (0, -inf)."""
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
-    kv = torch.stack([k, v])  # [2, T, hk, d]: one message per step
+    kv: Any = torch.stack([k, v]) if r > 1 else (k, v)  # [2, T, hk, d]: one message per step
+    fresh = torch.ones(q.shape[0], dtype=torch.bool)  # rows no block result has reached yet
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         if mode != "comm":
             for qr, o, l_ in forward_pairs(
                 kernel, q, kv[0], kv[1], _rows(block_pairs(ctx, (i - step) % r, kernel.tile_rows)), scale
             ):
-                merge_into(out[qr], lse[:, qr], o.to(acc), l_.to(acc))
+                if bool(fresh[qr].all()):
+                    out[qr] = o
+                    lse[:, qr] = l_
+                else:
+                    merge_into(out[qr], lse[:, qr], o.to(acc), l_.to(acc))
+                fresh[qr] = False
         if nxt is not None:
             kv = nxt.wait()
     return out.to(q.dtype), lse
@@ -136,6 +146,13 @@ def ring_backward(
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    if r == 1:  # no ring: no K/V message, no dK/dV hop
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        if mode != "comm":
+            backward_pairs(kernel, dout, q, k, v, out, lse, _rows(block_pairs(ctx, i, kernel.tile_rows)), scale,
+                           dq, dk, dv)  # fmt: skip
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     kv = torch.stack([k, v])  # [2, T, hk, d]
     dkv_in: Exchange | None = None
     for step in range(r):

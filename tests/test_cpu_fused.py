@@ -63,3 +63,11 @@ def test_bf16_close_to_fp64():
 @pytest.mark.slow
 def test_fused_kernel_through_ring_and_ulysses():
     check_long_segments(run_distributed(long_segments_worker, 2, "cpu_fused", [(1, 2), (2, 1)], timeout=180))
+
+
+def test_whole_pairs_through_every_strategy_on_long_sequences():
+    """World 1 (one call per pair, results taken as they come) and 4 ranks (ulysses 4, ring 4, hybrid 2x2) on
+    sequences of 1024, 1500 and 300 tokens (pairs of up to 1500 rows, no 512-row tiles): fp64 reference."""
+    assert CpuFusedKernel.tile_rows is None
+    check_long_segments(run_distributed(long_segments_worker, 4, "cpu_fused", [(1, 1), (4, 1), (1, 4), (2, 2)],
+                                        timeout=300))  # fmt: skip

@@ -56,6 +56,12 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 2
     weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999  # Llama recipes: 0.95
+    eps: float = 1e-8
+    no_weight_decay: tuple[str, ...] = ()  # kinds trained without weight decay: norm, bias, embedding
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, after warmup_steps
+    decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
     grad_clip: float = 1.0
     seed: int = 0
     out_dir: str = "runs/default"
@@ -81,6 +87,20 @@ class TrainConfig:
             raise ValueError(f"train.strategy={self.strategy!r}; valid: {list(valid)}")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"train.sharding={self.sharding!r}; valid: {list(SHARDINGS)}")
+        from trainer.optim import NO_DECAY_KINDS, SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r}; valid: {list(SCHEDULES)}")
+        bad = [k for k in self.no_weight_decay if k not in NO_DECAY_KINDS]
+        if bad:
+            raise ValueError(f"train.no_weight_decay={list(self.no_weight_decay)}: unknown {bad}; valid: "
+                             f"any of {list(NO_DECAY_KINDS)}")  # fmt: skip
+        for name in ("beta1", "beta2"):
+            b = getattr(self, name)
+            if not (isinstance(b, (int, float)) and 0 <= b < 1):
+                raise ValueError(f"train.{name}={b!r}; valid: a number in [0, 1)")
+        if not (isinstance(self.decay_fraction, (int, float)) and 0 < self.decay_fraction <= 1):
+            raise ValueError(f"train.decay_fraction={self.decay_fraction!r}; valid: a number in (0, 1]")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; valid: {list(PRECISIONS)}")
         if not self.plan_timeout_s > 0:
@@ -94,9 +114,10 @@ class TrainConfig:
             "checkpoint_every": (0, None), "picture_every": (0, None), "sp_size": (0, None),
         }, integer=True)  # fmt: skip
         _check_range("train", self, {"grad_clip": (0, None), "lr": (0, None), "min_lr": (0, None),
-                                     "weight_decay": (0, None), "bucket_mb": (0, None),
+                                     "weight_decay": (0, None), "bucket_mb": (0, None), "eps": (0, None),
                                      "collective_timeout_s": (0, None), "preempt_warning_s": (0, None)},
-                     strict=("grad_clip", "lr", "bucket_mb", "preempt_warning_s", "collective_timeout_s"))  # fmt: skip
+                     strict=("grad_clip", "lr", "bucket_mb", "preempt_warning_s", "collective_timeout_s",
+                             "eps"))  # fmt: skip
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}; valid: 0 <= min_lr <= lr")
         if self.sp_size and self.sp_size & (self.sp_size - 1):

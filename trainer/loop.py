@@ -27,6 +27,7 @@ from trainer.data import Corpus, StepLoader, fingerprint, fingerprint_changes
 from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
+from trainer.optim import lr_at, schedule_change
 from trainer.preempt import Preemption, budget_warning
 from trainer.run_dir import RunLock, config_changes, flat_config, write_complete
 from trainer.sharding import Regime, parallelize, resolve_precision
@@ -64,13 +65,6 @@ def static_shape(job: TrainJob, world: int) -> GroupShape:
             f"(q heads={m.heads}, kv heads={m.n_kv_heads}) do not allow; valid Ulysses degrees: {m.ulysses_degrees(p)}"
         )
     return GroupShape(u, p // u)
-
-
-def lr_at(step: int, t: TrainConfig) -> float:
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 class Trainer:
@@ -252,6 +246,12 @@ class Trainer:
             )
         if safe:
             print("[sp-train] resuming with changed settings: " + "; ".join(safe))
+        stored = checkpoint.stored_config(ck)
+        if "train.steps" in stored:  # a changed step count reshapes the schedule: say how
+            old = replace(self.job.train, steps=int(stored["train.steps"]))
+            change = schedule_change(old, self.job.train, int(ck.name.removeprefix("step_")))
+            if change:
+                print(f"[sp-train] {change}")
         return str(ck)
 
     def _record_sources(self) -> None:
@@ -271,12 +271,10 @@ class Trainer:
         self.preempt.request()
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        """AdamW on the fp32 (sharded) parameters: fused kernels on CUDA, foreach on the CPU."""
-        t = self.job.train
-        cuda = self.device.type == "cuda"
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None, foreach=not cuda
-        )
+        """AdamW on the fp32 (sharded) parameters (:mod:`trainer.optim`)."""
+        from trainer import optim
+
+        return optim.build(self.model, self.job.train, self.device.type == "cuda")
 
     def _plan(self, lengths: list[int]) -> StepPlan:
         if self.shape is not None:
