@@ -46,6 +46,7 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -133,6 +134,19 @@ class CostModel:
         if m.mlp_tile_tokens:
             extra += 2.0 * (3 if m.swiglu else 2) * m.hidden * m.d_ffn * m.layers
         return extra
+
+    def model_flops(self, lengths: Sequence[int] | np.ndarray) -> float:
+        """The model FLOPs of one step over these sequences (fwd + bwd, no recompute, no technique extras:
+        what MFU counts): 6 x (linear params + the logits' V h) per token plus each sequence's own attention
+        quadratic term."""
+        m = self.model
+        n = np.asarray(lengths, dtype=np.float64)
+        return float(6.0 * (m.linear_params + m.vocab * m.hidden) * n.sum()
+                     + np.sum(self.attention_flops(n, recompute=False)))  # fmt: skip
+
+    def mfu(self, lengths: Sequence[int] | np.ndarray, seconds: float, gpus: int) -> float:
+        """Model FLOP utilisation of a step of ``seconds`` on ``gpus`` devices at the cluster's peak."""
+        return self.model_flops(lengths) / (seconds * gpus * self.cluster.peak_tflops * 1e12) if seconds > 0 else 0.0
 
     def compute_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
         cl, m = self.cluster, self.model

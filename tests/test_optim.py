@@ -94,3 +94,17 @@ def test_a_changed_step_count_states_how_the_schedule_changes():
 def test_bad_optimiser_options_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**{field: value})
+
+
+def test_model_flops_and_mfu_by_hand():
+    """MFU counts 6 x (linear params + V h) per token plus each document's own attention (causal half)."""
+    from planner.cost import CostModel
+    from planner.types import Cluster, ModelShape
+
+    m = ModelShape(name="t", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=256)
+    cost = CostModel(Cluster(name="c", nodes=1, gpus_per_node=4, peak_tflops=1.0), m)
+    lengths = [100, 3000]
+    linear = 6 * (m.linear_params + 256 * 64) * 3100
+    attention = sum(6 * 0.5 * 2 * n * n * 4 * 16 for n in lengths)  # per document: packing adds no cross terms
+    assert cost.model_flops(lengths) == pytest.approx(linear + attention, rel=1e-12)
+    assert cost.mfu(lengths, 2.0, 4) == pytest.approx((linear + attention) / (2.0 * 4 * 1e12), rel=1e-12)

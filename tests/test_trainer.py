@@ -232,7 +232,8 @@ def test_tensorboard_has_the_scalars(runs):
                 "planner/solve_s", "planner/gap", "plan/groups", "plan/load_imbalance", "memory/peak_gib",
                 "plan/strategy_ulysses", "memory/states_gib", "memory/states_predicted_gib",
                 "memory/saved_for_backward_gib_max", "memory/saved_for_backward_predicted_gib_max",
-                "planner/late_plans"]:  # fmt: skip
+                "planner/late_plans", "train/tokens_per_s_per_gpu", "train/tokens_trained", "perf/mfu_measured",
+                "perf/mfu_predicted"]:  # fmt: skip
         assert tag in tags, f"missing scalar {tag}"
     assert len(acc.Scalars("train/loss")) == STEPS
     assert "plan/gantt" in acc.Tags()["images"]

@@ -139,6 +139,7 @@ class Trainer:
         self.out = Path(job.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.step = 0
+        self.tokens_trained = 0  # targets trained on, over the whole run (kept in checkpoints)
         self.bad_in_row = 0
         self.stopped = False
         self.heartbeat = Heartbeat(self.rank, self.world)
@@ -161,6 +162,7 @@ class Trainer:
         if ck is not None:
             extra = checkpoint.load(ck, self.model, self.optim)
             self.step = int(extra["step"])
+            self.tokens_trained = int(extra.get("tokens_trained", 0))
             self.loader.load_state(extra["loader"])
             if self.rank == 0:
                 print(f"[sp-train] resumed from {ck} (step {self.step})")
@@ -353,6 +355,7 @@ class Trainer:
         synchronize(self.device)
         step_s = time.perf_counter() - t0
         self.step_times.append(step_s)
+        self.tokens_trained += tokens if math.isfinite(loss) else 0
         losses.append(loss)
         hb.beat("metrics")
         self._observe(plan, loss, tokens, step_s, stats, grad_norm)
@@ -384,7 +387,8 @@ class Trainer:
         """Checkpoint this step (the last save of a run or a stop is complete on return, async or not)."""
         slowest = max(self.step_times[-50:] + [self.last_plan.time_s if self.last_plan else 0.0])
         self.saver.context = {"slowest_step_s": slowest}  # recorded with the save's timings for a resume
-        self.saver.save(self.step, self.model, self.optim, {"loader": loader_state}, self.config,
+        extra = {"loader": loader_state, "tokens_trained": self.tokens_trained}
+        self.saver.save(self.step, self.model, self.optim, extra, self.config,
                         self.data_fingerprint, during=lambda: self.preempt.enter("save", self.rank))  # fmt: skip
         if final:
             self.saver.wait()
@@ -452,9 +456,15 @@ class Trainer:
         for micro in plan.micro_steps:
             for g in micro.groups:
                 mix[g.shape.strategy] += 1
+        mfu, planned_mfu = self.cost.mfu(plan.lengths, step_s, self.world), self.cost.mfu(plan.lengths, plan.time_s,
+                                                                                        self.world)  # fmt: skip
         values = {
             "train/loss": loss,
             "train/tokens_per_s": tokens / step_s,
+            "train/tokens_per_s_per_gpu": tokens / step_s / self.world,
+            "train/tokens_trained": float(self.tokens_trained),
+            "perf/mfu_measured": mfu,
+            "perf/mfu_predicted": planned_mfu,
             "train/grad_norm": gnorm,
             "train/lr": lr_at(self.step, t),
             "time/step_measured_s": step_s,
@@ -489,7 +499,8 @@ class Trainer:
         self.board.scalars(self.step, values)
         if not t.progress:  # no bar (batch logs): one line a logged step
             print(f"[sp-train] step {self.step + 1}/{t.steps} loss {loss:.6f} {tokens / step_s:.0f} tok/s "
-                  f"{step_s:.2f} s (planned {plan.time_s:.2f} s)", flush=True)  # fmt: skip
+                  f"({tokens / step_s / self.world:.0f}/GPU) {step_s:.2f} s (planned {plan.time_s:.2f} s) "
+                  f"MFU {100 * mfu:.1f}% (planned {100 * planned_mfu:.1f}%)", flush=True)  # fmt: skip
         if t.picture_every and self.step % t.picture_every == 0:
             self.board.picture(self.step, plan, self.cost)
 
