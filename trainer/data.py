@@ -7,6 +7,11 @@ bytes (vocab 256) unless a Hugging Face ``tokenizers`` file or model folder is n
 
 A document of n tokens is one training sequence of n - 1 (inputs ``t[:-1]``, targets ``t[1:]``). Documents
 longer than ``max_len + 1`` are split into pieces (each target predicted once) or rejected, with a count.
+
+Loss masks (JSONL): a row ``{"prompt": ..., "completion": ...}`` is the two encoded one after the other and
+trains only on the completion's tokens; a row with the text field and ``"loss_mask": [0/1 per token]`` trains
+on the tokens marked 1. Such a document is a :class:`MaskedDoc` (its ``token_mask[j]``: token j is a trained
+target); the step's loss is normalised by the trained targets of the whole step (:func:`trained_targets`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,40 @@ import numpy as np
 from trainer.config import DataConfig
 
 
+class MaskedDoc(np.ndarray):
+    """Token ids with ``token_mask`` (bool per token: trained as a target). Make one with :func:`with_mask`;
+    a slice of one is unmasked, so cut tokens and mask together."""
+
+    token_mask: np.ndarray | None = None
+
+
+def with_mask(tokens: np.ndarray, token_mask: np.ndarray) -> np.ndarray:
+    doc: MaskedDoc = tokens.view(MaskedDoc)
+    doc.token_mask = np.asarray(token_mask, dtype=bool)
+    return doc
+
+
+def target_weights(doc: np.ndarray) -> np.ndarray:
+    """float32 per target (``doc[1:]``): 1 where the target is trained, 0 where masked out."""
+    mask = getattr(doc, "token_mask", None)
+    return np.ones(len(doc) - 1, dtype=np.float32) if mask is None else mask[1:].astype(np.float32)
+
+
+def trained_targets(docs: list[np.ndarray]) -> int:
+    """How many targets of these documents are trained (the step's loss divisor)."""
+    masks = [getattr(d, "token_mask", None) for d in docs]
+    return int(sum(len(d) - 1 if m is None else int(m[1:].sum()) for d, m in zip(docs, masks, strict=True)))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One JSONL row: plain text, text with a per-token loss mask, or a prompt and its completion."""
+
+    text: str = ""
+    prompt: str | None = None
+    loss_mask: tuple[int, ...] | None = None
+
+
 class Corpus:
     """Documents by index; ``sizes[i]`` is document i's token count."""
 
@@ -35,14 +74,15 @@ class Corpus:
 
             self._tok = Tokenizer.from_file(str(tokenizer_file(cfg.tokenizer)))
         self._indexed = None
-        self._texts: list[str] | None = None
+        self._rows: list[Row] | None = None
+        self.trained: int | None = None  # trained targets of the whole corpus, where loss masks exist
         self._files: list[str] = []
         if cfg.source == "stdlib":
             self._files = sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "**" / "*.py"), recursive=True))
         elif cfg.source == "glob":
             self._files = sorted(glob.glob(cfg.path or "", recursive=True))
         elif cfg.source == "jsonl":
-            self._texts = self._read_jsonl(cfg.path)
+            self._rows = self._read_jsonl(cfg.path)
         else:
             from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -51,8 +91,11 @@ class Corpus:
             self._indexed = IndexedDataset(cfg.path)
         if self._indexed is not None:
             self.sizes = np.asarray(self._indexed.sequence_lengths, dtype=np.int64)
-        elif self._texts is not None:
-            self.sizes = np.array([len(self._encode(t)) for t in self._texts], dtype=np.int64)
+        elif self._rows is not None:
+            docs = [self.doc(i) for i in range(len(self._rows))]
+            self.sizes = np.array([len(d) for d in docs], dtype=np.int64)
+            if any(r.prompt is not None or r.loss_mask is not None for r in self._rows):
+                self.trained = trained_targets(docs)
         elif self._tok is None:
             self.sizes = np.array([Path(f).stat().st_size for f in self._files], dtype=np.int64)
         else:
@@ -63,10 +106,10 @@ class Corpus:
                 "point data.path at real data or use data.source=stdlib"
             )
 
-    def _read_jsonl(self, path: str | None) -> list[str]:
+    def _read_jsonl(self, path: str | None) -> list[Row]:
         if not path or not Path(path).exists():
             raise ValueError(f"data.path={path!r}: JSONL file not found")
-        texts = []
+        rows = []
         with open(path) as f:
             for n, line in enumerate(f):
                 if line.strip():
@@ -74,16 +117,37 @@ class Corpus:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n + 1}: not a JSON object ({e.msg})") from None
-                    if not isinstance(row, dict) or self.cfg.text_field not in row:
-                        keys = sorted(row)[:5] if isinstance(row, dict) else type(row).__name__
-                        raise ValueError(f"{path}:{n + 1} has no field {self.cfg.text_field!r} (keys {keys})")
-                    if not isinstance(row[self.cfg.text_field], str):
-                        raise ValueError(
-                            f"{path}:{n + 1}: field {self.cfg.text_field!r} is "
-                            f"{type(row[self.cfg.text_field]).__name__}; valid: a string"
-                        )
-                    texts.append(row[self.cfg.text_field])
-        return texts
+                    rows.append(self._row(row, f"{path}:{n + 1}"))
+        return rows
+
+    def _row(self, row: object, where: str) -> Row:
+        field = self.cfg.text_field
+        if isinstance(row, dict) and "prompt" in row:
+            for key in ("prompt", "completion"):
+                if not isinstance(row.get(key), str):
+                    got = type(row.get(key)).__name__ if key in row else "missing"
+                    raise ValueError(f"{where}: field {key!r} is {got}; a prompt row needs string 'prompt' and "
+                                     "'completion' fields")  # fmt: skip
+            if not row["completion"]:
+                raise ValueError(f"{where}: field 'completion' is empty (a prompt-only row trains on nothing)")
+            return Row(text=row["completion"], prompt=row["prompt"])
+        if not isinstance(row, dict) or field not in row:
+            keys = sorted(row)[:5] if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{where} has no field {field!r} (keys {keys}; or 'prompt' + 'completion')")
+        if not isinstance(row[field], str):
+            raise ValueError(f"{where}: field {field!r} is {type(row[field]).__name__}; valid: a string")
+        if "loss_mask" not in row:
+            return Row(text=row[field])
+        mask = row["loss_mask"]
+        if not isinstance(mask, list) or any(m not in (0, 1) or isinstance(m, float) for m in mask):
+            raise ValueError(f"{where}: field 'loss_mask' must be a list of 0/1 per token")
+        n = len(self._encode(row[field]))
+        if len(mask) != n:
+            raise ValueError(f"{where}: field 'loss_mask' has {len(mask)} entries for a document of {n} tokens "
+                             f"(field {field!r}); valid: one 0/1 per token")  # fmt: skip
+        if not any(mask[1:]):
+            raise ValueError(f"{where}: field 'loss_mask' marks no target (the first token is never one)")
+        return Row(text=row[field], loss_mask=tuple(mask))
 
     def _encode(self, text: str) -> np.ndarray:
         if self._tok is not None:
@@ -96,8 +160,13 @@ class Corpus:
     def doc(self, i: int) -> np.ndarray:
         if self._indexed is not None:
             return np.asarray(self._indexed[i], dtype=np.int64)
-        if self._texts is not None:
-            return self._encode(self._texts[i])
+        if self._rows is not None:
+            row = self._rows[i]
+            if row.prompt is not None:  # prompt then completion, encoded apart: only the completion trains
+                p, c = self._encode(row.prompt), self._encode(row.text)
+                return with_mask(np.concatenate([p, c]), np.arange(len(p) + len(c)) >= len(p))
+            tokens = self._encode(row.text)
+            return tokens if row.loss_mask is None else with_mask(tokens, np.asarray(row.loss_mask, dtype=bool))
         raw = Path(self._files[i]).read_bytes()
         if self._tok is None:
             return np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
@@ -171,7 +240,10 @@ class StepLoader:
             if docs and used + p.length > self.cfg.tokens_per_step:
                 return docs
             self.cursor += 1
-            docs.append(self.corpus.doc(p.doc)[p.start : p.end])
+            doc = self.corpus.doc(p.doc)
+            mask = getattr(doc, "token_mask", None)
+            piece = doc[p.start : p.end]
+            docs.append(piece if mask is None else with_mask(piece, mask[p.start : p.end]))
             used += p.length
 
 
@@ -185,6 +257,7 @@ def fingerprint(corpus: Corpus) -> dict:
     return {"sources": [{
         "source": cfg.source, "path": path, "documents": len(corpus), "tokens": int(corpus.sizes.sum()),
         "sizes_xxh3_128": xxhash.xxh3_128(np.ascontiguousarray(corpus.sizes, dtype=np.int64).tobytes()).hexdigest(),
+        **({"trained_targets": corpus.trained} if corpus.trained is not None else {}),
     }]}  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
 from trainer import checkpoint
 from trainer.config import DataConfig, TrainConfig
-from trainer.data import Corpus, StepLoader, fingerprint, fingerprint_changes
+from trainer.data import Corpus, StepLoader, fingerprint, fingerprint_changes, trained_targets
 from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
@@ -330,7 +330,7 @@ class Trainer:
         tokens = sum(len(d) - 1 for d in docs)
         loss_t = stats.loss_sum.reshape(1).clone()  # on the model's device: NCCL has no CPU tensors
         dist.all_reduce(loss_t)
-        loss = loss_t.item() / tokens
+        loss = loss_t.item() / max(1, trained_targets(docs))  # the mean over trained (unmasked) targets
         if math.isfinite(loss):
             self.bad_in_row = 0
             for g in self.optim.param_groups:

@@ -23,6 +23,7 @@ from models.attention import SPPackedSeqParams
 from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
 from sp.layout import shard
+from trainer.data import target_weights, trained_targets
 from trainer.grad_sync import GradSync
 from trainer.memory import SavedBytes
 from trainer.sharding import checkpoint_switch
@@ -69,7 +70,7 @@ def run_plan(
     ``autocast`` runs the passes under ``torch.autocast`` (bf16 compute over replicated fp32 parameters);
     ``heartbeat(phase)`` is called before each micro-step (:class:`trainer.watchdog.Heartbeat`)."""
     device = next(model.parameters()).device
-    global_tokens = sum(len(d) - 1 for d in docs)
+    global_tokens = max(1, trained_targets(docs))  # loss masks: only trained targets count
     stats = StepStats(torch.zeros((), dtype=torch.float64, device=device))
     if kernel == "auto":  # flash on CUDA when flash_attn is importable; torch's fused CPU op on the CPU
         kernel = ("flash" if _has_flash() else "torch") if device.type == "cuda" else "cpu_fused"
@@ -118,11 +119,12 @@ def group_pass(
 ) -> torch.Tensor:
     inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
     labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
+    weights = torch.from_numpy(np.concatenate([target_weights(docs[s]) for s in g.seqs])).to(device)
     cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
     ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False, device=device)
     tok = shard(inputs, ctx.layout, ctx.rank)
     lab = shard(labels, ctx.layout, ctx.rank)
-    valid = (ctx.layout.token_index(ctx.rank) >= 0).to(device)
+    valid = shard(weights, ctx.layout, ctx.rank)  # 0 on padding and on masked targets
     params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
     # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]
     per_token = model(tok[None], None, None, labels=lab[None], packed_seq_params=params)
