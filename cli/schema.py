@@ -14,7 +14,7 @@ from typing import Any
 
 from planner.planner import PlannerConfig
 from planner.types import Cluster, ModelShape
-from trainer.config import DataConfig, TrainConfig
+from trainer.config import DataConfig, EvalConfig, TrainConfig
 
 _TWINS: dict[type, type] = {}
 
@@ -70,6 +70,7 @@ ModelSchema = twin(ModelShape)
 PlannerSchema = twin(PlannerConfig)
 DataSchema = twin(DataConfig)
 TrainSchema = twin(TrainConfig)
+EvalSchema = twin(EvalConfig)
 
 
 @dataclass
@@ -114,6 +115,7 @@ class TrainJobSchema:
     planner: Any = field(default_factory=PlannerSchema)
     data: Any = field(default_factory=DataSchema)
     train: Any = field(default_factory=TrainSchema)
+    eval: Any = field(default_factory=EvalSchema)
 
 
 def register() -> None:

@@ -21,7 +21,7 @@ def run(cfg, preempt: Any = None) -> None:  # cfg: TrainJobSchema after OmegaCon
     from planner.planner import PlannerConfig
     from planner.types import Cluster
     from trainer.bootstrap import init_distributed
-    from trainer.config import DataConfig, TrainConfig
+    from trainer.config import DataConfig, EvalConfig, TrainConfig
     from trainer.loop import Trainer, TrainJob
     from trainer.preempt import Preemption, StopBeforeStart
 
@@ -31,6 +31,7 @@ def run(cfg, preempt: Any = None) -> None:  # cfg: TrainJobSchema after OmegaCon
         planner=freeze(PlannerConfig, cfg.planner),
         data=freeze(DataConfig, cfg.data),
         train=freeze(TrainConfig, cfg.train),
+        eval=freeze(EvalConfig, cfg.eval),
     )
     import torch.distributed as dist
 

@@ -127,3 +127,21 @@ class TrainConfig:
                 f"train.strategy='hybrid' needs train.sp_size >= 4 (u=2 x r>=2), got {self.sp_size}; "
                 "use strategy='ring' or 'ulysses' for 2 GPUs per group"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Validation on held-out documents (never trained on), forward only, under the planner's plans."""
+
+    every: int = 0  # evaluate every N steps and after the last one (0 = never)
+    holdout: float = 0.0  # fraction of the training corpus's documents held out for it (chosen by data.seed)
+    max_docs: int = 64  # held-out documents evaluated each time (the first ones, in a fixed order)
+    tokens_per_step: int = 0  # tokens per evaluation step (0 = data.tokens_per_step)
+
+    def __post_init__(self) -> None:
+        _check_range("eval", self, {"every": (0, None), "max_docs": (1, None), "tokens_per_step": (0, None)},
+                     integer=True)  # fmt: skip
+        if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
+            raise ValueError(f"eval.holdout={self.holdout!r}; valid: a fraction in [0, 1)")
+        if self.every and not self.holdout:
+            raise ValueError(f"eval.every={self.every} needs held-out documents: set eval.holdout (e.g. 0.01)")

@@ -184,11 +184,22 @@ class Piece:
         return self.end - self.start - 1
 
 
-def pieces(corpus: Corpus, max_len: int, long_docs: str) -> tuple[list[Piece], int, int]:
-    """Every trainable piece, plus how many documents were split and rejected."""
+def held_out(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+    """The documents held out for validation (sorted indices; at least one when ``fraction`` > 0): a fixed
+    draw from the data seed, so training never sees them and every run with that seed holds out the same."""
+    if fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    k = min(n_docs - 1, max(1, round(fraction * n_docs)))
+    return np.sort(np.random.default_rng([seed, 0x5E1D]).permutation(n_docs)[:k])
+
+
+def pieces(corpus: Corpus, max_len: int, long_docs: str, exclude: np.ndarray | None = None
+           ) -> tuple[list[Piece], int, int]:  # fmt: skip
+    """Every trainable piece (documents in ``exclude`` left out), plus how many were split and rejected."""
     out, split, rejected = [], 0, 0
+    skip = set(exclude.tolist()) if exclude is not None else set()
     for i, n in enumerate(corpus.sizes.tolist()):
-        if n < 2:
+        if n < 2 or i in skip:
             continue
         if n - 1 <= max_len:
             out.append(Piece(i, 0, n))
@@ -202,15 +213,23 @@ def pieces(corpus: Corpus, max_len: int, long_docs: str) -> tuple[list[Piece], i
     return out, split, rejected
 
 
+def cut(corpus: Corpus, p: Piece) -> np.ndarray:
+    """The tokens of piece ``p`` (with its part of the document's loss mask)."""
+    doc = corpus.doc(p.doc)
+    mask = getattr(doc, "token_mask", None)
+    piece = doc[p.start : p.end]
+    return piece if mask is None else with_mask(piece, mask[p.start : p.end])
+
+
 class StepLoader:
     """Deterministic order from a seed; each step takes pieces until its token budget is reached.
 
     ``state()`` / ``load_state()`` make the position part of a checkpoint.
     """
 
-    def __init__(self, corpus: Corpus, cfg: DataConfig) -> None:
+    def __init__(self, corpus: Corpus, cfg: DataConfig, exclude: np.ndarray | None = None) -> None:
         self.corpus, self.cfg = corpus, cfg
-        self.items, self.split, self.rejected = pieces(corpus, cfg.max_len, cfg.long_docs)
+        self.items, self.split, self.rejected = pieces(corpus, cfg.max_len, cfg.long_docs, exclude)
         if not self.items:
             raise ValueError(
                 f"no trainable document: all {len(corpus)} rejected as longer than data.max_len={cfg.max_len}"
@@ -240,10 +259,7 @@ class StepLoader:
             if docs and used + p.length > self.cfg.tokens_per_step:
                 return docs
             self.cursor += 1
-            doc = self.corpus.doc(p.doc)
-            mask = getattr(doc, "token_mask", None)
-            piece = doc[p.start : p.end]
-            docs.append(piece if mask is None else with_mask(piece, mask[p.start : p.end]))
+            docs.append(cut(self.corpus, p))
             used += p.length
 
 

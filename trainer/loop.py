@@ -8,7 +8,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from planner.static import static_plan
 from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
 from trainer import checkpoint
-from trainer.config import DataConfig, TrainConfig
-from trainer.data import Corpus, StepLoader, fingerprint, fingerprint_changes, trained_targets
+from trainer.config import DataConfig, EvalConfig, TrainConfig
+from trainer.data import Corpus, StepLoader, fingerprint, fingerprint_changes, held_out, trained_targets
 from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
@@ -44,6 +44,7 @@ class TrainJob:
     planner: PlannerConfig
     data: DataConfig
     train: TrainConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def static_shape(job: TrainJob, world: int) -> GroupShape:
@@ -133,7 +134,8 @@ class Trainer:
         self.saver = checkpoint.Saver(t.out_dir, t.async_checkpoint)
         self.preempt.checkpoint("build", self.rank, self.device)
         corpus = Corpus(job.data)
-        self.loader = StepLoader(corpus, job.data)
+        self.heldout = held_out(len(corpus), job.eval.holdout, job.data.seed)  # validation only, never trained
+        self.loader = StepLoader(corpus, job.data, exclude=self.heldout)
         self.data_fingerprint = fingerprint(corpus)
         self.preempt.checkpoint("data", self.rank, self.device)
         self.out = Path(job.train.out_dir)
@@ -372,6 +374,10 @@ class Trainer:
         self.stopped = self.preempt.agreed(self.device)  # every rank stops at the same step
         # the last step always checkpoints (a finished run never loses its weights), others every N
         periodic = self.step == t.steps or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
+        ev = self.job.eval
+        if ev.every and (self.step % ev.every == 0 or self.step == t.steps):
+            hb.beat("evaluation", self.step - 1)
+            self.evaluate()
         if periodic or self.stopped:
             hb.beat("checkpoint save", self.step - 1)
             self._save(loader_state, final=self.stopped or self.step == t.steps)
@@ -382,6 +388,38 @@ class Trainer:
                 print(f"[sp-train] stop requested: checkpointed step {self.step}, exiting for requeue")
             return fut, docs, True
         return fut, (nxt if nxt is not None else docs), False
+
+    def evaluate(self) -> Any:
+        """Collective: validation loss on the held-out documents (``eval.max_docs`` of them) under the
+        planner's plans, forward only; rank 0 logs it (TensorBoard, a PNG in ``<out_dir>/eval``, a line)."""
+        from trainer import evaluate as ev
+        from trainer.data import cut, pieces
+
+        e, d = self.job.eval, self.job.data
+        keep = set(self.heldout[: e.max_docs].tolist())
+        docs = [cut(self.loader.corpus, p) for p in pieces(self.loader.corpus, d.max_len, d.long_docs)[0]
+                if p.doc in keep]  # fmt: skip
+        if self.rank == 0 and not hasattr(self, "_eval_planner"):
+            self._eval_planner = Planner(self.cost, self.job.planner)  # not the training planner's thread
+
+        def plan_step(lengths: list[int]) -> StepPlan:
+            box: list = [None]
+            if self.rank == 0:
+                box[0] = self._eval_planner.plan(lengths) if self.shape is None else self._plan(lengths)
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+
+        steps = ev.eval_steps(docs, e.tokens_per_step or d.tokens_per_step)
+        result = ev.evaluate(self.model, self.pool, plan_step, steps, self.rank)
+        if self.rank == 0:
+            print(f"[sp-train] eval at step {self.step}: {result.line()}", flush=True)
+            if self.board is not None:
+                self.board.scalars(self.step, result.scalars())
+                fig = ev.picture(result, self.step)
+                (self.out / "eval").mkdir(exist_ok=True)
+                fig.savefig(self.out / "eval" / f"loss_by_position_step_{self.step:06d}.png", dpi=100)
+                self.board.figure("eval/loss_by_position", self.step, fig)
+        return result
 
     def _save(self, loader_state: dict, final: bool) -> None:
         """Checkpoint this step (the last save of a run or a stop is complete on return, async or not)."""

@@ -80,6 +80,9 @@ class Board:
         img = mpimg.imread(buf, format="png")[..., :3]  # [H, W, 3]
         self.writer.add_image("plan/gantt", img, step, dataformats="HWC")
 
+    def figure(self, tag: str, step: int, fig: Any) -> None:
+        self.writer.add_figure(tag, fig, step)
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()

@@ -15,6 +15,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,8 +73,7 @@ def run_plan(
     device = next(model.parameters()).device
     global_tokens = max(1, trained_targets(docs))  # loss masks: only trained targets count
     stats = StepStats(torch.zeros((), dtype=torch.float64, device=device))
-    if kernel == "auto":  # flash on CUDA when flash_attn is importable; torch's fused CPU op on the CPU
-        kernel = ("flash" if _has_flash() else "torch") if device.type == "cuda" else "cpu_fused"
+    kernel = resolve_kernel(kernel, device)
     switch = checkpoint_switch(model)
     for i, micro in enumerate(plan.micro_steps):
         if switch is not None:  # the plan's checkpointing for this micro-step (forward and its backward)
@@ -117,6 +117,15 @@ def run_plan(
 def group_pass(
     model: torch.nn.Module, pool: GroupPool, g: Assignment, docs: list[np.ndarray], kernel: str, device: torch.device
 ) -> torch.Tensor:
+    per_token, weights, _ = group_losses(model, pool, g, docs, kernel, device)
+    return (per_token * weights).sum()
+
+
+def group_losses(
+    model: torch.nn.Module, pool: GroupPool, g: Assignment, docs: list[np.ndarray], kernel: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """This rank's per-token losses of group ``g``'s sequences (fp32, local tokens), their weights (0 on
+    padding and masked targets) and the SP context (whose layout maps local rows to packed positions)."""
     inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
     labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
     weights = torch.from_numpy(np.concatenate([target_weights(docs[s]) for s in g.seqs])).to(device)
@@ -128,7 +137,19 @@ def group_pass(
     params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
     # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]
     per_token = model(tok[None], None, None, labels=lab[None], packed_seq_params=params)
-    return (per_token[0].float() * valid).sum()
+    return per_token[0].float(), valid, ctx
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``auto``: flash on CUDA when flash_attn is importable; torch's fused CPU op on the CPU."""
+    if kernel != "auto":
+        return kernel
+    return ("flash" if _has_flash() else "torch") if device.type == "cuda" else "cpu_fused"
+
+
+def empty_pass(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """One dummy token through the model (no attention): an idle rank's share of FSDP's collectives."""
+    return _empty_pass(model, device)
 
 
 def _empty_pass(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
