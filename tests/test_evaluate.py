@@ -100,3 +100,42 @@ def test_validation_equals_a_single_process_evaluation_by_position_and_length(re
 
 def test_validation_trains_nothing_and_never_sees_training_documents(result):
     assert (result["unchanged"], result["leak"], result["n_docs"] >= 8) == (True, [], True), result["n_docs"]
+
+
+def test_sp_eval_on_a_checkpoint_equals_the_evaluation_during_training(tmp_path):
+    """Train 2 steps with evaluation (torchrun, 2 ranks); sp-eval on the last checkpoint (torchrun, 2 ranks)
+    reports the loss the trainer logged at that step."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "SP_SIGNAL"))}
+    env["OMP_NUM_THREADS"] = "1"
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    train = subprocess.run([*launch, "cli.train", f"train.out_dir={run}", "train.steps=2", "train.progress=false",
+                            "data.tokens_per_step=4096", "eval.every=2", "eval.holdout=0.002", "eval.max_docs=4"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    logged = re.search(r"eval at step 2: loss (\S+) over (\d+) tokens", train.stdout)
+    assert logged, train.stdout[-2000:]
+    assert (run / "eval" / "loss_by_position_step_000002.png").exists()
+    ev = subprocess.run([*launch, "cli.evaluate", str(run)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=240)  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    body = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert body["step"] == 2 and body["tokens"] == int(logged.group(2))
+    assert body["loss"] == pytest.approx(float(logged.group(1)), abs=1e-4)  # the log prints 4 decimals
+    assert json.loads((run / "eval" / "offline_step_000002.json").read_text())["loss"] == body["loss"]
+    bare = tmp_path / "bare"  # a run with nothing held out: its config says eval.holdout=0
+    ck = bare / "checkpoints" / "step_000001"
+    ck.mkdir(parents=True)
+    stored = json.loads((run / "checkpoints" / "step_000002" / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**stored, "eval.holdout": 0.0, "eval.every": 0}))
+    from trainer.checkpoint import write_manifest
+
+    write_manifest(ck)
+    refused = subprocess.run([sys.executable, "-m", "cli.evaluate", str(bare)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "trained without held-out documents" in refused.stderr

@@ -389,16 +389,18 @@ class Trainer:
             return fut, docs, True
         return fut, (nxt if nxt is not None else docs), False
 
-    def evaluate(self) -> Any:
-        """Collective: validation loss on the held-out documents (``eval.max_docs`` of them) under the
-        planner's plans, forward only; rank 0 logs it (TensorBoard, a PNG in ``<out_dir>/eval``, a line)."""
+    def evaluate(self, docs: list[np.ndarray] | None = None) -> Any:
+        """Collective: validation loss on ``docs`` (default: the held-out documents, ``eval.max_docs`` of them)
+        under the planner's plans, forward only; rank 0 logs it (TensorBoard, a PNG in ``<out_dir>/eval``, a
+        line)."""
         from trainer import evaluate as ev
         from trainer.data import cut, pieces
 
         e, d = self.job.eval, self.job.data
-        keep = set(self.heldout[: e.max_docs].tolist())
-        docs = [cut(self.loader.corpus, p) for p in pieces(self.loader.corpus, d.max_len, d.long_docs)[0]
-                if p.doc in keep]  # fmt: skip
+        if docs is None:
+            keep = set(self.heldout[: e.max_docs].tolist())
+            docs = [cut(self.loader.corpus, p) for p in pieces(self.loader.corpus, d.max_len, d.long_docs)[0]
+                    if p.doc in keep]  # fmt: skip
         if self.rank == 0 and not hasattr(self, "_eval_planner"):
             self._eval_planner = Planner(self.cost, self.job.planner)  # not the training planner's thread
 

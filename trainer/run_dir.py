@@ -39,6 +39,35 @@ def flat_config(job: Any) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
+def job_from_flat(flat: dict[str, Any]) -> Any:
+    """The :class:`trainer.loop.TrainJob` of a stored flat config (the inverse of :func:`flat_config`; a
+    section or key the stored config lacks keeps its default)."""
+    import typing
+
+    from planner.planner import PlannerConfig
+    from planner.types import Cluster, ModelShape
+    from trainer.config import DataConfig, EvalConfig, TrainConfig
+    from trainer.loop import TrainJob
+
+    sections: dict[str, dict[str, Any]] = {}
+    for key, v in flat.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = v
+
+    def build(cls: Any, values: dict[str, Any]) -> Any:
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                v = values[f.name]
+                kw[f.name] = tuple(v) if typing.get_origin(hints[f.name]) is tuple and isinstance(v, list) else v
+        return cls(**kw)
+
+    classes = {"model": ModelShape, "cluster": Cluster, "planner": PlannerConfig, "data": DataConfig,
+               "train": TrainConfig, "eval": EvalConfig}  # fmt: skip
+    return TrainJob(**{name: build(cls, sections.get(name, {})) for name, cls in classes.items()})
+
+
 def config_hash(cfg: dict[str, Any]) -> str:
     keep = {k: v for k, v in cfg.items() if not _safe(k)}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
