@@ -100,22 +100,18 @@ class _Waits:
 
         attn = importlib.import_module("sp.attention")  # the module (``sp.attention`` is also the function)
         self.s = 0.0
-        orig_x, orig_a = sp.comm.Exchange.wait, attn._wait
 
-        def x_wait(ex: Any) -> torch.Tensor:
-            t0 = time.perf_counter()
-            try:
-                return orig_x(ex)
-            finally:
-                self.s += time.perf_counter() - t0
+        def timed(fn: Any) -> Any:
+            def wrapper(arg: Any) -> torch.Tensor:
+                t0 = time.perf_counter()
+                try:
+                    return fn(arg)
+                finally:
+                    self.s += time.perf_counter() - t0
 
-        def a_wait(posted: Any) -> torch.Tensor:
-            t0 = time.perf_counter()
-            try:
-                return orig_a(posted)
-            finally:
-                self.s += time.perf_counter() - t0
+            return wrapper
 
+        x_wait, a_wait = timed(sp.comm.Exchange.wait), timed(attn._wait)
         sp.comm.Exchange.wait = x_wait  # type: ignore[method-assign]
         attn._wait = a_wait
 

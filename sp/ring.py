@@ -84,6 +84,18 @@ def _rows(pairs: list[Pair]) -> list[BlockPair]:
     return [(qs.start, qs.length, ks.start, nk, qs.pos, ks.pos, mask) for qs, ks, mask, nk in pairs]
 
 
+def _direct_pairs(ctx: SPContext, kernel: Kernel) -> list[BlockPair] | None:
+    """Without a ring (r = 1) a kernel that takes whole pairs meets each sequence's rows and keys in exactly one
+    pair: its results can go straight into input-dtype outputs (one fp32 value rounded once, as the
+    accumulating path rounds it at its end: the same bits). None where that does not hold."""
+    if ctx.r != 1 or kernel.tile_rows is not None or hasattr(kernel, "forward_pairs"):
+        return None
+    pairs = _rows(block_pairs(ctx, ctx.ring_rank, None))
+    if len({p[0] for p in pairs}) != len(pairs) or len({p[2] for p in pairs}) != len(pairs):
+        return None
+    return pairs
+
+
 def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: RingStats | None) -> Exchange:
     if mode == "compute":
         return Exchange([], buf)
@@ -108,8 +120,16 @@ def ring_forward(
     the same bits); any other merges. Rows no block reaches stay (0, -inf)."""
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
+    direct = _direct_pairs(ctx, kernel)
+    if direct is not None:  # one result per row: written in the input dtype, padding rows stay (0, -inf)
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        for qs, nq, ks, nk, q_pos, k_pos, mask in direct if mode != "comm" else ():
+            o, l_ = kernel.forward(q[qs : qs + nq], k[ks : ks + nk], v[ks : ks + nk], q_pos, k_pos, mask, scale)
+            out[qs : qs + nq] = o
+            lse[:, qs : qs + nq] = l_
+        return out, lse
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv: Any = torch.stack([k, v]) if r > 1 else (k, v)  # [2, T, hk, d]: one message per step
     fresh = torch.ones(q.shape[0], dtype=torch.bool)  # rows no block result has reached yet
     for step in range(r):
@@ -145,6 +165,14 @@ def ring_backward(
     """Gradients of :func:`ring_forward` for my ring-local q, k, v."""
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
+    direct = _direct_pairs(ctx, kernel)
+    if direct is not None:  # one pair per row range and per key range: no accumulation, input-dtype gradients
+        grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        for qs, nq, ks, nk, q_pos, k_pos, mask in direct if mode != "comm" else ():
+            qr, kr = slice(qs, qs + nq), slice(ks, ks + nk)
+            g = kernel.backward(dout[qr], q[qr], k[kr], v[kr], out[qr], lse[:, qr], q_pos, k_pos, mask, scale)
+            grads[0][qr], grads[1][kr], grads[2][kr] = g
+        return grads[0], grads[1], grads[2]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     if r == 1:  # no ring: no K/V message, no dK/dV hop
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)

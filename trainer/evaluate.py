@@ -50,6 +50,26 @@ def bucket(values: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(values, torch.tensor(EDGES[1:], dtype=values.dtype), right=True)
 
 
+def held_out_docs(corpus: Any, docs: np.ndarray, data: Any) -> list[np.ndarray]:
+    """The pieces of the held-out documents ``docs`` (split at ``data.max_len`` as training would)."""
+    from trainer.data import cut, pieces
+
+    keep = set(docs.tolist())
+    return [cut(corpus, p) for p in pieces(corpus, data.max_len, data.long_docs)[0] if p.doc in keep]
+
+
+def report(result: Evaluation, step: int, board: Any, out: Any) -> None:
+    """Rank 0: the log line, TensorBoard scalars and the loss-by-position picture (also a PNG in ``out/eval``)."""
+    print(f"[sp-train] eval at step {step}: {result.line()}", flush=True)
+    if board is None:
+        return
+    board.scalars(step, result.scalars())
+    fig = picture(result, step)
+    (out / "eval").mkdir(exist_ok=True)
+    fig.savefig(out / "eval" / f"loss_by_position_step_{step:06d}.png", dpi=100)
+    board.figure("eval/loss_by_position", step, fig)
+
+
 def eval_steps(docs: list[np.ndarray], tokens_per_step: int) -> list[list[np.ndarray]]:
     """The documents in order, in steps of at most ``tokens_per_step`` training tokens (at least one each)."""
     steps: list[list[np.ndarray]] = [[]]

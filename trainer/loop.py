@@ -23,13 +23,13 @@ from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
 from trainer import checkpoint
 from trainer.config import DataConfig, EvalConfig, TrainConfig
-from trainer.data import Corpus, StepLoader, fingerprint, fingerprint_changes, held_out, trained_targets
+from trainer.data import Corpus, StepLoader, fingerprint, held_out, trained_targets
 from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
 from trainer.optim import lr_at, schedule_change
 from trainer.preempt import Preemption, budget_warning
-from trainer.run_dir import RunLock, config_changes, flat_config, write_complete
+from trainer.run_dir import RunLock, flat_config, resume_check, write_complete
 from trainer.sharding import Regime, parallelize, resolve_precision
 from trainer.step import StepStats, run_plan, synchronize
 from trainer.watchdog import Heartbeat
@@ -229,28 +229,10 @@ class Trainer:
             if warnings:
                 print("[sp-train] WARNING: no intact checkpoint left: starting from step 0")
             return None
-        safe, refused = config_changes(checkpoint.stored_config(ck), self.config)
-        if refused:
-            raise ValueError(
-                f"train.out_dir={str(self.out)!r} holds a run with a different config ({ck.name}); resuming "
-                "(train.resume=true, the default) would silently continue it. Differences:\n  "
-                + "\n  ".join(refused)
-                + "\nUse a new train.out_dir, or train.resume=false with an empty folder."
-            )
-        data = checkpoint.stored_data(ck)
-        if data is None:
-            print(f"[sp-train] WARNING: {ck.name} has no data fingerprint (an earlier version wrote it): "
-                  "the training data is not checked on this resume")  # fmt: skip
-        elif diffs := fingerprint_changes(data, self.data_fingerprint):
-            raise ValueError(
-                f"train.out_dir={str(self.out)!r} holds a run trained on other data ({ck.name}); resuming would "
-                "silently continue it on different documents. Differences:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse a new train.out_dir (train.init_from=RUN_DIR starts a new stage from its weights)."
-            )
-        if safe:
-            print("[sp-train] resuming with changed settings: " + "; ".join(safe))
         stored = checkpoint.stored_config(ck)
+        for line in resume_check(self.out, ck.name, stored, self.config, checkpoint.stored_data(ck),
+                                 self.data_fingerprint):  # fmt: skip
+            print(f"[sp-train] {line}")
         if "train.steps" in stored:  # a changed step count reshapes the schedule: say how
             old = replace(self.job.train, steps=int(stored["train.steps"]))
             change = schedule_change(old, self.job.train, int(ck.name.removeprefix("step_")))
@@ -391,16 +373,12 @@ class Trainer:
 
     def evaluate(self, docs: list[np.ndarray] | None = None) -> Any:
         """Collective: validation loss on ``docs`` (default: the held-out documents, ``eval.max_docs`` of them)
-        under the planner's plans, forward only; rank 0 logs it (TensorBoard, a PNG in ``<out_dir>/eval``, a
-        line)."""
+        under the planner's plans, forward only (:mod:`trainer.evaluate`); rank 0 logs it."""
         from trainer import evaluate as ev
-        from trainer.data import cut, pieces
 
         e, d = self.job.eval, self.job.data
         if docs is None:
-            keep = set(self.heldout[: e.max_docs].tolist())
-            docs = [cut(self.loader.corpus, p) for p in pieces(self.loader.corpus, d.max_len, d.long_docs)[0]
-                    if p.doc in keep]  # fmt: skip
+            docs = ev.held_out_docs(self.loader.corpus, self.heldout[: e.max_docs], d)
         if self.rank == 0 and not hasattr(self, "_eval_planner"):
             self._eval_planner = Planner(self.cost, self.job.planner)  # not the training planner's thread
 
@@ -414,13 +392,7 @@ class Trainer:
         steps = ev.eval_steps(docs, e.tokens_per_step or d.tokens_per_step)
         result = ev.evaluate(self.model, self.pool, plan_step, steps, self.rank)
         if self.rank == 0:
-            print(f"[sp-train] eval at step {self.step}: {result.line()}", flush=True)
-            if self.board is not None:
-                self.board.scalars(self.step, result.scalars())
-                fig = ev.picture(result, self.step)
-                (self.out / "eval").mkdir(exist_ok=True)
-                fig.savefig(self.out / "eval" / f"loss_by_position_step_{self.step:06d}.png", dpi=100)
-                self.board.figure("eval/loss_by_position", self.step, fig)
+            ev.report(result, self.step, self.board, self.out)
         return result
 
     def _save(self, loader_state: dict, final: bool) -> None:

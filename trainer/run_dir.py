@@ -88,6 +88,34 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str],
     return safe, refused
 
 
+def resume_check(out: Path, name: str, stored: dict[str, Any], config: dict[str, Any], stored_data: dict | None,
+                 data: dict) -> list[str]:  # fmt: skip
+    """Whether a run may continue from checkpoint ``name``: raises ValueError listing the config or data
+    differences that would silently continue another run; returns what to log (accepted changes, warnings)."""
+    from trainer.data import fingerprint_changes
+
+    safe, refused = config_changes(stored, config)
+    if refused:
+        raise ValueError(
+            f"train.out_dir={str(out)!r} holds a run with a different config ({name}); resuming "
+            "(train.resume=true, the default) would silently continue it. Differences:\n  " + "\n  ".join(refused)
+            + "\nUse a new train.out_dir, or train.resume=false with an empty folder."
+        )  # fmt: skip
+    notes = []
+    if stored_data is None:
+        notes.append(f"WARNING: {name} has no data fingerprint (an earlier version wrote it): the training data "
+                     "is not checked on this resume")  # fmt: skip
+    elif diffs := fingerprint_changes(stored_data, data):
+        raise ValueError(
+            f"train.out_dir={str(out)!r} holds a run trained on other data ({name}); resuming would silently "
+            "continue it on different documents. Differences:\n  " + "\n  ".join(diffs)
+            + "\nUse a new train.out_dir (train.init_from=RUN_DIR starts a new stage from its weights)."
+        )  # fmt: skip
+    if safe:
+        notes.append("resuming with changed settings: " + "; ".join(safe))
+    return notes
+
+
 class RunLock:
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / ".lock"

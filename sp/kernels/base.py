@@ -12,7 +12,9 @@ Keys at positions >= the sequence length are padding; they always form a suffix 
 ``nk`` removes them without a mask. Kernels return the block output and its log-sum-exp (``[heads, nq]``,
 -inf where a row sees no key), and the backward takes the *final* merged output and lse (flash-attention's
 recomputation trick), so block gradients add up to the exact gradient. Dtype rule: kernels compute and
-return in :func:`compute_dtype` (fp32 for half-precision inputs); the lse is fp32 (float64 for float64).
+accumulate in :func:`compute_dtype` (fp32 for half-precision inputs) and return in it, except that a fused
+kernel may return one op call's output or gradients in the dtype the op produced them (widening them to fp32
+is exact); the lse is fp32 (float64 for float64).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Pairs go whole (``tile_rows = None``): the op works through its own blocks with 
 memory is linear in rows and keys (measured: an 8K x 8K full pair, forward + backward, grows the peak RSS by
 137 MiB where one score matrix would be 2 GiB). A pair is one call, or two where an unmasked key prefix
 precedes a causal diagonal; a single call's output, lse and gradients are returned as views of the op's
-results, with no merge, no zero-filled buffer and no extra pass.
+results, with no merge, no zero-filled buffer and no extra pass (in the op's dtype: bf16 for bf16 inputs,
+which the ring widens exactly where it accumulates; GQA gradients are summed over their group in fp32).
 
 Conventions differ from ours in two ways, both handled here:
 - the op's causal mask is **top-left** aligned (query row i sees key j <= i of the call), ours is by
@@ -70,7 +71,7 @@ class CpuFusedKernel:
         calls = topleft_calls(nq, k.shape[0], q_pos, k_pos, mask)
         if len(calls) == 1 and calls[0][:2] == (0, nq):  # every row in one call: its result is the pair's
             o, part = self._call(q, k, v, *calls[0], scale)
-            return o.to(compute_dtype(q.dtype)), part.to(lse_dtype(q.dtype))
+            return o, part.to(lse_dtype(q.dtype))  # the op's output as is: widening it later is exact
         out = torch.zeros(nq, h, d, dtype=compute_dtype(q.dtype), device=q.device)
         lse = torch.full((h, nq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         for r0, r1, k0, k1, causal in calls:
@@ -91,7 +92,7 @@ class CpuFusedKernel:
         calls = topleft_calls(nq, nk, q_pos, k_pos, mask)
         grads = [self._call_backward(dout, q, k, v, out, lse, *c, scale) for c in calls]
         if len(calls) == 1 and calls[0][:4] == (0, nq, 0, nk):  # one call covers the pair: its gradients are it
-            dq, dk, dv = (x.to(cd) for x in grads[0])
+            dq, dk, dv = grads[0]  # in the op's dtype (exact to widen; GQA sums below run in fp32)
         else:
             dq = torch.zeros(nq, h, d, dtype=cd, device=q.device)
             dk = torch.zeros(nk, h, d, dtype=cd, device=q.device)
@@ -103,7 +104,7 @@ class CpuFusedKernel:
         if g == 1:
             return dq, dk, dv
         # [nk, h, d] -view-> [nk, hk, g, d] -sum-> [nk, hk, d]: GQA gradients back onto the shared kv heads
-        return dq, dk.reshape(nk, hk, g, d).sum(2), dv.reshape(nk, hk, g, d).sum(2)
+        return dq, dk.to(cd).reshape(nk, hk, g, d).sum(2), dv.to(cd).reshape(nk, hk, g, d).sum(2)
 
     def _call_backward(self, dout, q, k, v, out, lse, r0, r1, k0, k1, causal, scale):
         """One op backward call: (dq [rows, h, d], dk [keys, h, d], dv [keys, h, d]) as views."""
