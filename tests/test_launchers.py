@@ -130,19 +130,17 @@ def _wait_for_line(env, job, log, pattern, timeout):
     pytest.fail(f"job {job} ({_state(env, job)}): no line {pattern!r} in {log}:\n{text[-2000:]}")
 
 
-def _release_requeued(env, job, log, timeout):
+def _wait_for_restart(env, job, log, timeout):
     """Wait for the requeued job's restart (its own log line). Slurm holds a requeued batch job (EligibleTime =
-    requeue + 120 s, then the next scheduling pass): while it is pending, make it eligible now; the requeue is
-    what the test checks, not Slurm's delay. While the batch step is killed for the requeue, ``scontrol``
-    briefly shows FAILED: no state in this window is final, only the restart line."""
+    requeue + 120 s, then the next scheduling pass, about 160 s here); releasing it earlier restarts it before
+    its old job credential has expired, and slurmctld kills it ("Job credential revoked"). While the batch step
+    is killed for the requeue, ``scontrol`` briefly shows FAILED: no state in this window is final, only the
+    restart line."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if re.search(rf"job {job} restart 1 on", log.read_text()):
             return
-        if _state(env, job) == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True,
-                           timeout=30)  # fmt: skip
-        time.sleep(0.5)
+        time.sleep(1)
     pytest.fail(f"job {job} ({_state(env, job)}) did not restart after its requeue:\n{log.read_text()[-2000:]}")
 
 
@@ -182,7 +180,7 @@ def test_sbatch_preemption_checkpoints_requeues_and_resumes(slurm):
     _wait_for_line(env, job, log, r"\[sp-train\] step 3/40 loss", 180)  # training, a few steps in
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
     _wait_for_line(env, job, log, r"requeueing job", 180)
-    _release_requeued(env, job, log, 300)
+    _wait_for_restart(env, job, log, 400)
     _wait(env, job, "COMPLETED", 400)
     text = log.read_text()
     stopped = re.search(r"stop requested: checkpointed step (\d+)", text)

@@ -41,9 +41,9 @@ def with_mask(tokens: np.ndarray, token_mask: np.ndarray) -> np.ndarray:
 
 
 def target_weights(doc: np.ndarray) -> np.ndarray:
-    """float32 per target (``doc[1:]``): 1 where the target is trained, 0 where masked out."""
+    """bool per target (``doc[1:]``): True where the target is trained (bool: it is saved for backward)."""
     mask = getattr(doc, "token_mask", None)
-    return np.ones(len(doc) - 1, dtype=np.float32) if mask is None else mask[1:].astype(np.float32)
+    return np.ones(len(doc) - 1, dtype=bool) if mask is None else mask[1:].astype(bool)
 
 
 def trained_targets(docs: list[np.ndarray]) -> int:
