@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from planner.types import StepPlan
-from trainer.data import target_weights
 
 EDGES = (0, 1024, 4096, 16384, 65536)
 NAMES = ("0-1K", "1-4K", "4-16K", "16-64K", "64K+")
@@ -107,19 +106,6 @@ def sums_of_plan(model: torch.nn.Module, pool: Any, plan: StepPlan, docs: list[n
         for kind, values in enumerate((pos, length)):
             b = bucket(values)
             sums[kind, :, 0].index_add_(0, b, loss)
-            sums[kind, :, 1].index_add_(0, b, w)
-    return sums
-
-
-def reference_sums(per_token: list[torch.Tensor], docs: list[np.ndarray]) -> torch.Tensor:
-    """The same sums from whole-document per-token losses (one process): for tests and offline checks."""
-    sums = torch.zeros(2, len(EDGES), 2, dtype=torch.float64)
-    for losses, d in zip(per_token, docs, strict=True):
-        w = torch.from_numpy(target_weights(d)).double()
-        n = len(d) - 1
-        for kind, values in enumerate((torch.arange(n), torch.full((n,), n))):
-            b = bucket(values)
-            sums[kind, :, 0].index_add_(0, b, losses.double() * w)
             sums[kind, :, 1].index_add_(0, b, w)
     return sums
 
