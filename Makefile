@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,mpi]"
 	touch $(STAMP)
 
-# The main job: 4 CPU ranks (torchrun, gloo) train the tiny GPT on the stdlib corpus with the adaptive planner,
-# holding out 0.5% of the files and reporting validation loss by token position every 20 steps.
+# The main job: 4 CPU ranks (torchrun, gloo) train the tiny GPT with the adaptive planner on a mixture of long code
+# (the stdlib) and short text (pydoc topics), 80/20 by tokens, holding out 0.5% of each source and reporting
+# validation loss by token position every 20 steps.
 NPROC ?= 4
+DATA_ARGS ?= data=mix
 EVAL_ARGS ?= eval.every=20 eval.holdout=0.005 eval.max_docs=16
 TRAIN_ARGS ?=
 train: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m cli.train $(EVAL_ARGS) $(TRAIN_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m cli.train $(DATA_ARGS) $(EVAL_ARGS) $(TRAIN_ARGS)
 
 plan: $(STAMP)
 	$(BIN)/sp-plan

@@ -5,8 +5,8 @@
 
 The job is the checkpoint's own (config.json); its weights are loaded into a fresh model (weights only), and
 the evaluation is the trainer's (:mod:`trainer.evaluate`): forward only under the planner's plans, loss by
-position and by length. Without ``--data-path`` it evaluates the run's held-out documents (the run needs
-``eval.holdout > 0``); with it, the first ``--max-docs`` documents of that source. Writes
+position and by length. Without ``--data-path`` it evaluates the run's held-out documents and ``eval.sources``
+(the run needs ``eval.holdout > 0`` or eval sources); with it, the first ``--max-docs`` documents of that source. Writes
 ``RUN_DIR/eval/offline_step_N.json`` and a PNG next to it; prints the JSON.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> dict | None:
     from dataclasses import replace
 
+    import numpy as np
     import torch.distributed as dist
 
     from trainer import checkpoint
@@ -39,29 +40,33 @@ def run(args: argparse.Namespace) -> dict | None:
             raise ValueError(f"{run_dir}: no intact checkpoint in {run_dir / 'checkpoints'}")
         ck = found
     job = job_from_flat(checkpoint.stored_config(ck))
-    if args.data_path is None and not job.eval.holdout:
+    if args.data_path is None and not (job.eval.holdout or job.eval.sources):
         raise ValueError(f"{run_dir} was trained without held-out documents (eval.holdout=0): name the documents "
                          "to evaluate with --data-path (and --data-source)")  # fmt: skip
     step = int(ck.name.removeprefix("step_"))
     out = run_dir / "eval" / f"offline-step_{step:06d}"
-    data = job.data if args.data_path is None else replace(job.data, source=args.data_source, path=args.data_path)
     train = replace(job.train, init_from=str(ck), resume=False, out_dir=str(out), progress=False)
-    job = replace(job, data=data, eval=replace(job.eval, max_docs=args.max_docs or job.eval.max_docs), train=train)
+    job = replace(job, eval=replace(job.eval, max_docs=args.max_docs or job.eval.max_docs), train=train)
+    docs = None
+    if args.data_path is not None:  # checked before any process group or model exists
+        from trainer.config import SourceConfig
+        from trainer.data.corpus import Corpus, doc_pieces
+
+        corpus = Corpus(SourceConfig(name="documents", source=args.data_source, path=args.data_path),
+                        job.data.tokenizer)  # fmt: skip
+        docs = doc_pieces(corpus, np.arange(min(job.eval.max_docs, len(corpus))), job.data.max_len_at(step - 1),
+                          job.data.long_docs)  # fmt: skip
     env = init_distributed(job.train.collective_timeout_s)
-    from trainer.data import cut, pieces
     from trainer.loop import Trainer
 
     tr = Trainer(job)
-    docs = None
-    if args.data_path is not None:
-        corpus = tr.loader.corpus
-        docs = [cut(corpus, p) for p in pieces(corpus, data.max_len, data.long_docs)[0] if p.doc < job.eval.max_docs]
     tr.step = step
     result = tr.evaluate(docs)
     body = None
     if env.rank == 0:
         body = {"run_dir": str(run_dir), "checkpoint": str(ck), "step": step, "loss": result.loss,
-                "tokens": result.tokens, "by_position": result.by_position, "by_length": result.by_length}  # fmt: skip
+                "tokens": result.tokens, "by_position": result.by_position, "by_length": result.by_length,
+                "sets": {k: {"loss": v.loss, "tokens": v.tokens} for k, v in tr.last_eval_parts.items()}}  # fmt: skip
         (run_dir / "eval" / f"offline_step_{step:06d}.json").write_text(json.dumps(body, indent=1))
     if tr.board is not None:
         tr.board.close()
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("run_dir", help="a run folder (train.out_dir) with checkpoints")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
     ap.add_argument("--data-path", default=None, help="evaluate these documents instead of the held-out ones")
-    ap.add_argument("--data-source", default="jsonl", help="stdlib | glob | jsonl | indexed (with --data-path)")
+    ap.add_argument("--data-source", default="jsonl", help="stdlib | pydoc | glob | jsonl | indexed (with --data-path)")
     ap.add_argument("--max-docs", type=int, default=0, help="documents to evaluate (default: the run's eval.max_docs)")
     args = ap.parse_args(argv)
     try:

@@ -30,6 +30,8 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     cost = CostModel(freeze(Cluster, cfg.cluster), model_shape(cfg.model), cfg.causal, sharding)
     pcfg = freeze(PlannerConfig, cfg.planner)
     lc = cfg.lengths
+    if lc.max_len_schedule:
+        return _phases(cfg, cost, pcfg)
     batches: list = []
     if lc.path:  # a file wins over the fixed example batch of configs/plan.yaml
         batches = sample_steps(read_lengths(lc.path), lc.global_batch, lc.steps, lc.max_len, lc.seed, lc.clip)
@@ -53,6 +55,41 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
         from planner.picture import draw_gantt
 
         draw_gantt(plans[0], cost, cfg.output.picture, f"{cost.cluster.name} / {cost.model.name}")
+    return result
+
+
+def _phases(cfg, cost, pcfg) -> dict:  # noqa: ANN001 - the PlanJobSchema twin
+    """``lengths.max_len_schedule``: each phase planned on its own pieces (documents longer than the phase's
+    limit split as sp-train splits them); one summary per phase. ``summary`` is the last phase's."""
+    from planner.baselines import all_baselines
+    from planner.lengths import read_lengths, sample_steps, split_lengths
+    from planner.planner import Planner
+    from planner.report import summarise, table
+    from trainer.config import DataConfig
+
+    lc = cfg.lengths
+    sched = tuple(tuple(e) for e in lc.max_len_schedule)
+    DataConfig(max_len=max(n for _, n in sched) if sched else 2, max_len_schedule=sched)  # sp-train's checks
+    if not lc.path:
+        raise ValueError("lengths.max_len_schedule needs a length file: set lengths.path=FILE")
+    pool = read_lengths(lc.path)
+    planner = Planner(cost, pcfg)
+    phases = []
+    for i, (start, max_len) in enumerate(sched):
+        batches = sample_steps(split_lengths(pool, max_len), lc.global_batch, lc.steps, max_len, lc.seed)
+        plans = [planner.plan(b) for b in batches]
+        bases = [all_baselines(cost, b, pcfg, p) if cfg.output.baselines else {} for b, p in zip(batches, plans)]
+        summary = summarise(cost, plans, bases, max_len, cfg.run.tokens or None)
+        end = sched[i + 1][0] if i + 1 < len(sched) else None
+        phases.append({"from_step": start, "to_step": end, "max_len": max_len, "summary": summary})
+        if cfg.output.format == "table":
+            print(f"phase {i + 1}: steps {start}-{'' if end is None else end - 1}, max_len {max_len}: "
+                  f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}")  # fmt: skip
+            print(table(plans[0], summary), flush=True)
+    result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": phases[-1]["summary"],
+              "phases": phases}  # fmt: skip
+    if cfg.output.format == "json":
+        print(json.dumps(result), flush=True)
     return result
 
 

@@ -23,10 +23,14 @@ def twin(cls: type) -> type:
     """A mutable dataclass with the fields, types and defaults of the frozen dataclass ``cls``."""
     if cls not in _TWINS:
         hints = typing.get_type_hints(cls)
-        fields = []
+        fields: list[tuple[str, Any, Any]] = []
         for f in dataclasses.fields(cls):
             if hints[f.name] == dict[str, Any]:  # free-form (model.rope_scaling): an untyped node, so that
                 fields.append((f.name, Any, field(default=None)))  # `key={a: 1}` replaces it whole
+                continue
+            hint = _listed(hints[f.name])
+            if hint is not hints[f.name]:  # a tuple of configs or of pairs: a list in Hydra (default empty)
+                fields.append((f.name, hint, field(default_factory=list)))
                 continue
             if f.default is not dataclasses.MISSING:
                 spec = field(default=f.default)
@@ -37,6 +41,19 @@ def twin(cls: type) -> type:
             fields.append((f.name, hints[f.name], spec))
         _TWINS[cls] = dataclasses.make_dataclass(f"{cls.__name__}Schema", fields, kw_only=True)
     return _TWINS[cls]
+
+
+def _listed(hint: Any) -> Any:
+    """``tuple[SourceConfig, ...]`` -> ``list[its twin]``, ``tuple[tuple[int, int], ...]`` -> ``list[list[int]]``
+    (OmegaConf types lists, not tuples of these); any other hint unchanged."""
+    args: Any = typing.get_args(hint)
+    if typing.get_origin(hint) is not tuple or len(args) != 2 or args[1] is not Ellipsis:
+        return hint
+    if isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
+        return list.__class_getitem__(twin(args[0]))
+    if typing.get_origin(args[0]) is tuple:
+        return list.__class_getitem__(list.__class_getitem__(typing.get_args(args[0])[0]))
+    return hint
 
 
 def freeze(cls: type, obj: Any) -> Any:
@@ -51,7 +68,8 @@ def fields_of(cls: type, obj: Any) -> dict[str, Any]:
     for f in dataclasses.fields(cls):
         v = getattr(obj, f.name)
         if typing.get_origin(hints[f.name]) is tuple and isinstance(v, list):
-            v = tuple(v)
+            inner: Any = typing.get_args(hints[f.name])[0]
+            v = tuple(freeze(inner, e) if isinstance(inner, type) and dataclasses.is_dataclass(inner) else e for e in v)
         if hints[f.name] == dict[str, Any]:
             v = dict(v or {})
         kwargs[f.name] = v
@@ -82,6 +100,7 @@ class LengthsSchema:
     max_len: int = 262144
     seed: int = 0
     clip: bool = False  # cap lengths above max_len (logged) instead of refusing them
+    max_len_schedule: list[list[int]] = field(default_factory=list)  # sp-train's data.max_len_schedule: per phase
 
 
 @dataclass

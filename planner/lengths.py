@@ -74,6 +74,15 @@ def _jsonl_length(row: dict | int) -> int | str:
     raise ValueError(f"JSONL row has none of the keys length/len/num_tokens/seqlen: {sorted(row)[:6]}")
 
 
+def split_lengths(pool: np.ndarray, max_len: int) -> np.ndarray:
+    """Each length above ``max_len`` becomes the pieces ``sp-train`` (``data.long_docs=split``) trains: full
+    pieces of ``max_len`` and the rest (a document of n + 1 tokens has n training tokens)."""
+    pool = np.asarray(pool, dtype=np.int64)
+    full, rest = pool // max_len, pool % max_len
+    pieces = np.repeat(np.full(len(pool), max_len), full)
+    return np.concatenate([pieces, rest[rest > 0]])
+
+
 def sample_steps(
     pool: np.ndarray, global_batch: int, steps: int, max_len: int, seed: int, clip: bool = False
 ) -> list[np.ndarray]:

@@ -72,3 +72,21 @@ def test_single_process_port_is_free_and_on_loopback():
     env = read_env({})
     assert env.launcher == "single" and env.master_addr == "127.0.0.1" and env.master_port != 29500
     assert free_loopback_port() > 0
+
+
+def test_length_schedule_reports_each_phase(tmp_path):
+    """sp-plan takes sp-train's data.max_len_schedule: each phase plans pieces split at its own limit."""
+    from planner.lengths import split_lengths
+
+    assert split_lengths([10, 25, 3], 10).tolist() == [10, 10, 10, 5, 3]  # 25 = 10 + 10 + 5, as sp-train splits
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("\n".join(str(n) for n in [70000, 30000, 9000, 4000, 1200, 800, 500, 300] * 8))
+    out = _plan("cluster=a100x64_flexsp", "model=gpt-7b", f"lengths.path={lengths}", "lengths.global_batch=64",
+                "lengths.steps=1", "output.format=json", "output.baselines=false",
+                "lengths.max_len_schedule=[[0,8192],[500,65536]]", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    phases = json.loads(out.stdout)["phases"]
+    assert [(p["from_step"], p["to_step"], p["max_len"]) for p in phases] == [(0, 500, 8192), (500, None, 65536)]
+    assert phases[0]["summary"]["planned_step_s"] < phases[1]["summary"]["planned_step_s"]  # 64 pieces of <= 8K
+    bad = _plan(f"lengths.path={lengths}", "lengths.max_len_schedule=[[5,8192]]", cwd=tmp_path)
+    assert bad.returncode == 2 and "the first at step 0" in bad.stderr

@@ -42,7 +42,7 @@ def _worker(rank, world, tmp, path):
 
     from models.attention import SPPackedSeqParams
     from models.gpt import build_gpt
-    from trainer.data import cut, pieces, target_weights
+    from trainer.data.corpus import doc_pieces, target_weights
     from trainer.loop import Trainer
 
     tr = Trainer(_job(tmp, path))
@@ -51,11 +51,11 @@ def _worker(rank, world, tmp, path):
     params_before = local()
     got = tr.evaluate()
     unchanged = all(torch.equal(a, b) for a, b in zip(params_before, local(), strict=True))
-    trained = set(tr.loader.items[i].doc for i in range(len(tr.loader.items)))
+    trained = set(tr.loader.streams[0].eligible.tolist())
     if rank:
         return None
-    keep = set(tr.heldout[: tr.job.eval.max_docs].tolist())
-    docs = [cut(tr.loader.corpus, p) for p in pieces(tr.loader.corpus, 2500, "split")[0] if p.doc in keep]
+    keep = set(tr.heldout[0][: tr.job.eval.max_docs].tolist())
+    docs = doc_pieces(tr.loader.corpora[0], sorted(keep), 2500, "split")
     ref = build_gpt(tr.job.model, tr.job.data.max_len, seed=tr.job.train.seed)
     pos_sum, pos_n, len_sum, len_n = ([0.0] * 5 for _ in range(4))
     bucket = lambda x: sum(x >= e for e in EDGES)  # noqa: E731

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
-from trainer.config import DataConfig
-from trainer.data import Corpus, StepLoader, target_weights, trained_targets
+from trainer.config import DataConfig, SourceConfig
+from trainer.data.corpus import Corpus, target_weights, trained_targets
+from trainer.data.mixture import Mixture
 
 
 def _jsonl(path: Path, rows: list) -> str:
@@ -39,7 +40,7 @@ def _rows(n=24, seed=0):
 def test_prompt_and_explicit_masks_mark_the_trained_targets(tmp_path):
     rows = [{"prompt": "Q: 2+2?", "completion": " A: 4"}, {"text": "abcdef", "loss_mask": [0, 1, 1, 0, 0, 1]},
             {"text": "plain"}]  # fmt: skip
-    corpus = Corpus(DataConfig(source="jsonl", path=_jsonl(tmp_path / "a.jsonl", rows)))
+    corpus = Corpus(SourceConfig(name="a", source="jsonl", path=_jsonl(tmp_path / "a.jsonl", rows)))
     d0, d1, d2 = (corpus.doc(i) for i in range(3))
     assert bytes(d0.astype(np.uint8)) == b"Q: 2+2? A: 4"
     assert d0.token_mask.tolist() == [False] * 7 + [True] * 5  # targets are the completion's bytes
@@ -51,7 +52,7 @@ def test_prompt_and_explicit_masks_mark_the_trained_targets(tmp_path):
 def test_split_pieces_cut_tokens_and_mask_together(tmp_path):
     rows = [{"prompt": "p" * 50, "completion": "c" * 70}]
     cfg = DataConfig(source="jsonl", path=_jsonl(tmp_path / "a.jsonl", rows), max_len=30, tokens_per_step=119)
-    docs = StepLoader(Corpus(cfg), cfg).next_step()
+    docs = Mixture([Corpus(s) for s in cfg.mixture()], cfg).next_step()
     assert sum(len(d) - 1 for d in docs) == 119 and len(docs) == 4
     for d in docs:  # every piece's mask matches its own bytes: 'c' is trained, 'p' is not
         assert d.token_mask.tolist() == [b == ord("c") for b in d.tolist()]
@@ -76,7 +77,7 @@ def test_split_pieces_cut_tokens_and_mask_together(tmp_path):
 def test_bad_rows_name_file_row_and_field(tmp_path, row, message):
     path = _jsonl(tmp_path / "a.jsonl", [{"text": "fine"}, row])
     with pytest.raises(ValueError, match=message):
-        Corpus(DataConfig(source="jsonl", path=path))
+        Corpus(SourceConfig(name="a", source="jsonl", path=path))
 
 
 def _masked_step(rank, world, path, tmp):

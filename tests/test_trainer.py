@@ -70,14 +70,15 @@ def _reference(rank, world):
     import sp
     from models.attention import SPPackedSeqParams
     from models.gpt import build_gpt
-    from trainer.data import Corpus, StepLoader
+    from trainer.data.corpus import Corpus
+    from trainer.data.mixture import Mixture
     from trainer.loop import lr_at
 
     job = _job("/nonexistent")
     parallel_state.initialize_model_parallel(1, 1)
     model = build_gpt(job.model, job.data.max_len, seed=job.train.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=job.train.lr, weight_decay=job.train.weight_decay)
-    loader = StepLoader(Corpus(job.data), job.data)
+    loader = Mixture([Corpus(s) for s in job.data.mixture()], job.data)
     pool = sp.GroupPool()
     losses = []
     for step in range(STEPS):

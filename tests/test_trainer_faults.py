@@ -12,36 +12,46 @@ import pytest
 from planner.types import ModelShape
 from tests.dist import RankError, run_distributed
 from tests.test_trainer import _job
-from trainer.config import DataConfig
-from trainer.data import Corpus, StepLoader
+from trainer.config import DataConfig, SourceConfig
+from trainer.data.corpus import Corpus
+from trainer.data.mixture import Mixture
+
+
+def _one(source, path=None, **kw):
+    return Corpus(SourceConfig(name="a", source=source, path=path, **kw))
 
 
 def test_missing_data_path():
-    with pytest.raises(ValueError, match="JSONL file not found"):
-        Corpus(DataConfig(source="jsonl", path="/no/such/file.jsonl"))
-    with pytest.raises(ValueError, match="no Megatron indexed dataset"):
-        Corpus(DataConfig(source="indexed", path="/no/such/prefix"))
+    with pytest.raises(ValueError, match=r"source 'a' \(source='jsonl', path='/no/such/file.jsonl'\): JSONL file not"):
+        _one("jsonl", "/no/such/file.jsonl")
+    with pytest.raises(ValueError, match="no indexed dataset"):
+        _one("indexed", "/no/such/prefix")
 
 
 def test_empty_data(tmp_path):
     (tmp_path / "a.txt").write_text("")
     with pytest.raises(ValueError, match="holds no document"):
-        Corpus(DataConfig(source="glob", path=str(tmp_path / "*.txt")))
-    with pytest.raises(ValueError, match="valid: 'stdlib', 'glob', 'jsonl', 'indexed'"):
+        _one("glob", str(tmp_path / "*.txt"))
+    with pytest.raises(ValueError, match="valid: \\['stdlib', 'pydoc', 'glob', 'jsonl', 'indexed'\\]"):
         DataConfig(source="s3")
 
 
 def test_long_documents_split_or_rejected(tmp_path):
     (tmp_path / "doc.jsonl").write_text('{"text": "' + "x" * 100 + '"}\n{"text": "short one"}\n')
-    cfg = DataConfig(source="jsonl", path=str(tmp_path / "doc.jsonl"), max_len=30, tokens_per_step=64)
-    loader = StepLoader(Corpus(cfg), cfg)
-    assert loader.split == 1 and loader.rejected == 0
-    assert sorted(p.length for p in loader.items) == [8, 9, 30, 30, 30]  # 99 targets in pieces of <= 30
-    rej = DataConfig(source="jsonl", path=str(tmp_path / "doc.jsonl"), max_len=30, long_docs="reject")
-    assert StepLoader(Corpus(rej), rej).rejected == 1
-    only_long = DataConfig(source="jsonl", path=str(tmp_path / "doc.jsonl"), max_len=5, long_docs="reject")
-    with pytest.raises(ValueError, match="no trainable document"):
-        StepLoader(Corpus(only_long), only_long)
+
+    def epoch(**kw):  # one epoch's pieces (training lengths) and the stream's counters
+        cfg = DataConfig(source="jsonl", path=str(tmp_path / "doc.jsonl"), tokens_per_step=2, **kw)
+        mix = Mixture([Corpus(s) for s in cfg.mixture()], cfg)
+        lengths = [len(d) - 1 for _ in range(8) for d in mix.next_step()]
+        s = mix.streams[0]
+        return lengths, s
+
+    lengths, s = epoch(max_len=30)
+    assert sorted(lengths[:5]) == [8, 9, 30, 30, 30] and s.split >= 1  # 99 targets in pieces of <= 30
+    lengths, s = epoch(max_len=30, long_docs="reject")
+    assert set(lengths) == {8} and s.rejected >= 1
+    with pytest.raises(ValueError, match="every document is longer than max_len=5"):
+        epoch(max_len=5, long_docs="reject")
 
 
 def _bad_configs(rank, world, tmp):
@@ -153,7 +163,7 @@ def test_megatron_indexed_dataset_reader(tmp_path):
         builder.add_item(torch.from_numpy(d.astype(np.int32)))
         builder.end_document()
     builder.finalize(prefix + ".idx")
-    corpus = Corpus(DataConfig(source="indexed", path=prefix))
+    corpus = _one("indexed", prefix)
     assert corpus.sizes.tolist() == [5, 40, 2]
     for i, d in enumerate(docs):
         assert corpus.doc(i).tolist() == d.tolist()
@@ -167,7 +177,7 @@ def test_malformed_jsonl_lines_name_file_and_line(tmp_path):
     for body, message in cases:
         (tmp_path / "bad.jsonl").write_text(body)
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-            Corpus(DataConfig(source="jsonl", path=str(tmp_path / "bad.jsonl")))
+            _one("jsonl", str(tmp_path / "bad.jsonl"))
 
 
 def _frozen_rank(rank, world, tmp):

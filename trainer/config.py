@@ -10,20 +10,56 @@ from planner.types import SHARDINGS
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+SOURCE_KINDS = ("stdlib", "pydoc", "glob", "jsonl", "indexed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """One source of a data mixture (``data.sources``) or of validation (``eval.sources``)."""
+
+    name: str  # a label for logs, TensorBoard and checkpoints: letters, digits, '-', '_'
+    source: str = "stdlib"  # stdlib | pydoc | glob | jsonl | indexed (see trainer.corpus)
+    path: str | None = None  # glob pattern, .jsonl file, or indexed-dataset prefix (no .bin/.idx)
+    text_field: str = "text"
+    weight: float = 1.0  # share of the training tokens (weights are normalised over the sources)
+    min_len: int = 0  # documents with fewer training tokens are skipped (counted)
+    max_len: int = 0  # longer documents are split or rejected at this length (0: data.max_len at the step)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and self.name and all(c.isalnum() or c in "-_" for c in self.name)):
+            raise ValueError(f"source name {self.name!r}; valid: a non-empty name of letters, digits, '-', '_'")
+        if self.source not in SOURCE_KINDS:
+            raise ValueError(f"source {self.name!r}: source={self.source!r}; valid: {list(SOURCE_KINDS)}")
+        if self.source in ("glob", "jsonl", "indexed") and not self.path:
+            raise ValueError(f"source {self.name!r} (source={self.source!r}) needs a path")
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"source {self.name!r}: weight={self.weight!r}; valid: a finite number >= 0")
+        _check_range(f"sources[{self.name}]", self, {"min_len": (0, None), "max_len": (0, None)}, integer=True)
+        if self.max_len == 1 or (self.max_len and self.min_len > self.max_len):
+            raise ValueError(f"source {self.name!r}: min_len={self.min_len}, max_len={self.max_len}; valid: "
+                             "max_len 0 (data.max_len) or >= 2, and min_len <= max_len")  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    source: str = "stdlib"  # stdlib | glob | jsonl | indexed
+    source: str = "stdlib"  # one source (when data.sources is empty): stdlib | pydoc | glob | jsonl | indexed
     path: str | None = None  # glob pattern, .jsonl file, or Megatron indexed-dataset prefix (no .bin/.idx)
     text_field: str = "text"
+    sources: tuple[SourceConfig, ...] = ()  # a mixture: [{name, source, path, weight, min_len, max_len}, ...]
     tokenizer: str | None = None  # a tokenizers JSON file or a Hugging Face model folder; None = bytes (vocab 256)
     max_len: int = 4096  # longest training sequence (tokens); longer documents are split or rejected
+    max_len_schedule: tuple[tuple[int, int], ...] = ()  # [[step, max_len], ...] from step 0; each <= max_len
     long_docs: str = "split"  # split | reject
     tokens_per_step: int = 32768
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.source not in ("stdlib", "glob", "jsonl", "indexed"):
-            raise ValueError(f"data.source={self.source!r}; valid: 'stdlib', 'glob', 'jsonl', 'indexed'")
+        # a stored config (JSON) or a Python caller may give plain dicts and lists: make them typed and frozen
+        srcs = tuple(s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources)
+        object.__setattr__(self, "sources", srcs)
+        object.__setattr__(self, "max_len_schedule", tuple(tuple(e) for e in self.max_len_schedule))
+        if self.source not in SOURCE_KINDS:
+            raise ValueError(f"data.source={self.source!r}; valid: {list(SOURCE_KINDS)}")
         if self.long_docs not in ("split", "reject"):
             raise ValueError(f"data.long_docs={self.long_docs!r}; valid: 'split', 'reject'")
         if self.max_len < 2 or self.tokens_per_step < 2:
@@ -31,6 +67,38 @@ class DataConfig:
                 f"data.max_len and data.tokens_per_step must be >= 2, got {self.max_len}, {self.tokens_per_step}"
             )
         _check_range("data", self, {"seed": (0, None)}, integer=True)
+        if srcs:
+            if self.path is not None or self.source != "stdlib":
+                raise ValueError(f"data.source={self.source!r}/data.path={self.path!r} name one source, and "
+                                 "data.sources names several: give each source its own source and path")  # fmt: skip
+            names = [s.name for s in srcs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.sources: names {names} repeat; valid: a distinct name per source")
+            if not sum(s.weight for s in srcs) > 0:
+                raise ValueError(f"data.sources: weights {[s.weight for s in srcs]} sum to "
+                                 f"{sum(s.weight for s in srcs)}; valid: weights >= 0 summing to > 0")  # fmt: skip
+        sched = self.max_len_schedule
+        ok = all(len(e) == 2 and all(isinstance(v, int) for v in e) for e in sched)
+        if not ok or (sched and sched[0][0] != 0) or any(a[0] >= b[0] for a, b in zip(sched, sched[1:])):
+            raise ValueError(f"data.max_len_schedule={[list(e) for e in sched]}; valid: [[0, LEN], [STEP, LEN], "
+                             "...] with increasing steps, the first at step 0")  # fmt: skip
+        bad = [n for _, n in sched if not 2 <= n <= self.max_len]
+        if bad:
+            raise ValueError(
+                f"data.max_len_schedule lengths {bad} are outside [2, data.max_len={self.max_len}] "
+                "(data.max_len is the longest a run holds: the model and memory checks use it)"
+            )
+
+    def mixture(self) -> tuple[SourceConfig, ...]:
+        """The sources to train on: ``data.sources``, or the one source of ``data.source``/``data.path``."""
+        if self.sources:
+            return self.sources
+        return (SourceConfig(name=self.source, source=self.source, path=self.path, text_field=self.text_field),)
+
+    def max_len_at(self, step: int) -> int:
+        """The longest training sequence at ``step`` (``data.max_len_schedule``, else ``data.max_len``)."""
+        at = [n for s, n in self.max_len_schedule if s <= step]
+        return at[-1] if at else self.max_len
 
 
 def _check_range(section: str, cfg: object, bounds: dict[str, tuple[float, float | None]], integer: bool = False,
@@ -137,11 +205,19 @@ class EvalConfig:
     holdout: float = 0.0  # fraction of the training corpus's documents held out for it (chosen by data.seed)
     max_docs: int = 64  # held-out documents evaluated each time (the first ones, in a fixed order)
     tokens_per_step: int = 0  # tokens per evaluation step (0 = data.tokens_per_step)
+    sources: tuple[SourceConfig, ...] = ()  # validation-only sources (their first max_docs documents each)
 
     def __post_init__(self) -> None:
+        srcs = tuple(s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources)
+        object.__setattr__(self, "sources", srcs)
+        names = [s.name for s in srcs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.sources: names {names} repeat; valid: a distinct name per source")
         _check_range("eval", self, {"every": (0, None), "max_docs": (1, None), "tokens_per_step": (0, None)},
                      integer=True)  # fmt: skip
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
             raise ValueError(f"eval.holdout={self.holdout!r}; valid: a fraction in [0, 1)")
-        if self.every and not self.holdout:
-            raise ValueError(f"eval.every={self.every} needs held-out documents: set eval.holdout (e.g. 0.01)")
+        if self.every and not (self.holdout or srcs):
+            raise ValueError(
+                f"eval.every={self.every} needs documents to evaluate: set eval.holdout (e.g. 0.01) or eval.sources"
+            )

@@ -49,21 +49,37 @@ def bucket(values: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(values, torch.tensor(EDGES[1:], dtype=values.dtype), right=True)
 
 
-def held_out_docs(corpus: Any, docs: np.ndarray, data: Any) -> list[np.ndarray]:
-    """The pieces of the held-out documents ``docs`` (split at ``data.max_len`` as training would)."""
-    from trainer.data import cut, pieces
+def eval_sets(corpora: list[Any], held_out: list[np.ndarray], eval_corpora: list[Any], e: Any, d: Any, step: int
+              ) -> dict[str, list[np.ndarray]]:  # fmt: skip
+    """The documents validation evaluates, by name: each training source's held-out documents and each
+    ``eval.sources`` source's first documents (``eval.max_docs`` of each), split at step ``step``'s length
+    limit as training splits them."""
+    from trainer.data.corpus import doc_pieces
 
-    keep = set(docs.tolist())
-    return [cut(corpus, p) for p in pieces(corpus, data.max_len, data.long_docs)[0] if p.doc in keep]
+    max_len = d.max_len_at(step)
+    sets = {c.src.name: doc_pieces(c, h[: e.max_docs], max_len, d.long_docs)
+            for c, h in zip(corpora, held_out, strict=True) if len(h)}  # fmt: skip
+    sets |= {c.src.name: doc_pieces(c, np.arange(min(e.max_docs, len(c))), max_len, d.long_docs)
+             for c in eval_corpora}  # fmt: skip
+    return sets
 
 
-def report(result: Evaluation, step: int, board: Any, out: Any) -> None:
-    """Rank 0: the log line, TensorBoard scalars and the loss-by-position picture (also a PNG in ``out/eval``)."""
+def report(result: Evaluation, parts: dict[str, Evaluation], step: int, board: Any, out: Any) -> None:
+    """Rank 0: the log line, TensorBoard scalars (overall, and per named set when there are several) and the
+    loss-by-position picture (also a PNG in ``out/eval``)."""
     print(f"[sp-train] eval at step {step}: {result.line()}", flush=True)
+    several = len(parts) > 1
+    if several:
+        for name, part in parts.items():
+            print(f"[sp-train]   {name}: {part.line()}", flush=True)
     if board is None:
         return
-    board.scalars(step, result.scalars())
-    fig = picture(result, step)
+    values = result.scalars()
+    if several:
+        for name, part in parts.items():
+            values |= {k.replace("eval/", f"eval/{name}/", 1): v for k, v in part.scalars().items()}
+    board.scalars(step, values)
+    fig = picture(result, step, parts if several else {})
     (out / "eval").mkdir(exist_ok=True)
     fig.savefig(out / "eval" / f"loss_by_position_step_{step:06d}.png", dpi=100)
     board.figure("eval/loss_by_position", step, fig)
@@ -121,26 +137,29 @@ def summarise(sums: torch.Tensor) -> Evaluation:
     return Evaluation(total / n if n else float("nan"), int(n), means(0), means(1))
 
 
-def evaluate(model: torch.nn.Module, pool: Any, plan_step: Any, steps: list[list[np.ndarray]], rank: int,
-             kernel: str = "auto") -> Evaluation:  # fmt: skip
-    """Collective: every step planned by ``plan_step(lengths)`` (the same plan on every rank), forward only."""
+def evaluate(model: torch.nn.Module, pool: Any, plan_step: Any, sets: dict[str, list[list[np.ndarray]]], rank: int,
+             kernel: str = "auto") -> tuple[Evaluation, dict[str, Evaluation]]:  # fmt: skip
+    """Collective: every step of every named set planned by ``plan_step(lengths)`` (the same plan on every
+    rank), forward only; the whole evaluation and each set's (one all-reduce)."""
     from trainer.step import resolve_kernel
 
     device = next(model.parameters()).device
     kernel = resolve_kernel(kernel, device)
-    sums = torch.zeros(2, len(EDGES), 2, dtype=torch.float64)
+    sums = torch.zeros(len(sets), 2, len(EDGES), 2, dtype=torch.float64)  # [set, position | length, bucket, sum | n]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for docs in steps:
-                sums += sums_of_plan(model, pool, plan_step([len(d) - 1 for d in docs]), docs, rank, kernel)
+            for i, steps in enumerate(sets.values()):
+                for docs in steps:
+                    sums[i] += sums_of_plan(model, pool, plan_step([len(d) - 1 for d in docs]), docs, rank, kernel)
     finally:
         model.train(was_training)
         _reshard(model)
     total = sums.to(device)
     dist.all_reduce(total)
-    return summarise(total.cpu())
+    total = total.cpu()
+    return summarise(total.sum(0)), {name: summarise(total[i]) for i, name in enumerate(sets)}
 
 
 def _reshard(model: torch.nn.Module) -> None:
@@ -153,16 +172,19 @@ def _reshard(model: torch.nn.Module) -> None:
             m.reshard()
 
 
-def picture(ev: Evaluation, step: int) -> Any:
-    """Loss versus token position (a matplotlib figure): the long-context curve."""
+def picture(ev: Evaluation, step: int, parts: dict[str, Evaluation] | None = None) -> Any:
+    """Loss versus token position (a matplotlib figure): the long-context curve, overall and per set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = [k for k, (_, n) in ev.by_position.items() if n]
-    ax.plot(names, [ev.by_position[k][0] for k in names], marker="o")
+    for label, e in [("all", ev), *(parts or {}).items()]:
+        names = [k for k, (_, n) in e.by_position.items() if n]
+        ax.plot(names, [e.by_position[k][0] for k in names], marker="o", label=label)
+    if parts:
+        ax.legend(fontsize=8)
     ax.set_xlabel("target position in its sequence")
     ax.set_ylabel("validation loss")
     ax.set_title(f"step {step}: loss by position ({ev.tokens} tokens)")

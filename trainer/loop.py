@@ -23,7 +23,9 @@ from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
 from trainer import checkpoint
 from trainer.config import DataConfig, EvalConfig, TrainConfig
-from trainer.data import Corpus, StepLoader, fingerprint, held_out, trained_targets
+from trainer.data.corpus import Corpus, held_out, trained_targets
+from trainer.data.fingerprint import fingerprint
+from trainer.data.mixture import Mixture
 from trainer.grad_sync import GradSync
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
@@ -133,10 +135,15 @@ class Trainer:
         self.optim = self._optimizer()
         self.saver = checkpoint.Saver(t.out_dir, t.async_checkpoint)
         self.preempt.checkpoint("build", self.rank, self.device)
-        corpus = Corpus(job.data)
-        self.heldout = held_out(len(corpus), job.eval.holdout, job.data.seed)  # validation only, never trained
-        self.loader = StepLoader(corpus, job.data, exclude=self.heldout)
-        self.data_fingerprint = fingerprint(corpus)
+        corpora = [Corpus(src, job.data.tokenizer) for src in job.data.mixture()]
+        self.heldout = [held_out(c, job.eval.holdout, job.data.seed) for c in corpora]  # validation only
+        self.loader = Mixture(corpora, job.data, exclude=self.heldout)
+        self.eval_corpora = [Corpus(src, job.data.tokenizer) for src in job.eval.sources]
+        clash = {c.src.name for c in corpora} & {c.src.name for c in self.eval_corpora}
+        if clash:
+            raise ValueError(f"eval.sources names {sorted(clash)} are training sources too (their held-out "
+                             "documents are evaluated under that name): rename the eval sources")  # fmt: skip
+        self.data_fingerprint = fingerprint(corpora)
         self.preempt.checkpoint("data", self.rank, self.device)
         self.out = Path(job.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +172,7 @@ class Trainer:
             extra = checkpoint.load(ck, self.model, self.optim)
             self.step = int(extra["step"])
             self.tokens_trained = int(extra.get("tokens_trained", 0))
-            self.loader.load_state(extra["loader"])
+            self.loader.load_state(extra["loader"], self.step)
             if self.rank == 0:
                 print(f"[sp-train] resumed from {ck} (step {self.step})")
         else:
@@ -184,9 +191,8 @@ class Trainer:
         self.last_plan: StepPlan | None = None
         self.step_times: list[float] = []
         self.state_bytes = 0  # this rank's parameter + gradient + AdamW bytes after the last optimizer step
-        if self.rank == 0 and (self.loader.split or self.loader.rejected):
-            print(f"[sp-train] documents longer than data.max_len={job.data.max_len}: "
-                  f"{self.loader.split} split, {self.loader.rejected} rejected")  # fmt: skip
+        if self.rank == 0:
+            self._data_summary()
         stats = checkpoint.save_stats(t.out_dir) if self.rank == 0 and ck is not None else None
         if stats is not None:  # resumed: the last run's slowest step and save against the warning a signal gives
             self._warn_budget(stats.get("slowest_step_s", 0.0), stats)
@@ -304,6 +310,7 @@ class Trainer:
         plan = self.last_plan = self._broadcast(fut, [len(d) - 1 for d in docs])
         loader_state = self.loader.state()
         nxt = self.loader.next_step() if self.step + 1 < t.steps else None
+        self._data_events()
         fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
         count = bool(t.memory_every) and self.step % t.memory_every == 0
         stats = run_plan(
@@ -342,7 +349,7 @@ class Trainer:
         self.tokens_trained += tokens if math.isfinite(loss) else 0
         losses.append(loss)
         hb.beat("metrics")
-        self._observe(plan, loss, tokens, step_s, stats, grad_norm)
+        self._observe(plan, loss, tokens, step_s, stats, grad_norm, Mixture.counters(loader_state))
         self.step += 1
         if bar is not None:
             bar.update(1)
@@ -372,13 +379,17 @@ class Trainer:
         return fut, (nxt if nxt is not None else docs), False
 
     def evaluate(self, docs: list[np.ndarray] | None = None) -> Any:
-        """Collective: validation loss on ``docs`` (default: the held-out documents, ``eval.max_docs`` of them)
-        under the planner's plans, forward only (:mod:`trainer.evaluate`); rank 0 logs it."""
+        """Collective: validation loss (:mod:`trainer.evaluate`), forward only, under the planner's plans, on
+        ``docs``, or by default on each training source's held-out documents and each ``eval.sources``
+        source (``eval.max_docs`` documents of each, split at the step's length limit); rank 0 logs it."""
         from trainer import evaluate as ev
 
         e, d = self.job.eval, self.job.data
-        if docs is None:
-            docs = ev.held_out_docs(self.loader.corpus, self.heldout[: e.max_docs], d)
+        sets = (
+            {"documents": docs}
+            if docs is not None
+            else ev.eval_sets(self.loader.corpora, self.heldout, self.eval_corpora, e, d, max(0, self.step - 1))
+        )
         if self.rank == 0 and not hasattr(self, "_eval_planner"):
             self._eval_planner = Planner(self.cost, self.job.planner)  # not the training planner's thread
 
@@ -389,11 +400,23 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             return box[0]
 
-        steps = ev.eval_steps(docs, e.tokens_per_step or d.tokens_per_step)
-        result = ev.evaluate(self.model, self.pool, plan_step, steps, self.rank)
+        per_set = {name: ev.eval_steps(ds, e.tokens_per_step or d.tokens_per_step) for name, ds in sets.items()}
+        result, parts = ev.evaluate(self.model, self.pool, plan_step, per_set, self.rank)
+        self.last_eval_parts = parts
         if self.rank == 0:
-            ev.report(result, self.step, self.board, self.out)
+            ev.report(result, parts, self.step, self.board, self.out)
         return result
+
+    def _data_summary(self) -> None:
+        """Rank 0, at start: each source's documents, weight, held-out and skipped counts, and the schedule."""
+        for line in self.loader.describe([len(h) for h in self.heldout]):
+            print(f"[sp-train] {line}")
+        self._data_events()
+
+    def _data_events(self) -> None:
+        for event in self.loader.take_events():
+            if self.rank == 0:
+                print(f"[sp-train] data: {event}", flush=True)
 
     def _save(self, loader_state: dict, final: bool) -> None:
         """Checkpoint this step (the last save of a run or a stop is complete on return, async or not)."""
@@ -417,6 +440,7 @@ class Trainer:
         t = self.job.train
         losses: list[float] = []
         docs = self.loader.next_step()
+        self._data_events()
         fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in docs]) if self.pool_exec else None
         bar = None
         if self.rank == 0 and t.progress:
@@ -450,7 +474,8 @@ class Trainer:
                 f"checkpoint is written (the last good one is in {self.out / 'checkpoints'})"
             )
 
-    def _observe(self, plan: StepPlan, loss: float, tokens: int, step_s: float, stats: StepStats, gnorm: float) -> None:
+    def _observe(self, plan: StepPlan, loss: float, tokens: int, step_s: float, stats: StepStats, gnorm: float,
+                 data: dict[str, float]) -> None:  # fmt: skip
         t = self.job.train
         n_micro = len(stats.busy_s)
         mine = torch.tensor([stats.busy_s + [float(b) for b in stats.saved_bytes + stats.offloaded_bytes]],
@@ -491,6 +516,8 @@ class Trainer:
             "memory/states_predicted_gib": self.cost.states_gib(),
             "planner/late_plans": float(self.late_plans),
             **{f"plan/strategy_{k}": float(v) for k, v in mix.items()},
+            "data/max_len": float(self.job.data.max_len_at(self.step)),
+            **data,
         }
         if stats.saved_bytes and any(stats.saved_bytes):
             saved = gathered[:, n_micro : 2 * n_micro]  # [world, micro-steps]

@@ -92,7 +92,7 @@ def resume_check(out: Path, name: str, stored: dict[str, Any], config: dict[str,
                  data: dict) -> list[str]:  # fmt: skip
     """Whether a run may continue from checkpoint ``name``: raises ValueError listing the config or data
     differences that would silently continue another run; returns what to log (accepted changes, warnings)."""
-    from trainer.data import fingerprint_changes
+    from trainer.data.fingerprint import fingerprint_changes
 
     safe, refused = config_changes(stored, config)
     if refused:

@@ -24,7 +24,7 @@ from models.attention import SPPackedSeqParams
 from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
 from sp.layout import shard
-from trainer.data import target_weights, trained_targets
+from trainer.data.corpus import target_weights, trained_targets
 from trainer.grad_sync import GradSync
 from trainer.memory import SavedBytes
 from trainer.sharding import checkpoint_switch
