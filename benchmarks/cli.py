@@ -11,6 +11,7 @@ sp-bench flash-geometry [--tokens 131072] [--ring 1 4]   # host side of the flas
 sp-bench hf-load [--gb 1.0] [--world 4]       # peak host memory per rank loading a Hugging Face checkpoint
 sp-bench capacity [--gpus 8 16 32 64]          # longest sequence per technique (llama3-8b on H100s)
 sp-bench checkpoint [--gb 2.0] [--world 4]    # integrity share of save and resume: rank-0 sha256 vs parallel xxh3
+sp-bench data [--tree before=PATH] [--steps 30]  # make train's steps/s: other code trees vs this one
 sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
 """
 
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     cc.add_argument("--world", type=int, default=4)
     cc.add_argument("--repeats", type=int, default=3)
     cc.add_argument("--workdir", default="runs/checkpoint-bench")
+    dp = sub.add_parser("data", help="make train's steps per second under other code trees and this one")
+    dp.add_argument("--tree", action="append", default=[], help="LABEL=PATH of another checkout (repeatable)")
+    dp.add_argument("--steps", type=int, default=30)
+    dp.add_argument("--warmup", type=int, default=3)
+    dp.add_argument("--workdir", default="runs/data-bench")
     cp = sub.add_parser("capacity", help="longest single sequence the planner places on N H100s, per technique")
     cp.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
     gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
@@ -104,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.checkpoint import run as run_checkpoint
 
         for row in run_checkpoint(args.gb, args.world, args.workdir, args.repeats):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "data":
+        from benchmarks.data_path import run as run_data
+
+        for row in run_data(args.tree, args.steps, args.warmup, args.workdir):
             print(json.dumps(row), flush=True)
     elif args.cmd == "capacity":
         from benchmarks.capacity import run as run_capacity
