@@ -83,9 +83,24 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str],
     refused: list[str] = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            (safe if _safe(key) else refused).append(line)
+            lines = _named_items(key, old.get(key), new.get(key)) or [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"]
+            (safe if _safe(key) else refused).extend(lines)
     return safe, refused
+
+
+def _named_items(key: str, old: Any, new: Any) -> list[str]:
+    """Lists of named entries (``data.sources``) field by field: ``data.sources[code].weight: 0.6 -> 0.5``."""
+    named = lambda v: isinstance(v, list) and all(isinstance(e, dict) and "name" in e for e in v)  # noqa: E731
+    if not (named(old) and named(new)):
+        return []
+    a, b = {e["name"]: e for e in old}, {e["name"]: e for e in new}
+    out = [f"{key}[{n}]: removed" for n in a if n not in b] + [f"{key}[{n}]: added" for n in b if n not in a]
+    for n in a.keys() & b.keys():
+        out += [f"{key}[{n}].{f}: {a[n].get(f)!r} -> {b[n].get(f)!r}" for f in sorted(set(a[n]) | set(b[n]))
+                if a[n].get(f) != b[n].get(f)]  # fmt: skip
+    if not out and [e["name"] for e in old] != [e["name"] for e in new]:
+        out.append(f"{key}: order {[e['name'] for e in old]} -> {[e['name'] for e in new]}")
+    return sorted(out)
 
 
 def resume_check(out: Path, name: str, stored: dict[str, Any], config: dict[str, Any], stored_data: dict | None,
