@@ -183,3 +183,12 @@ def test_a_three_source_run_resumes_from_its_checkpoint_with_the_same_documents(
     assert r["sets"] == ["books", "code", "held", "short"]  # held-out of each source, plus the eval source
     for held, eligible in zip(r["heldout"], r["eligible"], strict=True):
         assert held and not set(held) & set(eligible)
+
+
+def test_a_resume_refusal_names_the_changed_source_fields():
+    from trainer.run_dir import config_changes
+
+    old = {"data.sources": [{"name": "code", "weight": 0.6, "min_len": 0}, {"name": "sft", "weight": 0.4}]}
+    new = {"data.sources": [{"name": "code", "weight": 0.5, "min_len": 4096}, {"name": "books", "weight": 0.5}]}
+    assert config_changes(old, new)[1] == ["data.sources[books]: added", "data.sources[code].min_len: 0 -> 4096",
+                                           "data.sources[code].weight: 0.6 -> 0.5", "data.sources[sft]: removed"]  # fmt: skip
