@@ -190,5 +190,7 @@ def test_a_resume_refusal_names_the_changed_source_fields():
 
     old = {"data.sources": [{"name": "code", "weight": 0.6, "min_len": 0}, {"name": "sft", "weight": 0.4}]}
     new = {"data.sources": [{"name": "code", "weight": 0.5, "min_len": 4096}, {"name": "books", "weight": 0.5}]}
-    assert config_changes(old, new)[1] == ["data.sources[books]: added", "data.sources[code].min_len: 0 -> 4096",
-                                           "data.sources[code].weight: 0.6 -> 0.5", "data.sources[sft]: removed"]  # fmt: skip
+    assert config_changes(old, new)[1] == [
+        "data.sources[books]: added", "data.sources[code].min_len: 0 -> 4096",
+        "data.sources[code].weight: 0.6 -> 0.5", "data.sources[sft]: removed",
+    ]  # fmt: skip
