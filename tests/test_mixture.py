@@ -194,3 +194,15 @@ def test_a_resume_refusal_names_the_changed_source_fields():
         "data.sources[books]: added", "data.sources[code].min_len: 0 -> 4096",
         "data.sources[code].weight: 0.6 -> 0.5", "data.sources[sft]: removed",
     ]  # fmt: skip
+
+
+def test_settings_added_since_a_checkpoint_count_as_their_defaults(tmp_path):
+    """A run stored before data.sources existed resumes under the new version when nothing else changed."""
+    from tests.test_trainer import _job
+    from trainer.run_dir import flat_config, resume_check
+
+    config = flat_config(_job(str(tmp_path)))
+    old = {k: v for k, v in config.items() if k not in ("data.sources", "data.max_len_schedule", "eval.sources")}
+    assert resume_check(tmp_path, "step_000002", old, config, None, {})[0].startswith("WARNING")  # no fingerprint
+    with pytest.raises(ValueError, match=r"data.max_len_schedule: \[\] -> \[\[0, 256\]\]"):
+        resume_check(tmp_path, "step_000002", old, {**config, "data.max_len_schedule": [[0, 256]]}, None, {})

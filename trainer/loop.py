@@ -109,16 +109,8 @@ class Trainer:
             )
         # checked before anything is built or written: the weights' source (rank 0 reads the headers or
         # verifies the run's checkpoint once, every rank gets the verdict), the tokenizer against the vocab
-        verdict: list = [None, None]
-        if self.rank == 0:
-            try:
-                verdict[0] = init_from.source(t.init_from, job.model)
-            except ValueError as e:
-                verdict[1] = str(e)
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[1] is not None:
-            raise ValueError(verdict[1])
-        self.source: init_from.Source = verdict[0]
+        self.lock: RunLock | None = None  # taken later, by _claim_folder
+        self.source: init_from.Source = self._agree(lambda: init_from.source(t.init_from, job.model))
         if job.data.tokenizer:
             tokenizer.load(job.data.tokenizer, job.model.vocab)
         self.shape = None if t.strategy == "adaptive" else static_shape(job, self.world)
@@ -154,7 +146,6 @@ class Trainer:
         self.heartbeat = Heartbeat(self.rank, self.world)
         self._parent = os.getppid()  # the launcher (torchrun's agent, srun, mpiexec, the spawn harness)
         self.config = flat_config(job)
-        self.lock: RunLock | None = None
         ck = self._claim_folder()
         try:
             self._start(ck)

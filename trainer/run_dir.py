@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -109,6 +110,8 @@ def resume_check(out: Path, name: str, stored: dict[str, Any], config: dict[str,
     differences that would silently continue another run; returns what to log (accepted changes, warnings)."""
     from trainer.data.fingerprint import fingerprint_changes
 
+    with contextlib.suppress(TypeError, ValueError):  # a key added since the checkpoint counts as its default
+        stored = {**flat_config(job_from_flat(stored)), **stored}
     safe, refused = config_changes(stored, config)
     if refused:
         raise ValueError(

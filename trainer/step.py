@@ -98,7 +98,7 @@ def run_plan(
         meter = SavedBytes(model) if count_saved else None
         with meter or contextlib.nullcontext(), _autocast(device, autocast):
             if g is None or not g.seqs:
-                loss = _empty_pass(model, device)
+                loss = empty_pass(model, device)
             else:
                 loss = group_pass(model, pool, g, docs, kernel, device)
         (loss / global_tokens).backward()
@@ -148,11 +148,6 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 
 def empty_pass(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    """One dummy token through the model (no attention): an idle rank's share of FSDP's collectives."""
-    return _empty_pass(model, device)
-
-
-def _empty_pass(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     """One dummy token through every layer (Megatron cannot reshape zero tokens): the rank joins FSDP's
     collectives and contributes exactly zero gradients."""
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
