@@ -206,3 +206,12 @@ def test_settings_added_since_a_checkpoint_count_as_their_defaults(tmp_path):
     assert resume_check(tmp_path, "step_000002", old, config, None, {})[0].startswith("WARNING")  # no fingerprint
     with pytest.raises(ValueError, match=r"data.max_len_schedule: \[\] -> \[\[0, 256\]\]"):
         resume_check(tmp_path, "step_000002", old, {**config, "data.max_len_schedule": [[0, 256]]}, None, {})
+
+
+def test_a_large_jsonl_source_suggests_preparing_it(three, monkeypatch, capsys):
+    import trainer.data.corpus as corpus
+
+    monkeypatch.setattr(corpus, "LARGE_JSONL", 100)
+    monkeypatch.setenv("RANK", "0")
+    Corpus(three[0])
+    assert "`sp-data prepare` it once and train on source=indexed" in capsys.readouterr().err

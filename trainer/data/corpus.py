@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import os
+import sys
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ import numpy as np
 
 from trainer.config import SourceConfig
 
+LARGE_JSONL = 1 << 30  # bytes: above this a JSONL source gets a warning to prepare it
 MASK_SUFFIX = "_lossmask"  # PREFIX_lossmask.bin/.idx: the loss-mask channel of indexed dataset PREFIX
 
 
@@ -168,6 +171,10 @@ class Corpus:
     def _read_jsonl(self, path: str, where: str) -> list[np.ndarray]:
         if not Path(path).is_file():
             raise ValueError(f"{where}: JSONL file not found")
+        size = Path(path).stat().st_size
+        if size > LARGE_JSONL and os.environ.get("RANK", "0") == "0":
+            print(f"[sp-train] WARNING: {where} is {size / 2**30:.1f} GiB of JSONL: every rank tokenises it at "
+                  "start; `sp-data prepare` it once and train on source=indexed", file=sys.stderr)  # fmt: skip
         docs, masked = [], False
         with open(path) as f:
             for n, line in enumerate(f):
