@@ -12,11 +12,10 @@ import json
 
 def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     from cli.schema import freeze, model_shape
-    from planner.baselines import all_baselines
     from planner.cost import CostModel
     from planner.lengths import read_lengths, sample_steps
     from planner.planner import Planner, PlannerConfig
-    from planner.report import plan_json, summarise, table
+    from planner.report import plan_json, table
     from planner.types import Cluster
     from trainer.config import TrainConfig
 
@@ -39,11 +38,8 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
         batches = [list(lc.fixed)]
     else:
         raise ValueError("no lengths: set lengths.path=FILE (.txt[.gz]/.jsonl/.npy) or lengths.fixed=[N,...]")
-    planner = Planner(cost, pcfg)
-    plans = [planner.plan(b) for b in batches]
-    bases = [all_baselines(cost, b, pcfg, p) if cfg.output.baselines else {} for b, p in zip(batches, plans)]
     max_len = lc.max_len if lc.path else max(max(b) for b in batches)
-    summary = summarise(cost, plans, bases, max_len, cfg.run.tokens or None)
+    plans, summary = _plan_steps(cfg, cost, pcfg, Planner(cost, pcfg), batches, max_len)
     result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": summary}
     if cfg.output.format == "json":
         result["first_step"] = plan_json(plans[0], cost.model.checkpointing)
@@ -58,13 +54,22 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     return result
 
 
+def _plan_steps(cfg, cost, pcfg, planner, batches: list, max_len: int) -> tuple[list, dict]:  # noqa: ANN001
+    """Each batch planned, its baselines (``output.baselines``), and the summary against ``max_len``."""
+    from planner.baselines import all_baselines
+    from planner.report import summarise
+
+    plans = [planner.plan(b) for b in batches]
+    bases = [all_baselines(cost, b, pcfg, p) if cfg.output.baselines else {} for b, p in zip(batches, plans)]
+    return plans, summarise(cost, plans, bases, max_len, cfg.run.tokens or None)
+
+
 def _phases(cfg, cost, pcfg) -> dict:  # noqa: ANN001 - the PlanJobSchema twin
     """``lengths.max_len_schedule``: each phase planned on its own pieces (documents longer than the phase's
     limit split as sp-train splits them); one summary per phase. ``summary`` is the last phase's."""
-    from planner.baselines import all_baselines
     from planner.lengths import read_lengths, sample_steps, split_lengths
     from planner.planner import Planner
-    from planner.report import summarise, table
+    from planner.report import table
     from trainer.config import DataConfig
 
     lc = cfg.lengths
@@ -77,9 +82,7 @@ def _phases(cfg, cost, pcfg) -> dict:  # noqa: ANN001 - the PlanJobSchema twin
     phases = []
     for i, (start, max_len) in enumerate(sched):
         batches = sample_steps(split_lengths(pool, max_len), lc.global_batch, lc.steps, max_len, lc.seed)
-        plans = [planner.plan(b) for b in batches]
-        bases = [all_baselines(cost, b, pcfg, p) if cfg.output.baselines else {} for b, p in zip(batches, plans)]
-        summary = summarise(cost, plans, bases, max_len, cfg.run.tokens or None)
+        plans, summary = _plan_steps(cfg, cost, pcfg, planner, batches, max_len)
         end = sched[i + 1][0] if i + 1 < len(sched) else None
         phases.append({"from_step": start, "to_step": end, "max_len": max_len, "summary": summary})
         if cfg.output.format == "table":

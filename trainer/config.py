@@ -54,9 +54,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # a stored config (JSON) or a Python caller may give plain dicts and lists: make them typed and frozen
-        srcs = tuple(s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources)
-        object.__setattr__(self, "sources", srcs)
+        srcs = _sources(self, "data")
         object.__setattr__(self, "max_len_schedule", tuple(tuple(e) for e in self.max_len_schedule))
         if self.source not in SOURCE_KINDS:
             raise ValueError(f"data.source={self.source!r}; valid: {list(SOURCE_KINDS)}")
@@ -71,9 +69,6 @@ class DataConfig:
             if self.path is not None or self.source != "stdlib":
                 raise ValueError(f"data.source={self.source!r}/data.path={self.path!r} name one source, and "
                                  "data.sources names several: give each source its own source and path")  # fmt: skip
-            names = [s.name for s in srcs]
-            if len(set(names)) != len(names):
-                raise ValueError(f"data.sources: names {names} repeat; valid: a distinct name per source")
             if not sum(s.weight for s in srcs) > 0:
                 raise ValueError(f"data.sources: weights {[s.weight for s in srcs]} sum to "
                                  f"{sum(s.weight for s in srcs)}; valid: weights >= 0 summing to > 0")  # fmt: skip
@@ -99,6 +94,17 @@ class DataConfig:
         """The longest training sequence at ``step`` (``data.max_len_schedule``, else ``data.max_len``)."""
         at = [n for s, n in self.max_len_schedule if s <= step]
         return at[-1] if at else self.max_len
+
+
+def _sources(cfg: DataConfig | EvalConfig, section: str) -> tuple[SourceConfig, ...]:
+    """``cfg.sources`` typed and frozen in place (a stored config or a Python caller may give plain dicts),
+    refused when two share a name."""
+    srcs = tuple(s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in cfg.sources)
+    object.__setattr__(cfg, "sources", srcs)
+    names = [s.name for s in srcs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{section}.sources: names {names} repeat; valid: a distinct name per source")
+    return srcs
 
 
 def _check_range(section: str, cfg: object, bounds: dict[str, tuple[float, float | None]], integer: bool = False,
@@ -208,11 +214,7 @@ class EvalConfig:
     sources: tuple[SourceConfig, ...] = ()  # validation-only sources (their first max_docs documents each)
 
     def __post_init__(self) -> None:
-        srcs = tuple(s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources)
-        object.__setattr__(self, "sources", srcs)
-        names = [s.name for s in srcs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"eval.sources: names {names} repeat; valid: a distinct name per source")
+        srcs = _sources(self, "eval")
         _check_range("eval", self, {"every": (0, None), "max_docs": (1, None), "tokens_per_step": (0, None)},
                      integer=True)  # fmt: skip
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):

@@ -28,6 +28,7 @@ from trainer.config import DataConfig, SourceConfig
 from trainer.data.corpus import Corpus, Piece, cut, name_key
 
 STATE_FORMAT = 2
+COUNTERS = ("epoch", "cursor", "documents", "tokens", "split", "rejected")  # a stream's state besides ``rest``
 
 
 @dataclass
@@ -88,11 +89,10 @@ class Stream:
         return cut(self.corpus, p)
 
     def state(self) -> dict:
-        keys = ("epoch", "cursor", "documents", "tokens", "split", "rejected")
-        return {k: getattr(self, k) for k in keys} | {"rest": list(self.rest) if self.rest else None}
+        return {k: getattr(self, k) for k in COUNTERS} | {"rest": list(self.rest) if self.rest else None}
 
     def load_state(self, st: dict) -> None:
-        for key in ("epoch", "cursor", "documents", "tokens", "split", "rejected"):
+        for key in COUNTERS:
             setattr(self, key, int(st[key]))
         self.rest = tuple(st["rest"]) if st["rest"] else None  # type: ignore[assignment]
         self._order = self._perm()
@@ -131,7 +131,7 @@ class Mixture:
         used = 0
         live = np.flatnonzero(self.weights > 0)
         while True:
-            behind = [s.tokens / self.weights[i] for i, s in ((i, self.streams[i]) for i in live)]
+            behind = [self.streams[i].tokens / self.weights[i] for i in live]
             stream = self.streams[int(live[int(np.argmin(behind))])]
             p = stream.peek(max_len, self.cfg.long_docs)
             if docs and used + p.length > self.cfg.tokens_per_step:

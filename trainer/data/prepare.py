@@ -45,9 +45,8 @@ class PrepareConfig:
 class Chunk:
     index: int
     path: str  # the input file (JSONL) or "" (text files: each item of ``items`` is a path)
-    first_row: int  # 1-based line number of the first row in ``path``
-    items: tuple[str, ...]  # JSONL lines (with their line numbers in ``rows``) or text file paths
-    rows: tuple[int, ...]
+    items: tuple[str, ...]  # JSONL lines or text file paths
+    rows: tuple[int, ...]  # 1-based line numbers of the JSONL lines in ``path`` (for error messages)
     nbytes: int
 
 
@@ -85,14 +84,14 @@ def chunks(files: list[str], chunk_rows: int) -> Iterator[Chunk]:
                     lines.append(line)
                     rows.append(n)
                 if len(lines) == chunk_rows:
-                    yield Chunk(k, f, rows[0], tuple(lines), tuple(rows), sum(len(x) for x in lines))
+                    yield Chunk(k, f, tuple(lines), tuple(rows), sum(len(x) for x in lines))
                     k, lines, rows = k + 1, [], []
             if lines:
-                yield Chunk(k, f, rows[0], tuple(lines), tuple(rows), sum(len(x) for x in lines))
+                yield Chunk(k, f, tuple(lines), tuple(rows), sum(len(x) for x in lines))
                 k += 1
     for a in range(0, len(texts), chunk_rows):
         part = tuple(texts[a : a + chunk_rows])
-        yield Chunk(k, "", 0, part, (), sum(Path(t).stat().st_size for t in part))
+        yield Chunk(k, "", part, (), sum(Path(t).stat().st_size for t in part))
         k += 1
 
 
