@@ -2,7 +2,7 @@
 
 sp-bench attention [--world 4] [--tokens 16384 65536]
 sp-bench attention --vs-single [--tokens1 2048 4096 8192 16384] [--tokens4 8192 16384] [--reps 5]
-sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768]
+sp-bench e2e [--steps 6] [--tokens 32768] [--max-len 32768] [--recalibrate 10 --no-static]
 sp-bench planner [--lengths WIKI.txt.gz data/lengths/code_files.txt.gz] [--steps 20]
 sp-bench memory [--world 1 2 4 8] [--tokens 4096 16384 32768] [--checkpointing full none] [--techniques plain all]
 sp-bench longctx [--tokens 131072] [--world 8]
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--max-len", type=int, default=32768)
     e.add_argument("--scale", type=float, default=4.0, help="multiply the file's lengths (longer tail)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--recalibrate", type=int, default=0, metavar="N",
+                   help="add adaptive planners that re-fit the cost model every N steps (planner.fit), each beside "
+                        "its fixed twin: the offline calibration and configs/cluster/cpu.yaml")  # fmt: skip
+    e.add_argument("--no-static", action="store_true", help="skip the static layouts")
     p = sub.add_parser("planner", help="planner vs baselines on real lengths, and solve time at scale")
     p.add_argument("--lengths", nargs="+", help="length files (default: Wikipedia and the code-file corpus)",
                    default=[os.environ.get("SP_LENGTHS", "../shared/data/lengths/wikipedia.txt.gz"),
@@ -169,7 +173,19 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.e2e import run as run_e2e
 
         print(
-            json.dumps(run_e2e(args.lengths, args.steps, args.tokens, args.max_len, args.scale, args.seed)), flush=True
+            json.dumps(
+                run_e2e(
+                    args.lengths,
+                    args.steps,
+                    args.tokens,
+                    args.max_len,
+                    args.scale,
+                    args.seed,
+                    args.recalibrate,
+                    not args.no_static,
+                )
+            ),
+            flush=True,  # fmt: skip
         )
     else:
         from benchmarks.planner_bench import quality, scale

@@ -33,7 +33,8 @@ def _fit(lengths: list[int], times: list[float]) -> tuple[float, float, float]:
     return a1 * 1e3, a2 * 1e3, b * 1e3  # ms
 
 
-def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens: int, max_len: int, seed: int):
+def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens: int, max_len: int, seed: int,
+            recalibrate: int = 0, statics: bool = True):  # fmt: skip
     from megatron.core import parallel_state
 
     from models.gpt import build_gpt
@@ -42,6 +43,7 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
     from planner.static import static_plan
     from planner.types import Cluster, GroupShape, ModelShape, StepPlan
     from sp.groups import GroupPool
+    from trainer.calibrate import log_line
     from trainer.grad_sync import GradSync
     from trainer.profile import measure as measure_comm
     from trainer.step import run_plan
@@ -58,11 +60,19 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
         return [rng.integers(0, 256, size=n + 1) for n in lengths]
 
     def timed(plan: StepPlan, docs) -> float:
+        return timed_gathered(plan, docs)[0]
+
+    def timed_gathered(plan: StepPlan, docs) -> tuple[float, np.ndarray, np.ndarray]:
+        """The step's seconds, and every rank's busy and attention seconds per micro-step ([world, micro])."""
         dist.barrier()
         t0 = time.perf_counter()
-        run_plan(model, pool, plan, docs, rank, sync)
+        stats = run_plan(model, pool, plan, docs, rank, sync)
         dist.barrier()
-        return time.perf_counter() - t0
+        t = time.perf_counter() - t0
+        n = len(stats.busy_s)
+        out = torch.zeros(world, 2 * n, dtype=torch.float64)
+        dist.all_gather_into_tensor(out, torch.tensor([stats.busy_s + stats.attention_s], dtype=torch.float64))
+        return t, out[:, :n].numpy(), out[:, n:].numpy()
 
     # ---- calibration: every rank at once (the contention of real training), world-1 plans ----
     cal_lengths = [256, 1024, 2048, 4096, 8192]
@@ -98,13 +108,15 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
             used += n
         return lengths
 
-    def plans_for(cost, lengths):
+    def plans_for(cost, lengths, adaptive=None, with_statics=True):
         """Planned on rank 0 and broadcast, as the trainer does: the planner's search is time-capped, so
-        ranks planning on their own could choose different plans and wait in different collectives."""
+        ranks planning on their own could choose different plans and wait in different collectives.
+        ``adaptive``: {name: cost model} of the adaptive variants (default: one, ``cost``)."""
         box: list = [None]
         if dist.get_rank() == 0:
-            plans = {"adaptive": Planner(cost, PlannerConfig(time_limit_s=0.5)).plan(lengths)}
-            for u, r in STATIC:
+            plans = {n: Planner(c, PlannerConfig(time_limit_s=0.5)).plan(lengths)
+                     for n, c in (adaptive or {"adaptive": cost}).items()}  # fmt: skip
+            for u, r in STATIC if with_statics else ():
                 if cost.tokens_capacity(u * r) >= max_len:  # static layouts whose groups hold max_len
                     plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
             box[0] = plans
@@ -129,21 +141,62 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
     scaled_bw = {"a2a_gbs": {s: v / k for s, v in cluster.a2a_gbs.items()},
                  "p2p_gbs": {s: v / k for s, v in cluster.p2p_gbs.items()}}  # fmt: skip
     cost = CostModel(replace(cluster, **scaled, **scaled_bw), shape)
-    # ---- interleaved steps ----
+    # ---- interleaved steps; with ``recalibrate``, adaptive variants that re-fit online (rank 0) ----
+    models, cals = _variants(cost, recalibrate, world) if rank == 0 else ({}, {})
     rows: dict[str, list[tuple[float, float, int]]] = {}
-    for _ in range(steps):
+    for step in range(steps):
         lengths = batch()
         docs = docs_of(lengths)
-        for name, plan in plans_for(cost, lengths).items():
-            t = timed(plan, docs)
-            rows.setdefault(name, []).append((t, plan.time_s, sum(lengths)))
+        for name, plan in plans_for(cost, lengths, models or None, statics).items():
+            t, busy, attn = timed_gathered(plan, docs)
+            cal = cals.get(name)
+            predicted = plan.time_s + (models[name].step_overhead_s if name in models else 0.0)
+            rows.setdefault(name, []).append((t, predicted, sum(lengths)))
+            if cal is not None:
+                cal.record(step, plan, busy, attn, t)
+                if cal.due(step):
+                    res = cal.refit(step)
+                    print(f"[e2e] {log_line(step, res).split('] ', 1)[1]} ({name})", flush=True)
+                    models[name] = cal.cost
             if name != "adaptive":
                 opt.zero_grad(set_to_none=True)
         opt.step()  # one update per batch (the gradients of the last strategy run)
         opt.zero_grad(set_to_none=True)
     calib = {"solo_alpha1_ms": a1, "solo_alpha2_ms": a2, "solo_beta_ms": beta, "plan_fit_scale": k,
              "plan_fit_offset_s": b, **scaled, **comm}  # fmt: skip
-    return {"calibration": calib, "rows": rows}
+    fits = {n: [{"step": (i + 1) * recalibrate, "accepted": r.accepted, "reason": r.reason, **r.error_after}
+                for i, r in enumerate(c.history)] for n, c in cals.items()}  # fmt: skip
+    return {"calibration": calib, "rows": rows, "fits": fits}
+
+
+def _variants(cost, every: int, world: int) -> tuple[dict, dict]:
+    """The adaptive planners of a recalibration run: ``adaptive`` (offline calibration, fixed, as without
+    recalibration), ``adaptive_recal`` (the same start, re-fit every ``every`` steps), ``yaml`` and
+    ``yaml_recal`` (the shipped ``configs/cluster/cpu.yaml`` constants, fixed / re-fit: a run without
+    sp-profile). Both YAML variants get the calibrated cluster's memory, so every plan obeys the same limit."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from planner.cost import CostModel
+    from planner.planner import PlannerConfig
+    from planner.types import Cluster
+    from trainer.calibrate import OnlineCalibrator
+
+    if not every:
+        return {}, {}
+    doc = {k: v for k, v in yaml.safe_load((Path(__file__).parents[1] / "configs/cluster/cpu.yaml").read_text()).items()
+           if k != "defaults"}  # fmt: skip
+    shipped = CostModel(Cluster(**{**doc, "gpus_per_node": world, "memory_gib": cost.cluster.memory_gib}), cost.model)
+    models = {"adaptive": cost, "adaptive_recal": cost, "yaml": shipped, "yaml_recal": shipped}
+    cfg = PlannerConfig(recalibrate_every=every, recalibrate_window=30)
+    folder = Path(tempfile.mkdtemp(prefix="e2e-calibration-"))
+    hw = {"device": "cpu", "world": world}
+    cals = {n: OnlineCalibrator(models[n], cfg, folder / n, hw) for n in ("adaptive_recal", "yaml_recal")}
+    for c in cals.values():
+        c.out.mkdir()
+    return models, cals
 
 
 class _SoloPool:
@@ -159,14 +212,16 @@ class _SoloPool:
         return SPContext(GroupLayout.build(cu, 1, 1), 0)
 
 
-def run(lengths_path: str, steps: int, tokens: int, max_len: int, scale: float, seed: int) -> dict:
+def run(lengths_path: str, steps: int, tokens: int, max_len: int, scale: float, seed: int, recalibrate: int = 0,
+        statics: bool = True) -> dict:  # fmt: skip
     from planner.lengths import read_lengths
     from sp.spawn import run_distributed
 
     pool = np.minimum(read_lengths(lengths_path) * scale, max_len).astype(np.int64)
-    res = run_distributed(_worker, 4, pool, steps, tokens, max_len, seed, timeout=3000)[0]
+    res = run_distributed(_worker, 4, pool, steps, tokens, max_len, seed, recalibrate, statics, timeout=3000)[0]
     out = {"bench": "e2e", "world": 4, "steps": steps, "tokens_per_step": tokens, "max_len": max_len,
-           "length_scale": scale, "calibration": res["calibration"], "strategies": {}}  # fmt: skip
+           "length_scale": scale, "recalibrate_every": recalibrate, "calibration": res["calibration"],
+           "strategies": {}, "fits": res["fits"]}  # fmt: skip
     for name, rows in res["rows"].items():
         measured = np.array([r[0] for r in rows])
         predicted = np.array([r[1] for r in rows])
@@ -177,9 +232,17 @@ def run(lengths_path: str, steps: int, tokens: int, max_len: int, scale: float, 
             "predicted_step_s_mean": float(predicted.mean()),
             "median_rel_error": float(np.median(np.abs(predicted - measured) / measured)),
         }
-    statics = {k: v for k, v in out["strategies"].items() if k != "adaptive"}
-    best = max(statics, key=lambda k: statics[k]["tokens_per_s"])
-    out["best_static"] = best
-    out["speedup_vs_best_static"] = out["strategies"]["adaptive"]["tokens_per_s"] / statics[best]["tokens_per_s"]
+        err = np.abs(predicted - measured) / measured
+        for lo, hi in ((1, 10), (11, 30), (21, 30)):  # prediction error and step time by window of steps
+            if len(err) >= lo:
+                w = slice(lo - 1, hi)
+                out["strategies"][name][f"steps_{lo}_{hi}"] = {
+                    "median_rel_error": float(np.median(err[w])), "p90_rel_error": float(np.percentile(err[w], 90)),
+                    "step_s_mean": float(measured[w].mean())}  # fmt: skip
+    statics = {k: v for k, v in out["strategies"].items() if k.startswith("static")}
+    if statics:
+        best = max(statics, key=lambda k: statics[k]["tokens_per_s"])
+        out["best_static"] = best
+        out["speedup_vs_best_static"] = out["strategies"]["adaptive"]["tokens_per_s"] / statics[best]["tokens_per_s"]
     out["median_rel_error_all"] = float(np.median([v["median_rel_error"] for v in out["strategies"].values()]))
     return out

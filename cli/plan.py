@@ -12,6 +12,7 @@ import json
 
 def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     from cli.schema import freeze, model_shape
+    from planner.calibration import calibrated, describe
     from planner.cost import CostModel
     from planner.lengths import read_lengths, sample_steps
     from planner.planner import Planner, PlannerConfig
@@ -26,7 +27,8 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     if not cfg.run.tokens >= 0:
         raise ValueError(f"run.tokens={cfg.run.tokens}; valid: 0 (no run estimate) or > 0, e.g. 2e11")
     sharding = freeze(TrainConfig, cfg.train).sharding  # one setting for sp-train and sp-plan
-    cost = CostModel(freeze(Cluster, cfg.cluster), model_shape(cfg.model), cfg.causal, sharding)
+    model = model_shape(cfg.model)
+    cost = CostModel(calibrated(freeze(Cluster, cfg.cluster), model, cfg.causal), model, cfg.causal, sharding)
     pcfg = freeze(PlannerConfig, cfg.planner)
     lc = cfg.lengths
     if lc.max_len_schedule:
@@ -41,11 +43,15 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     max_len = lc.max_len if lc.path else max(max(b) for b in batches)
     plans, summary = _plan_steps(cfg, cost, pcfg, Planner(cost, pcfg), batches, max_len)
     result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": summary}
+    if cost.cluster.calibration:
+        result["calibration"] = describe(cost.cluster.calibration)
     if cfg.output.format == "json":
         result["first_step"] = plan_json(plans[0], cost.model.checkpointing)
         print(json.dumps(result), flush=True)
     else:
         print(f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}, {len(plans)} step(s)")
+        if cost.cluster.calibration:
+            print(result["calibration"])
         print(table(plans[0], summary), flush=True)
     if cfg.output.picture:  # after the result: a failing picture never loses the plan
         from planner.picture import draw_gantt

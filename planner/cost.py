@@ -41,6 +41,11 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   logits matmul per token (its backward recomputes them), 2 V h FLOPs; the tiled MLP one MLP forward.
 - Per group and micro-step (:meth:`CostModel.group_overhead_s`): ``beta`` (ms) plus the latency of the
   group's collectives, paid once per packed batch (all its sequences go through each layer together).
+- Per step (:attr:`CostModel.step_overhead_s`): ``cluster.step_ms`` (loss all-reduce, clipping, optimizer),
+  the same for every plan, so it never changes the planner's choice; predictions of a step's time add it.
+- ``cluster.ring_overlap`` (default 1) is the share of a ring step's attention that hides its transfer.
+  sp-train fits it, the compute constants, each Ulysses and ring degree's bandwidth, the latency, ``beta`` and
+  ``step_ms`` from the steps it measures (:mod:`planner.fit`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -104,6 +110,18 @@ class CostModel:
         ratio = replace(other, cluster=replace(other.cluster, act_bytes_per_token=None)).act_bytes_per_token
         ratio /= plain.act_bytes_per_token
         return replace(other, cluster=replace(other.cluster, act_bytes_per_token=measured * ratio))
+
+    def fitted_form(self) -> CostModel:
+        """The same predictions with FlexSP-form constants (``alpha1_ms``, ``alpha2_ms``) under the model's own
+        checkpointing mode: the form online calibration scales."""
+        cl = self.cluster
+        if cl.alpha1_ms is not None and cl.alpha2_ms is not None:
+            return self
+        m = self.model
+        linear = 6.0 * (m.linear_params + m.vocab * m.hidden) * self._recompute_linear
+        linear += self._technique_flops_per_token()
+        a1 = float(self.attention_flops(1.0)) / self._flops_per_s * 1e3
+        return replace(self, cluster=replace(cl, alpha1_ms=a1, alpha2_ms=linear / self._flops_per_s * 1e3))
 
     # ---- compute ----
     @property
@@ -191,19 +209,27 @@ class CostModel:
         per_gpu = length / shape.size * (2 * m.heads + 2 * kv) * m.d_head * m.bytes_per_value * (u - 1) / u
         return per_gpu * m.layers * self._passes / self._bw(cl.a2a_gbs, u, spans)
 
-    def ring_exposed_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
+    def ring_terms(self, length: np.ndarray | float, shape: GroupShape) -> tuple[Any, Any, int, int]:
+        """One ring step's K/V transfer time and its forward attention compute per layer (seconds, before
+        overlap), and the steps per layer that hide behind one and behind two such computes (forward and
+        recompute steps; backward steps, whose attention costs twice the forward)."""
         r, u = shape.ring, shape.ulysses
-        if r == 1:
-            return 0.0 * length
         m, cl = self.model, self.cluster
         spans = shape.size > cl.gpus_per_node
         kv = max(m.n_kv_heads, u)
         step_bytes = 2 * (length / r) * (kv / u) * m.d_head * m.bytes_per_value
         comm = step_bytes / self._bw(cl.p2p_gbs, r, spans)
         attn_fwd = self.attention_s(length, shape.size) / self._recompute / 3.0 / r / m.layers  # one fwd step
-        fwd_steps = (r - 1) * (2 if m.checkpointing in LAYER_RECOMPUTE else 1)
-        exposed = fwd_steps * np.maximum(0.0, comm - attn_fwd) + (2 * r - 1) * np.maximum(0.0, comm - 2 * attn_fwd)
-        return m.layers * exposed
+        return comm, attn_fwd, (r - 1) * (2 if m.checkpointing in LAYER_RECOMPUTE else 1), 2 * r - 1
+
+    def ring_exposed_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
+        """Ring transfer time not hidden: per step ``max(0, comm - ring_overlap x attention)``."""
+        if shape.ring == 1:
+            return 0.0 * length
+        comm, attn, fwd_steps, bwd_steps = self.ring_terms(length, shape)
+        o = self.cluster.ring_overlap
+        exposed = fwd_steps * np.maximum(0.0, comm - o * attn) + bwd_steps * np.maximum(0.0, comm - 2 * o * attn)
+        return self.model.layers * exposed
 
     def seq_time_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
         return (self.compute_s(length, shape.size) + self.a2a_s(length, shape) + self.ring_exposed_s(length, shape)
@@ -213,20 +239,32 @@ class CostModel:
     def beta_s(self) -> float:
         return self.cluster.beta_ms / 1e3
 
-    def group_overhead_s(self, shape: GroupShape) -> float:
-        """Fixed time of one group's micro-step: ``beta`` plus the latency of its collectives. A group runs
-        all its sequences as one packed batch, so each all-to-all and ring step is paid once per layer and
-        pass, not once per sequence."""
-        m, cl = self.model, self.cluster
-        spans = shape.size > cl.gpus_per_node
-        lat = (cl.inter_latency_us if spans else cl.intra_latency_us) * 1e-6
+    @property
+    def step_overhead_s(self) -> float:
+        """Fixed time per step outside the micro-steps (``cluster.step_ms``): a step's predicted duration is
+        its plan's ``time_s`` plus this."""
+        return self.cluster.step_ms / 1e3
+
+    def collectives(self, shape: GroupShape) -> int:
+        """All-to-alls and ring steps one micro-step of this group runs (each pays the link latency once)."""
+        m = self.model
         n = 0
         if shape.ulysses > 1:
             n += m.layers * self._passes * 4
         if shape.ring > 1:
             r = shape.ring
             n += m.layers * ((r - 1) * (2 if m.checkpointing in LAYER_RECOMPUTE else 1) + 2 * r - 1)
-        return self.beta_s + n * lat
+        return n
+
+    def latency_s(self, shape: GroupShape) -> float:
+        cl = self.cluster
+        return (cl.inter_latency_us if shape.size > cl.gpus_per_node else cl.intra_latency_us) * 1e-6
+
+    def group_overhead_s(self, shape: GroupShape) -> float:
+        """Fixed time of one group's micro-step: ``beta`` plus the latency of its collectives. A group runs
+        all its sequences as one packed batch, so each all-to-all and ring step is paid once per layer and
+        pass, not once per sequence."""
+        return self.beta_s + self.collectives(shape) * self.latency_s(shape)
 
     # ---- memory ----
     def saved_bytes_per_token(self, u: int = 1) -> float:

@@ -56,6 +56,13 @@ class PlannerConfig:
     checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick (e.g. selective, full); () = the model's
     max_extra_micro_steps: int = 8  # the split search tries up to this many micro-steps over the memory floor
     exact_max_pairs: int = 1500  # micro-steps with at most this many (sequence, group instance) pairs solve exactly
+    recalibrate_every: int = 10  # sp-train re-fits the cost model's time constants every N steps (0 = never)
+    recalibrate_window: int = 30  # ... on the last N steps (planner.fit; the last quarter is held out)
+
+    def __post_init__(self) -> None:
+        if self.recalibrate_every < 0 or self.recalibrate_window < 2:
+            raise ValueError(f"planner.recalibrate_every={self.recalibrate_every} (valid: >= 0, 0 = off), "
+                             f"planner.recalibrate_window={self.recalibrate_window} (valid: >= 2 steps)")  # fmt: skip
 
 
 class Planner:

@@ -67,6 +67,9 @@ class Cluster:
     fsdp_prefetch_layers: int = 1  # layers FSDP2 all-gathers ahead (implicit backward prefetch on CUDA)
     host_gbps: float = 25.0  # host <-> GPU copy bandwidth per GPU (activation offload; PCIe Gen5 x16 shared)
     host_memory_gib: float = 1536.0  # host memory per node usable for offloaded activations
+    ring_overlap: float = 1.0  # share of a ring step's attention compute that hides its K/V transfer (fitted)
+    step_ms: float = 0.0  # fixed time per step outside the micro-steps: loss all-reduce, clipping, optimizer
+    calibration: str | None = None  # a calibration.json (sp-train's online fit): its constants replace these
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -75,6 +78,10 @@ class Cluster:
         for name in ("peak_tflops", "memory_gib", "intra_gbs", "inter_gbs", "mfu", "host_gbps", "host_memory_gib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"cluster.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ring_overlap <= 1.0:
+            raise ValueError(f"cluster.ring_overlap={self.ring_overlap}; valid: 0 (never hidden) .. 1 (fully hidden)")
+        if self.step_ms < 0 or self.beta_ms < 0:
+            raise ValueError(f"cluster.step_ms={self.step_ms}, beta_ms={self.beta_ms}; valid: >= 0")
         if self.comm_gib_per_group < 0:
             raise ValueError(f"cluster.comm_gib_per_group must be >= 0, got {self.comm_gib_per_group}")
         if self.usd_per_gpu_hour is not None and self.usd_per_gpu_hour < 0:

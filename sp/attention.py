@@ -21,6 +21,7 @@ import torch
 from sp.context import SPContext
 from sp.kernels import get_kernel
 from sp.ring import ring_backward, ring_forward
+from sp.timing import timing, waiting
 from sp.ulysses import HeadPlan, place_heads, post_head_to_seq, post_seq_to_head, to_ring_local
 
 
@@ -42,6 +43,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) ->
 class _SPAttention(torch.autograd.Function):
     @staticmethod
     def forward(fctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> torch.Tensor:
+        with timing(ctx.timer):
+            return _SPAttention._forward(fctx, q, k, v, ctx)
+
+    @staticmethod
+    def backward(fctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        with timing(fctx.sp[0].timer):
+            return _SPAttention._backward(fctx, dout)
+
+    @staticmethod
+    def _forward(fctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> torch.Tensor:
         plan = _check(q, k, v, ctx)
         kernel = get_kernel(ctx.kernel)
         scale = ctx.scale_for(q.shape[2])
@@ -56,14 +67,14 @@ class _SPAttention(torch.autograd.Function):
             pending = [post_seq_to_head(x, ctx.u, n, 0, g) for x in (q, k, v)]
             backs = []
             for c in range(n):
-                qc, kc, vc = (to_ring_local(_wait(p), perm) for p in pending)
+                qc, kc, vc = (to_ring_local(_wait(ctx.timer, p), perm) for p in pending)
                 if c + 1 < n:
                     pending = [post_seq_to_head(x, ctx.u, n, c + 1, g) for x in (q, k, v)]
                 oc, lc = ring_forward(qc, kc, vc, ctx, kernel, scale)
                 backs.append(post_head_to_seq(oc, ctx.u, perm, g))
                 saved.append((qc, kc, vc, oc, lc))
             for c, b in enumerate(backs):
-                place_heads(_wait(b), out, n, c)
+                place_heads(_wait(ctx.timer, b), out, n, c)
         # save_for_backward (not ctx attributes): activation checkpointing can then drop and recompute them,
         # and saved-tensor hooks (memory accounting, offloading) see them
         fctx.save_for_backward(*(x.detach() for s in saved for x in s))
@@ -71,7 +82,7 @@ class _SPAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(fctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    def _backward(fctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         ctx, plan, kernel, scale = fctx.sp
         flat = fctx.saved_tensors
         saved = [flat[i : i + 5] for i in range(0, len(flat), 5)]  # (q, k, v, out, lse) per head chunk
@@ -88,22 +99,23 @@ class _SPAttention(torch.autograd.Function):
             pending = post_seq_to_head(dout, u, n, 0, g)
             backs = []
             for c in range(n):
-                doc = to_ring_local(_wait(pending), perm)
+                doc = to_ring_local(_wait(ctx.timer, pending), perm)
                 if c + 1 < n:
                     pending = post_seq_to_head(dout, u, n, c + 1, g)
                 qc, kc, vc, oc, lc = saved[c]
                 grads = ring_backward(doc, qc, kc, vc, oc, lc, ctx, kernel, scale)
                 backs.append([post_head_to_seq(x, u, perm, g) for x in grads])
             for c, (bq, bk, bv) in enumerate(backs):
-                place_heads(_wait(bq), dq, n, c)
-                place_heads(_wait(bk), dk, n, c)
-                place_heads(_wait(bv), dv, n, c)
+                place_heads(_wait(ctx.timer, bq), dq, n, c)
+                place_heads(_wait(ctx.timer, bk), dk, n, c)
+                place_heads(_wait(ctx.timer, bv), dv, n, c)
         return dq, plan.reduce_kv_grad(dk), plan.reduce_kv_grad(dv), None
 
 
-def _wait(posted: tuple[Any, torch.Tensor]) -> torch.Tensor:
+def _wait(timer: Any, posted: tuple[Any, torch.Tensor]) -> torch.Tensor:
     work, recv = posted
-    work.wait()
+    with waiting(timer):
+        work.wait()
     return recv
 
 

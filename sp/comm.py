@@ -11,15 +11,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sp.timing import SpanTimer, waiting
+
 
 @dataclass
 class Exchange:
     works: list
     recv: torch.Tensor
+    timer: SpanTimer | None = None  # the wait is a comm_wait span (sp.timing)
 
     def wait(self) -> torch.Tensor:
-        for w in self.works:
-            w.wait()
+        with waiting(self.timer):
+            for w in self.works:
+                w.wait()
         return self.recv
 
 
@@ -29,6 +33,7 @@ def ring_exchange(
     ring_rank: int,
     group: dist.ProcessGroup | None,
     tag: int = 0,
+    timer: SpanTimer | None = None,
 ) -> Exchange:
     """Post ``t -> ring_ranks[ring_rank + 1]`` and ``recv <- ring_ranks[ring_rank - 1]``; return the handle."""
     r = len(ring_ranks)
@@ -38,7 +43,7 @@ def ring_exchange(
         dist.P2POp(dist.isend, send, ring_ranks[(ring_rank + 1) % r], group, tag),
         dist.P2POp(dist.irecv, recv, ring_ranks[(ring_rank - 1) % r], group, tag),
     ]
-    return Exchange(dist.batch_isend_irecv(ops), recv)
+    return Exchange(dist.batch_isend_irecv(ops), recv, timer)
 
 
 def bytes_of(t: torch.Tensor) -> int:

@@ -7,7 +7,7 @@ Build it with :meth:`sp.groups.GroupPool.context`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from sp.kernels import KERNELS
 from sp.layout import GroupLayout, Segment
+from sp.timing import SpanTimer
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class SPContext:
     kernel: str = "torch"  # block kernel: torch | cpu_fused | flash; or ring_flash (ring-flash-attn's zigzag ring)
     head_chunks: int = 2  # Ulysses overlap: all-to-all of head chunk i+1 runs under attention of chunk i
     device: str = "cpu"  # where the per-step index tensors live (copied there once, not once per layer)
+    timer: SpanTimer | None = field(default=None, compare=False)  # attention and comm-wait spans (sp.timing)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.layout.size:

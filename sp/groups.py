@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from sp.context import SPContext
 from sp.layout import GroupLayout
+from sp.timing import SpanTimer
 
 
 def aligned_ranges(world: int) -> list[tuple[int, ...]]:
@@ -91,6 +92,7 @@ class GroupPool:
         head_chunks: int = 2,
         device: str | torch.device = "cpu",
         check: bool = True,
+        timer: SpanTimer | None = None,
     ) -> SPContext:
         """The SPContext of this rank inside SP group ``ranks`` of shape ``u x r``.
 
@@ -120,6 +122,7 @@ class GroupPool:
             kernel=kernel,
             head_chunks=head_chunks,
             device=str(device),
+            timer=timer,
         )
 
 

@@ -101,7 +101,7 @@ def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: Rin
         return Exchange([], buf)
     if stats is not None:
         stats.bytes_sent += bytes_of(buf)
-    return ring_exchange(buf, ctx.ring_global_ranks, ctx.ring_rank, ctx.ring_group, tag)
+    return ring_exchange(buf, ctx.ring_global_ranks, ctx.ring_rank, ctx.ring_group, tag, ctx.timer)
 
 
 def ring_forward(

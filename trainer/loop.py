@@ -16,12 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from planner import calibration
+from planner.calibration import calibrated
 from planner.cost import CostModel
 from planner.planner import Planner, PlannerConfig
 from planner.static import static_plan
 from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
 from trainer import checkpoint
+from trainer.calibrate import OnlineCalibrator, hardware, log_line
 from trainer.config import DataConfig, EvalConfig, TrainConfig
 from trainer.data.corpus import Corpus, held_out, trained_targets
 from trainer.data.fingerprint import fingerprint
@@ -177,6 +180,7 @@ class Trainer:
         self.board = Board(str(self.out / "tb")) if self.rank == 0 else None
         self.gpu = GpuMonitor() if self.rank == 0 else None
         self.pool_exec = ThreadPoolExecutor(max_workers=1) if self.rank == 0 else None
+        self.calibrator = self._calibrator(ck is not None) if self.rank == 0 else None
         self.late_plans = 0
         self.last_values: dict[str, float] = {}  # rank 0: the last logged scalars
         self.last_plan: StepPlan | None = None
@@ -187,6 +191,47 @@ class Trainer:
         stats = checkpoint.save_stats(t.out_dir) if self.rank == 0 and ck is not None else None
         if stats is not None:  # resumed: the last run's slowest step and save against the warning a signal gives
             self._warn_budget(stats.get("slowest_step_s", 0.0), stats)
+
+    def _calibrator(self, resumed: bool) -> OnlineCalibrator | None:
+        """Rank 0's online calibration. ``cluster.calibration=FILE`` was applied by :func:`cost_model`; a resumed
+        run without one continues from its own last fit (the run folder's ``calibration.json``)."""
+        job, mine = self.job, self.out / "calibration.json"
+        if resumed and not job.cluster.calibration and mine.is_file():
+            job = replace(job, cluster=replace(job.cluster, calibration=str(mine)))
+            self._use_cost(cost_model(job, self.regime.precision))
+        if job.cluster.calibration:
+            print(f"[sp-train] {calibration.describe(job.cluster.calibration)}: planning from its constants")
+        if not job.planner.recalibrate_every:
+            return None
+        return OnlineCalibrator(self.cost, job.planner, self.out, hardware(self.device, self.world, job.cluster.name))
+
+    def _use_cost(self, cost: CostModel) -> None:
+        """Plan the following steps with ``cost`` (rank 0 plans; the other ranks receive its plans)."""
+        self.cost = cost
+        self.planner = Planner(cost, self.job.planner)
+        self.fallback = Planner(cost, replace(self.job.planner, use_milp=False))
+        self.__dict__.pop("_eval_planner", None)
+
+    def _calibrate(self, plan: StepPlan, busy: np.ndarray, attention: np.ndarray, wait: np.ndarray,
+                   step_s: float) -> dict[str, float]:  # fmt: skip
+        """Rank 0: the step joins the calibration window; every ``planner.recalibrate_every`` steps a re-fit.
+        Returns the TensorBoard scalars (predicted step time, its error, the constants after a fit)."""
+        cal = self.calibrator
+        if cal is None:
+            return {}
+        predicted = cal.predicted_s(plan)  # the model this plan was made with
+        err = cal.record(self.step, plan, busy, attention, step_s)
+        values = {"time/step_predicted_s": predicted, "calib/step_error": err,
+                  "calib/step_error_median10": cal.running_error(), "time/attention_s": float(attention.max(0).sum()),
+                  "time/comm_wait_s": float(wait.max(0).sum())}  # fmt: skip
+        if cal.due(self.step):
+            res = cal.refit(self.step)
+            print(log_line(self.step, res), flush=True)
+            if res.accepted:
+                self._use_cost(res.cost)
+            assert self.board is not None
+            self.board.scalars(self.step, {"calib/fit_accepted": float(res.accepted), **cal.scalars()})  # every fit
+        return values
 
     def _claim_folder(self) -> Path | None:
         """Rank 0 locks the run folder and removes a stale COMPLETE; every rank verifies its share of the
@@ -469,11 +514,13 @@ class Trainer:
                  data: dict[str, float]) -> None:  # fmt: skip
         t = self.job.train
         n_micro = len(stats.busy_s)
-        mine = torch.tensor([stats.busy_s + [float(b) for b in stats.saved_bytes + stats.offloaded_bytes]],
-                            dtype=torch.float64)  # fmt: skip
-        gathered = torch.zeros(self.world, 3 * n_micro, dtype=torch.float64, device=self.device)
-        dist.all_gather_into_tensor(gathered, mine.to(self.device))  # [world, busy | saved | offloaded bytes]
+        blocks = (stats.busy_s, stats.saved_bytes, stats.offloaded_bytes, stats.attention_s, stats.comm_wait_s)
+        mine = torch.tensor([[float(v) for b in blocks for v in b]], dtype=torch.float64)  # [1, 5 x micro-steps]
+        gathered = torch.zeros(self.world, 5 * n_micro, dtype=torch.float64, device=self.device)
+        dist.all_gather_into_tensor(gathered, mine.to(self.device))  # [world, busy | saved | offloaded | attn | wait]
         gathered = gathered.cpu()
+        busy, attention, wait = (gathered[:, i * n_micro : (i + 1) * n_micro].numpy() for i in (0, 3, 4))
+        calib = self._calibrate(plan, busy, attention, wait, step_s)  # each [world, micro-steps]
         if self.board is None or self.step % t.log_every:
             return
         imbalance = []
@@ -509,6 +556,7 @@ class Trainer:
             **{f"plan/strategy_{k}": float(v) for k, v in mix.items()},
             "data/max_len": float(self.job.data.max_len_at(self.step)),
             **data,
+            **calib,
         }
         if stats.saved_bytes and any(stats.saved_bytes):
             saved = gathered[:, n_micro : 2 * n_micro]  # [world, micro-steps]
@@ -528,8 +576,10 @@ class Trainer:
         self.last_values = values
         self.board.scalars(self.step, values)
         if not t.progress:  # no bar (batch logs): one line a logged step
+            err = f", error {calib['calib/step_error_median10']:.0%}" if calib else ""
             print(f"[sp-train] step {self.step + 1}/{t.steps} loss {loss:.6f} {tokens / step_s:.0f} tok/s "
-                  f"({tokens / step_s / self.world:.0f}/GPU) {step_s:.2f} s (planned {plan.time_s:.2f} s) "
+                  f"({tokens / step_s / self.world:.0f}/GPU) {step_s:.2f} s (planned "
+                  f"{values['time/step_predicted_s']:.2f} s{err}) "
                   f"MFU {100 * mfu:.1f}% (planned {100 * planned_mfu:.1f}%)", flush=True)  # fmt: skip
         if t.picture_every and self.step % t.picture_every == 0:
             self.board.picture(self.step, plan, self.cost)
@@ -544,7 +594,7 @@ def cost_model(job: TrainJob, precision: str) -> CostModel:
     """The planner's cost model of this job: states from ``train.sharding`` (the one setting sp-plan reads
     too), activation bytes from the resolved precision."""
     model = replace(job.model, bytes_per_value=2 if precision == "bf16" else 4)
-    return CostModel(job.cluster, model, sharding=job.train.sharding)
+    return CostModel(calibrated(job.cluster, model), model, sharding=job.train.sharding)
 
 
 def plan_activation_gib(plan: StepPlan, cost: CostModel) -> float:

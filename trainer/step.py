@@ -24,6 +24,7 @@ from models.attention import SPPackedSeqParams
 from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
 from sp.layout import shard
+from sp.timing import ATTENTION, COMM_WAIT, SpanTimer
 from trainer.data.corpus import target_weights, trained_targets
 from trainer.grad_sync import GradSync
 from trainer.memory import SavedBytes
@@ -39,6 +40,8 @@ class StepStats:
     busy_s: list[float] = field(default_factory=list)
     saved_bytes: list[int] = field(default_factory=list)
     offloaded_bytes: list[int] = field(default_factory=list)  # copied to host memory (checkpointing=offload)
+    attention_s: list[float] = field(default_factory=list)  # sp.attention fwd + bwd (+ recompute), comm included
+    comm_wait_s: list[float] = field(default_factory=list)  # blocked on all-to-all / ring transfers (CPU only)
 
 
 def my_group(groups: tuple[Assignment, ...], rank: int) -> Assignment | None:
@@ -87,26 +90,29 @@ def run_plan(
             where = f"{g.shape} on ranks {g.ranks[0]}-{g.ranks[-1]}" if g is not None and g.seqs else "idle"
             heartbeat(f"micro-step {i + 1}/{len(plan.micro_steps)}: {where}")
         if (g is None or not g.seqs) and sync is not None:
-            stats.busy_s.append(0.0)
-            stats.saved_bytes.append(0)
-            stats.offloaded_bytes.append(0)
+            for s in (stats.busy_s, stats.saved_bytes, stats.offloaded_bytes, stats.attention_s, stats.comm_wait_s):
+                s.append(0)
             continue
         if switch is not None:
             switch.offload.reset()
         synchronize(device)
         t0 = time.perf_counter()
         meter = SavedBytes(model) if count_saved else None
+        timer = SpanTimer(device)
         with meter or contextlib.nullcontext(), _autocast(device, autocast):
             if g is None or not g.seqs:
                 loss = empty_pass(model, device)
             else:
-                loss = group_pass(model, pool, g, docs, kernel, device)
+                loss = group_pass(model, pool, g, docs, kernel, device, timer)
         (loss / global_tokens).backward()
         stats.loss_sum += loss.detach().double()
         synchronize(device)
         stats.busy_s.append(time.perf_counter() - t0 if g is not None and g.seqs else 0.0)
         stats.saved_bytes.append(meter.bytes if meter is not None else 0)
         stats.offloaded_bytes.append(switch.offload.bytes if switch is not None else 0)
+        spans = timer.totals()
+        stats.attention_s.append(spans.get(ATTENTION, 0.0))
+        stats.comm_wait_s.append(spans.get(COMM_WAIT, 0.0))
     if switch is not None:
         switch.set("")  # back to the model's own mode for anything run outside a plan
     if sync is not None:
@@ -115,14 +121,26 @@ def run_plan(
 
 
 def group_pass(
-    model: torch.nn.Module, pool: GroupPool, g: Assignment, docs: list[np.ndarray], kernel: str, device: torch.device
+    model: torch.nn.Module,
+    pool: GroupPool,
+    g: Assignment,
+    docs: list[np.ndarray],
+    kernel: str,
+    device: torch.device,
+    timer: SpanTimer | None = None,
 ) -> torch.Tensor:
-    per_token, weights, _ = group_losses(model, pool, g, docs, kernel, device)
+    per_token, weights, _ = group_losses(model, pool, g, docs, kernel, device, timer)
     return (per_token * weights).sum()
 
 
 def group_losses(
-    model: torch.nn.Module, pool: GroupPool, g: Assignment, docs: list[np.ndarray], kernel: str, device: torch.device
+    model: torch.nn.Module,
+    pool: GroupPool,
+    g: Assignment,
+    docs: list[np.ndarray],
+    kernel: str,
+    device: torch.device,
+    timer: SpanTimer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """This rank's per-token losses of group ``g``'s sequences (fp32, local tokens), their weights (0 on
     padding and masked targets) and the SP context (whose layout maps local rows to packed positions)."""
@@ -130,7 +148,8 @@ def group_losses(
     labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
     weights = torch.from_numpy(np.concatenate([target_weights(docs[s]) for s in g.seqs])).to(device)
     cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
-    ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False, device=device)
+    ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False, device=device,
+                       timer=timer)  # fmt: skip
     tok = shard(inputs, ctx.layout, ctx.rank)
     lab = shard(labels, ctx.layout, ctx.rank)
     valid = shard(weights, ctx.layout, ctx.rank)  # 0 on padding and on masked targets

@@ -1,0 +1,105 @@
+"""Calibration files: the time constants a run fitted (:mod:`planner.fit`), carried to sp-plan and sp-train.
+
+``calibration.json`` in a run folder holds the constants, the model they were measured with, the hardware,
+the fit's window and its held-out error before and after. ``cluster.calibration=FILE`` makes both CLIs start
+from it: its constants replace the cluster YAML's (``alpha1_ms``, ``alpha2_ms``, ``beta_ms``, ``step_ms``,
+``ring_overlap``, the latencies, and the all-to-all / ring bandwidths of the group sizes it measured; sizes it
+never ran keep the YAML's ``a2a_gbs`` / ``p2p_gbs`` / ``intra_gbs`` / ``inter_gbs``). The constants belong to a
+model: a file measured with another architecture, precision or causality is refused; another checkpointing
+mode is rescaled as :meth:`planner.cost.CostModel.with_checkpointing` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from planner.cost import RECOMPUTE
+from planner.types import Cluster, ModelShape
+
+FORMAT = 1
+MODEL_KEYS = ("layers", "hidden", "heads", "n_kv_heads", "d_head", "d_ffn", "vocab", "swiglu", "bytes_per_value")
+CONSTANT_KEYS = ("alpha1_ms", "alpha2_ms", "beta_ms", "step_ms", "a2a_gbs", "p2p_gbs", "ring_overlap",
+                 "intra_latency_us", "inter_latency_us")  # fmt: skip
+
+
+def model_identity(model: ModelShape, causal: bool = True) -> dict[str, Any]:
+    return {"name": model.name, **{k: getattr(model, k) for k in MODEL_KEYS}, "checkpointing": model.checkpointing,
+            "causal": causal}  # fmt: skip
+
+
+def write(path: str | Path, constants: dict[str, Any], model: ModelShape, hardware: dict[str, Any],
+          **extra: Any) -> None:  # fmt: skip
+    """Write a calibration file atomically (``extra``: the window, the errors, the step)."""
+    doc = {"format": FORMAT, "constants": constants, "model": model_identity(model), "hardware": hardware, **extra}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """A calibration file, checked: every field present, bandwidths and constants physical."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"cluster.calibration={str(path)!r}: no such file (a run folder's calibration.json)")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cluster.calibration={str(path)!r} is not JSON: {e}") from e
+    missing = [k for k in ("format", "constants", "model", "hardware") if k not in doc]
+    if missing:
+        raise ValueError(f"calibration {path}: missing fields {missing}")
+    if doc["format"] != FORMAT:
+        raise ValueError(f"calibration {path}: format {doc['format']!r}; this version reads format {FORMAT}")
+    c = doc["constants"]
+    missing = [k for k in CONSTANT_KEYS if k not in c]
+    if missing:
+        raise ValueError(f"calibration {path}: constants miss {missing} (has {sorted(c)})")
+    for k in ("alpha1_ms", "alpha2_ms", "beta_ms", "step_ms", "intra_latency_us", "inter_latency_us"):
+        if not (isinstance(c[k], int | float) and math.isfinite(c[k]) and c[k] >= 0):
+            raise ValueError(f"calibration {path}: {k}={c[k]!r}; valid: a finite number >= 0")
+    for k in ("a2a_gbs", "p2p_gbs"):
+        for size, bw in c[k].items():
+            if not (isinstance(bw, int | float) and math.isfinite(bw) and bw > 0):
+                raise ValueError(f"calibration {path}: {k}[{size}]={bw!r}; valid: a bandwidth > 0 GB/s")
+    if not 0 <= c["ring_overlap"] <= 1:
+        raise ValueError(f"calibration {path}: ring_overlap={c['ring_overlap']}; valid: 0 .. 1")
+    missing = [k for k in (*MODEL_KEYS, "checkpointing", "causal") if k not in doc["model"]]
+    if missing:
+        raise ValueError(f"calibration {path}: model misses {missing}")
+    return doc
+
+
+def calibrated(cluster: Cluster, model: ModelShape, causal: bool = True) -> Cluster:
+    """``cluster`` with the constants of its ``calibration`` file (unchanged without one)."""
+    if not cluster.calibration:
+        return cluster
+    doc = read(cluster.calibration)
+    have, want = doc["model"], model_identity(model, causal)
+    diff = [f"{k}: {have[k]!r} (file) vs {want[k]!r}" for k in (*MODEL_KEYS, "causal") if have[k] != want[k]]
+    if diff:
+        raise ValueError(f"cluster.calibration={cluster.calibration!r} was measured with another model "
+                         f"({have.get('name')!r}): {'; '.join(diff)}. Calibrate this model (sp-train with "
+                         "planner.recalibrate_every) or drop cluster.calibration")  # fmt: skip
+    c = doc["constants"]
+    (a0, l0), (a1, l1) = RECOMPUTE[have["checkpointing"]], RECOMPUTE[model.checkpointing]
+    return replace(cluster, alpha1_ms=c["alpha1_ms"] * a1 / a0, alpha2_ms=c["alpha2_ms"] * l1 / l0,
+                   beta_ms=c["beta_ms"], step_ms=c["step_ms"], ring_overlap=c["ring_overlap"],
+                   intra_latency_us=c["intra_latency_us"], inter_latency_us=c["inter_latency_us"],
+                   a2a_gbs={**cluster.a2a_gbs, **{int(k): float(v) for k, v in c["a2a_gbs"].items()}},
+                   p2p_gbs={**cluster.p2p_gbs, **{int(k): float(v) for k, v in c["p2p_gbs"].items()}})  # fmt: skip
+
+
+def describe(path: str) -> str:
+    """One line naming where a calibration file was measured."""
+    doc = read(path)
+    h, s = doc["hardware"], doc.get("fitted_at_step")
+    err = doc.get("error_after", {}).get("median")
+    where = f"{h.get('device', '?')} x {h.get('world', '?')}" + (f" ({h['cluster']})" if h.get("cluster") else "")
+    tail = f", step {s}" if s is not None else ""
+    return f"calibration {path}: measured on {where}{tail}" + (f", held-out error {err:.1%}" if err is not None else "")
