@@ -142,6 +142,7 @@ def training(tokens_list: list[int], steps: int) -> Iterator[dict]:
                 "state_bytes": int(v["memory/states_gib"] * 2**30),
                 "state_bytes_predicted": int(v["memory/states_predicted_gib"] * 2**30),
                 "peak_predicted_gib": tr.cost.memory_gib(tokens, 1), "loss": losses[-1],
+                "attention_s": v.get("time/attention_s"), "step_predicted_s": v.get("time/step_predicted_s"),
             }  # fmt: skip
             del tr
     finally:

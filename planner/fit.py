@@ -6,17 +6,20 @@ slowest rank of the group), per micro-step the slowest rank's busy time, and the
 times is the planner's own (:class:`planner.cost.CostModel`), written as the constants of the current model
 times factors:
 
-- attention = ``k_attn`` A + sum_u ``k_a2a[u]`` U_u + ring exposed(``k_p2p[r]``, ``ring_overlap``, ``k_attn``)
-  + ``k_lat`` N lat  (A: attention compute, U: all-to-all time, N lat: the collectives' latency);
-- micro-step = max over groups of (attention + ``k_rest`` R + offload + ``beta``)  (R: the rest of the compute);
+- attention = ``alpha1`` A + sum_u ``k_a2a[u]`` U_u + ring exposed(``k_p2p[r]``, ``ring_overlap``, ``alpha1``)
+  + ``k_lat`` N lat  (A: attention compute per unit alpha1, U: all-to-all time, N lat: the collectives' latency);
+- micro-step = max over groups of (attention + ``alpha2`` R + offload + ``beta``)  (R: the rest of the compute per
+  unit alpha2; both alphas are fitted as values, so a constant that starts at 0 can still be learned);
 - step = sum of micro-steps + ``step``.
 
 :func:`fit` solves for the factors by robust (Huber) least squares on relative errors, with bounds that keep
-them physical (each factor within ``1/BOUND .. BOUND`` of the current value, ``0 <= ring_overlap <= 1``,
-``beta, step >= 0``), leaving out the factors no sample in the window moves, and refuses a window that has too
-few steps or does not separate the factors. The last steps of the window are held out: a fit whose median
-error on them is not lower than the current model's is rejected. :func:`apply` turns the factors into the
-cluster constants (``alpha1_ms``, ``alpha2_ms``, ``a2a_gbs``, ``p2p_gbs``, latencies, ``ring_overlap``,
+them physical (every constant within ``1/BOUND .. BOUND`` of the run's starting value, so repeated fits
+cannot drift, and an alpha that started at 0 at most ``BOUND`` times the value that alone explains a typical
+micro-step; ``0 <= ring_overlap <= 1``; ``beta, step >= 0``). Factors the window cannot tell apart keep their
+values (:func:`_separable`); a window with too few steps or only one kind of work is refused. The last steps of
+the window are held out: a fit whose median error on them is not lower than the current model's is rejected.
+:func:`apply` turns the factors into the cluster constants (``alpha1_ms``, ``alpha2_ms``, ``a2a_gbs``,
+``p2p_gbs``, latencies, ``ring_overlap``,
 ``beta_ms``, ``step_ms``), so the planner plans with exactly the model that was fitted.
 """
 
@@ -99,7 +102,10 @@ class _Rows:
 class _Problem:
     """The window in arrays: predictions under a factor vector are a few numpy operations."""
 
-    def __init__(self, cost: CostModel, steps: list[StepTiming]) -> None:
+    def __init__(self, cost: CostModel, steps: list[StepTiming], anchor: CostModel | None = None) -> None:
+        cl = cost.cluster
+        assert cl.alpha1_ms is not None and cl.alpha2_ms is not None  # fitted form
+        unit = replace(cost, cluster=replace(cl, alpha1_ms=1.0, alpha2_ms=1.0))  # compute terms per unit alpha
         rows = _Rows()
         micro_meas: list[float] = []
         micro_step: list[int] = []
@@ -108,7 +114,7 @@ class _Problem:
         for si, t in enumerate(steps):
             for m in t.micro:
                 mode = m.checkpointing or cost.model.checkpointing
-                c = costs.setdefault(mode, cost.with_checkpointing(mode))
+                c = costs.setdefault(mode, unit.with_checkpointing(mode))
                 mi = len(micro_meas)
                 for g in m.groups:
                     n = np.asarray(g.lengths, dtype=np.float64)
@@ -144,34 +150,51 @@ class _Problem:
         self.micro_meas = np.asarray(micro_meas, dtype=np.float64)
         self.micro_step = np.asarray(micro_step, dtype=np.int64)
         self.step_meas = np.asarray(step_meas, dtype=np.float64)
-        self.names = ["k_attn", "k_rest", *[f"k_a2a_u{u}" for u in self.us], *[f"k_p2p_r{r}" for r in self.rs],
-                      "ring_overlap", "k_lat", "beta_s", "step_s"]  # fmt: skip
-        cl = cost.cluster
-        self.start = np.array([1.0, 1.0, *[1.0] * (len(self.us) + len(self.rs)), cl.ring_overlap, 1.0,
-                               cl.beta_ms / 1e3, cl.step_ms / 1e3])  # fmt: skip
-        typical = float(np.median(self.micro_meas)) if len(self.micro_meas) else 1.0
-        self.lo = np.array([1 / BOUND] * (len(self.names) - 4) + [0.0, 1 / BOUND, 0.0, 0.0])
-        self.hi = np.array([BOUND] * (len(self.names) - 4) + [1.0, BOUND, 10 * typical, 10 * typical * len(steps)])
-        self.lo = np.minimum(self.lo, self.start)  # a start outside the bounds (an earlier fit) stays reachable
-        self.hi = np.maximum(self.hi, self.start)
+        self.names = ["alpha1_ms", "alpha2_ms", *[f"k_a2a_u{u}" for u in self.us],
+                      *[f"k_p2p_r{r}" for r in self.rs], "ring_overlap", "k_lat", "beta_s", "step_s"]  # fmt: skip
+        self.start = np.array([cl.alpha1_ms, cl.alpha2_ms, *[1.0] * (len(self.us) + len(self.rs)), cl.ring_overlap,
+                               1.0, cl.beta_ms / 1e3, cl.step_ms / 1e3])  # fmt: skip
+        self._bounds(cost, anchor or cost, float(np.median(self.micro_meas)) if len(self.micro_meas) else 1.0)
+
+    def _bounds(self, cost: CostModel, anchor: CostModel, typical: float) -> None:
+        """``lo``/``hi`` per factor and the scale of its finite differences (see the module docstring)."""
+        a, cl = anchor.fitted_form().cluster, cost.cluster
+        assert a.alpha1_ms is not None and a.alpha2_ms is not None
+        # an alpha that alone explained a typical micro-step: the scale of a constant that starts at 0
+        alone = [typical / max(float(np.median(self.rows[k][self.rows[k] > 0])) if (self.rows[k] > 0).any() else 1.0,
+                               1e-300) for k in ("attn", "rest")]  # fmt: skip
+        lo = [a.alpha1_ms / BOUND, a.alpha2_ms / BOUND]  # 0 when the start had none
+        hi = [BOUND * max(a.alpha1_ms, alone[0]), BOUND * max(a.alpha2_ms, alone[1])]
+        for sizes, table, now in ((self.us, "a2a_gbs", cl.a2a_gbs), (self.rs, "p2p_gbs", cl.p2p_gbs)):
+            for n in sizes:  # the factor divides the current bandwidth; the result stays near the anchor's
+                ratio = cost._bw(now, n, n > cl.gpus_per_node) / anchor._bw(getattr(a, table), n, n > a.gpus_per_node)
+                lo.append(ratio / BOUND)
+                hi.append(ratio * BOUND)
+        lat = a.intra_latency_us / cl.intra_latency_us if cl.intra_latency_us > 0 else 1.0
+        lo += [0.0, lat / BOUND, 0.0, 0.0]
+        hi += [1.0, lat * BOUND, 10 * typical, 10 * typical * len(self.step_meas)]
+        self.lo = np.minimum(np.array(lo), self.start)  # a start outside the bounds stays reachable
+        self.hi = np.maximum(np.array(hi), self.start)
+        self.scale = np.maximum(np.abs(self.start), [*alone, *[1.0] * (len(self.start) - 2)])
+        self.scale[-2:] = np.maximum(self.scale[-2:], typical)
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(attention per group, micro-step, step) times under factors ``x``."""
         nu, nr = len(self.us), len(self.rs)
-        k_attn, k_rest = x[0], x[1]
+        alpha1, alpha2 = x[0], x[1]  # ms; the unit terms are seconds per ms of alpha
         k_a2a, k_p2p = x[2 : 2 + nu], x[2 + nu : 2 + nu + nr]
         overlap, k_lat, beta, step = x[2 + nu + nr :]
         rows = self.rows
-        attn = k_attn * rows["attn"] + k_lat * rows["lat"]
+        attn = alpha1 * rows["attn"] + k_lat * rows["lat"]
         if nu:
             attn = attn + np.where(self.u_idx >= 0, rows["a2a"] * k_a2a[np.maximum(self.u_idx, 0)], 0.0)
         if len(self.ring):
             comm = self.ring[:, 0] * k_p2p[self.ring_r]
-            hide = overlap * k_attn * self.ring[:, 1]
+            hide = overlap * alpha1 * self.ring[:, 1]
             fwd, bwd = self.ring[:, 2], self.ring[:, 3]
             exposed = fwd * np.maximum(0.0, comm - hide) + bwd * np.maximum(0.0, comm - 2 * hide)
             attn = attn + np.bincount(self.ring_row, self.layers * exposed, minlength=len(attn))
-        group = attn + k_rest * rows["rest"] + rows["fixed"] + beta
+        group = attn + alpha2 * rows["rest"] + rows["fixed"] + beta
         micro = np.full(len(self.micro_meas), beta)  # a micro-step whose groups all idle still costs beta
         np.maximum.at(micro, self.micro_of, group)
         steps = np.bincount(self.micro_step, micro, minlength=len(self.step_meas)) + step
@@ -209,8 +232,10 @@ class FitResult:
     held_out_steps: tuple[int, ...] = ()
 
 
-def fit(cost: CostModel, steps: list[StepTiming], *, held_out: float = 0.25, min_steps: int = 4) -> FitResult:
-    """Re-fit ``cost``'s time constants to the window ``steps`` (see the module docstring)."""
+def fit(cost: CostModel, steps: list[StepTiming], *, held_out: float = 0.25, min_steps: int = 4,
+        anchor: CostModel | None = None) -> FitResult:  # fmt: skip
+    """Re-fit ``cost``'s time constants to the window ``steps`` (see the module docstring); bandwidths and
+    latencies stay within ``BOUND`` of ``anchor``'s (default: ``cost``; the trainer passes the run's start)."""
     base = cost.fitted_form()
     steps = sorted(steps, key=lambda t: t.step)
     n_out = max(1, int(round(held_out * len(steps))))
@@ -225,7 +250,7 @@ def fit(cost: CostModel, steps: list[StepTiming], *, held_out: float = 0.25, min
             f"degenerate window: its {len(train)} steps all ran the same work, which fixes one scale, not the constants"
         )
         return FitResult(False, why, cost, {}, before, before)
-    p = _Problem(base, train)
+    p = _Problem(base, train, anchor)
     x, free, why = _solve(p)
     if why:
         return FitResult(False, why, cost, {}, before, before)
@@ -275,7 +300,7 @@ def _solve(p: _Problem, iters: int = 60) -> tuple[np.ndarray, np.ndarray, str]:
     return x, free, ""
 
 
-PRIORITY = ("k_attn", "k_rest", "step_s", "beta_s", "k_a2a", "k_p2p", "ring_overlap", "k_lat")
+PRIORITY = ("alpha1_ms", "alpha2_ms", "step_s", "beta_s", "k_a2a", "k_p2p", "ring_overlap", "k_lat")
 
 
 def _separable(p: _Problem, jac: np.ndarray) -> np.ndarray:
@@ -307,7 +332,7 @@ def _jacobian(p: _Problem, x: np.ndarray, free: np.ndarray) -> np.ndarray:
     r0 = p.residuals(x)
     cols = []
     for i in np.flatnonzero(free):
-        h = 1e-6 * max(abs(x[i]), 1e-3)
+        h = 1e-6 * p.scale[i]
         xi = x.copy()
         xi[i] += h
         cols.append((p.residuals(xi) - r0) / h)
@@ -325,7 +350,7 @@ def apply(base: CostModel, p: _Problem, x: np.ndarray) -> CostModel:
                               for r, k in zip(p.rs, x[2 + nu : 2 + nu + nr])}  # fmt: skip
     overlap, k_lat, beta, step = (float(v) for v in x[2 + nu + nr :])
     assert cl.alpha1_ms is not None and cl.alpha2_ms is not None  # fitted form
-    new = replace(cl, alpha1_ms=cl.alpha1_ms * float(x[0]), alpha2_ms=cl.alpha2_ms * float(x[1]),
+    new = replace(cl, alpha1_ms=float(x[0]), alpha2_ms=float(x[1]),
                   a2a_gbs=a2a, p2p_gbs=p2p, ring_overlap=min(1.0, max(0.0, overlap)),
                   intra_latency_us=cl.intra_latency_us * k_lat, inter_latency_us=cl.inter_latency_us * k_lat,
                   beta_ms=beta * 1e3, step_ms=step * 1e3)  # fmt: skip

@@ -55,7 +55,7 @@ def hardware(device: Any, world: int, cluster: str) -> dict[str, Any]:
 
 class OnlineCalibrator:
     def __init__(self, cost: CostModel, config: PlannerConfig, out: Path, hw: dict[str, Any]) -> None:
-        self.cost = cost
+        self.cost = self.anchor = cost  # the anchor: the run's starting constants bound every fit
         self.every = config.recalibrate_every
         self.window: deque[StepTiming] = deque(maxlen=config.recalibrate_window)
         self.errors: deque[float] = deque(maxlen=10)
@@ -83,7 +83,7 @@ class OnlineCalibrator:
 
     def refit(self, step: int) -> FitResult:
         """Fit on the window; an accepted fit becomes :attr:`cost` and the run folder's calibration file."""
-        res = fit(self.cost, list(self.window))
+        res = fit(self.cost, list(self.window), anchor=self.anchor)
         self.history.append(res)
         if res.accepted:
             self.cost = res.cost
