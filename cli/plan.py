@@ -73,6 +73,7 @@ def _plan_steps(cfg, cost, pcfg, planner, batches: list, max_len: int) -> tuple[
 def _phases(cfg, cost, pcfg) -> dict:  # noqa: ANN001 - the PlanJobSchema twin
     """``lengths.max_len_schedule``: each phase planned on its own pieces (documents longer than the phase's
     limit split as sp-train splits them); one summary per phase. ``summary`` is the last phase's."""
+    from planner.calibration import describe
     from planner.lengths import read_lengths, sample_steps, split_lengths
     from planner.planner import Planner
     from planner.report import table
@@ -85,20 +86,32 @@ def _phases(cfg, cost, pcfg) -> dict:  # noqa: ANN001 - the PlanJobSchema twin
         raise ValueError("lengths.max_len_schedule needs a length file: set lengths.path=FILE")
     pool = read_lengths(lc.path)
     planner = Planner(cost, pcfg)
-    phases = []
+    phases, firsts = [], []
     for i, (start, max_len) in enumerate(sched):
         batches = sample_steps(split_lengths(pool, max_len), lc.global_batch, lc.steps, max_len, lc.seed)
         plans, summary = _plan_steps(cfg, cost, pcfg, planner, batches, max_len)
         end = sched[i + 1][0] if i + 1 < len(sched) else None
         phases.append({"from_step": start, "to_step": end, "max_len": max_len, "summary": summary})
+        firsts.append(plans[0])
         if cfg.output.format == "table":
             print(f"phase {i + 1}: steps {start}-{'' if end is None else end - 1}, max_len {max_len}: "
                   f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}")  # fmt: skip
             print(table(plans[0], summary), flush=True)
     result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": phases[-1]["summary"],
               "phases": phases}  # fmt: skip
+    if cost.cluster.calibration:
+        result["calibration"] = describe(cost.cluster.calibration)
     if cfg.output.format == "json":
         print(json.dumps(result), flush=True)
+    if cfg.output.picture:  # one Gantt chart per phase (its first step): PATH -> STEM_phase1.png, ...
+        from pathlib import Path
+
+        from planner.picture import draw_gantt
+
+        out = Path(cfg.output.picture)
+        for i, (plan, ph) in enumerate(zip(firsts, phases)):
+            draw_gantt(plan, cost, str(out.with_name(f"{out.stem}_phase{i + 1}{out.suffix or '.png'}")),
+                       f"{cost.cluster.name} / {cost.model.name}, phase {i + 1} (max_len {ph['max_len']})")  # fmt: skip
     return result
 
 

@@ -83,8 +83,11 @@ def test_length_schedule_reports_each_phase(tmp_path):
     lengths.write_text("\n".join(str(n) for n in [70000, 30000, 9000, 4000, 1200, 800, 500, 300] * 8))
     out = _plan("cluster=a100x64_flexsp", "model=gpt-7b", f"lengths.path={lengths}", "lengths.global_batch=64",
                 "lengths.steps=1", "output.format=json", "output.baselines=false",
-                "lengths.max_len_schedule=[[0,8192],[500,65536]]", cwd=tmp_path)  # fmt: skip
+                "lengths.max_len_schedule=[[0,8192],[500,65536]]", f"output.picture={tmp_path}/plan.png",
+                cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
+    for i in (1, 2):  # one Gantt chart per phase
+        assert (tmp_path / f"plan_phase{i}.png").read_bytes()[:4] == b"\x89PNG"
     phases = json.loads(out.stdout)["phases"]
     assert [(p["from_step"], p["to_step"], p["max_len"]) for p in phases] == [(0, 500, 8192), (500, None, 65536)]
     assert phases[0]["summary"]["planned_step_s"] < phases[1]["summary"]["planned_step_s"]  # 64 pieces of <= 8K
