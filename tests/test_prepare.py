@@ -92,6 +92,8 @@ def test_read_back_equals_direct_tokenisation(inputs, tmp_path, tokenizer):
     assert bytes(last.astype(np.uint8)) == b"a plain text file is one document\n" or tok is not None
     assert out["documents"] == len(ds) and out["tokens"] == int(ds.sizes.sum()) and out["loss_mask"]
     assert out["trained_targets"] == ds.trained == direct[0].trained + direct[1].trained + len(last) - 1
+    (tmp_path / "ds.json").unlink()  # a mask channel without sp-data's summary: counted from its bytes
+    assert Corpus(SourceConfig(name="ds", source="indexed", path=str(tmp_path / "ds")), tok).trained == ds.trained
     assert not (tmp_path / "ds.parts").exists()
 
 

@@ -201,6 +201,8 @@ class Corpus:
             meta = Path(prefix + ".json")
             if meta.is_file():
                 self.trained = json.loads(meta.read_text()).get("trained_targets")
+            else:  # a mask channel written by other tools: counted from the bytes (the resume fingerprint uses it)
+                self.trained = _mask_targets(prefix + MASK_SUFFIX + ".bin", self._masks.sequence_lengths)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -215,6 +217,14 @@ class Corpus:
         if self._bytes:
             return np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
         return self._encode(raw.decode("utf-8", errors="replace"))
+
+
+def _mask_targets(path: str, lengths: np.ndarray) -> int:
+    """Trained targets of a uint8 mask channel: the marked tokens, less each document's first (never a target)."""
+    flat = np.memmap(path, dtype=np.uint8, mode="r")  # [all tokens]: the documents' masks, concatenated
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+    return int(np.count_nonzero(flat)) - int(np.count_nonzero(flat[starts]))
 
 
 @dataclass(frozen=True)
