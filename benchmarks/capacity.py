@@ -28,7 +28,7 @@ TECHNIQUES = {
 CHOICE = ("full", "offload")
 
 
-def _config(group: str, name: str) -> dict:
+def config_fields(group: str, name: str) -> dict:
     """A config file's fields (what sp-plan composes for ``group=name``), without Hydra."""
     import yaml
 
@@ -43,7 +43,7 @@ def _cluster(gpus: int):  # type: ignore[no-untyped-def]
     """``h100x64``'s H100 profile on ``gpus`` GPUs (8 per node)."""
     from planner.types import Cluster
 
-    return Cluster(**{**_config("cluster", "h100x64"), "name": f"h100x{gpus}", "nodes": max(1, gpus // 8),
+    return Cluster(**{**config_fields("cluster", "h100x64"), "name": f"h100x{gpus}", "nodes": max(1, gpus // 8),
                       "gpus_per_node": min(8, gpus)})  # fmt: skip
 
 
@@ -73,7 +73,7 @@ def run(gpus: list[int], model_name: str = "llama3-8b") -> list[dict]:
     from planner.report import _peak_breakdown
     from planner.types import ModelShape
 
-    base = ModelShape(**_config("model", model_name))
+    base = ModelShape(**config_fields("model", model_name))
     rows = []
     for n in gpus:
         for tech, kw in TECHNIQUES.items():

@@ -177,8 +177,7 @@ def _variants(cost, every: int, world: int) -> tuple[dict, dict]:
     import tempfile
     from pathlib import Path
 
-    import yaml
-
+    from benchmarks.capacity import config_fields
     from planner.cost import CostModel
     from planner.planner import PlannerConfig
     from planner.types import Cluster
@@ -186,9 +185,8 @@ def _variants(cost, every: int, world: int) -> tuple[dict, dict]:
 
     if not every:
         return {}, {}
-    doc = {k: v for k, v in yaml.safe_load((Path(__file__).parents[1] / "configs/cluster/cpu.yaml").read_text()).items()
-           if k != "defaults"}  # fmt: skip
-    shipped = CostModel(Cluster(**{**doc, "gpus_per_node": world, "memory_gib": cost.cluster.memory_gib}), cost.model)
+    fields = {**config_fields("cluster", "cpu"), "gpus_per_node": world, "memory_gib": cost.cluster.memory_gib}
+    shipped = CostModel(Cluster(**fields), cost.model)
     models = {"adaptive": cost, "adaptive_recal": cost, "yaml": shipped, "yaml_recal": shipped}
     cfg = PlannerConfig(recalibrate_every=every, recalibrate_window=30)
     folder = Path(tempfile.mkdtemp(prefix="e2e-calibration-"))

@@ -117,11 +117,9 @@ class CostModel:
         cl = self.cluster
         if cl.alpha1_ms is not None and cl.alpha2_ms is not None:
             return self
-        m = self.model
-        linear = 6.0 * (m.linear_params + m.vocab * m.hidden) * self._recompute_linear
-        linear += self._technique_flops_per_token()
         a1 = float(self.attention_flops(1.0)) / self._flops_per_s * 1e3
-        return replace(self, cluster=replace(cl, alpha1_ms=a1, alpha2_ms=linear / self._flops_per_s * 1e3))
+        a2 = self._linear_flops_per_token() / self._flops_per_s * 1e3
+        return replace(self, cluster=replace(cl, alpha1_ms=a1, alpha2_ms=a2))
 
     # ---- compute ----
     @property
@@ -166,13 +164,16 @@ class CostModel:
         """Model FLOP utilisation of a step of ``seconds`` on ``gpus`` devices at the cluster's peak."""
         return self.model_flops(lengths) / (seconds * gpus * self.cluster.peak_tflops * 1e12) if seconds > 0 else 0.0
 
+    def _linear_flops_per_token(self) -> float:
+        """FLOPs per token outside attention (fwd + bwd, with the recompute and the techniques' extras)."""
+        m = self.model
+        return 6.0 * (m.linear_params + m.vocab * m.hidden) * self._recompute_linear + self._technique_flops_per_token()
+
     def compute_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
-        cl, m = self.cluster, self.model
+        cl = self.cluster
         if cl.alpha1_ms is not None and cl.alpha2_ms is not None:
             return (cl.alpha1_ms * np.square(length) + cl.alpha2_ms * length) / size / 1e3
-        linear = 6.0 * (m.linear_params + m.vocab * m.hidden) * length * self._recompute_linear
-        linear += self._technique_flops_per_token() * length
-        return (linear + self.attention_flops(length)) / size / self._flops_per_s
+        return (self._linear_flops_per_token() * length + self.attention_flops(length)) / size / self._flops_per_s
 
     def attention_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
         """The attention share of :meth:`compute_s` (what ring communication can hide behind)."""

@@ -251,7 +251,7 @@ def fit(cost: CostModel, steps: list[StepTiming], *, held_out: float = 0.25, min
         )
         return FitResult(False, why, cost, {}, before, before)
     p = _Problem(base, train, anchor)
-    x, free, why = _solve(p)
+    x, why = _solve(p)
     if why:
         return FitResult(False, why, cost, {}, before, before)
     new = apply(base, p, x)
@@ -270,13 +270,13 @@ def _summary(err: np.ndarray) -> dict[str, float]:
     return {"median": float(np.median(err)), "p90": float(np.percentile(err, 90))}
 
 
-def _solve(p: _Problem, iters: int = 60) -> tuple[np.ndarray, np.ndarray, str]:
+def _solve(p: _Problem, iters: int = 60) -> tuple[np.ndarray, str]:
     """Bounded Levenberg-Marquardt on Huber-weighted residuals over the factors the window moves.
-    Returns (factors, which were free, why the window cannot be fitted or "")."""
+    Returns (factors, why the window cannot be fitted or "")."""
     x = p.start.copy()
     free = _separable(p, _jacobian(p, x, np.ones(len(x), dtype=bool)))
     if not free.any():
-        return x, free, "degenerate window: its samples do not move any constant"
+        return x, "degenerate window: its samples do not move any constant"
     lam = 1e-3
     cost = _huber(p.residuals(x))
     for _ in range(iters):
@@ -297,7 +297,7 @@ def _solve(p: _Problem, iters: int = 60) -> tuple[np.ndarray, np.ndarray, str]:
             lam *= 4
         if not improved or np.max(np.abs(step)) < 1e-7:
             break
-    return x, free, ""
+    return x, ""
 
 
 PRIORITY = ("alpha1_ms", "alpha2_ms", "step_s", "beta_s", "k_a2a", "k_p2p", "ring_overlap", "k_lat")
