@@ -6,8 +6,9 @@ longest L for which the planner returns a plan (``Planner.plan([L])``: a sequenc
 ValueError); tokens per GPU = L / N. Also the planned step time of a 1M-token sequence where it fits, the
 plan's layout and its peak memory per GPU. Techniques: ``baseline`` (full checkpointing, today's),
 ``chunk`` (chunked loss, 2048-token chunks like ProLong's blocks), ``tile`` (tiled MLP, 8192-token tiles),
-``offload`` (layer inputs in host memory), ``all``, and ``all, offload chosen`` (the planner picks full or
-offload per micro-step: offload only where it is needed). One JSON object per (N, technique).
+``offload`` (layer inputs in host memory), ``all``, and ``chosen`` (the planner picks checkpointing full or
+offload, the loss chunk 0 or 2048 and the MLP tile 0 or 8192 per micro-step: each only where it pays).
+One JSON object per (N, technique).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ TECHNIQUES = {
     "chunk+tile": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192},
     "offload": {"checkpointing": "offload"},
     "all": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192, "checkpointing": "offload"},
-    "all, offload chosen": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192},  # planner picks full | offload
+    "chosen": {},  # the planner picks per micro-step among CHOICE
 }
-CHOICE = ("full", "offload")
+CHOICE = {"checkpointing": ("full", "offload"), "loss_chunk_tokens": (0, 2048), "mlp_tile_tokens": (0, 8192)}
 
 
 def config_fields(group: str, name: str) -> dict:
@@ -78,8 +79,8 @@ def run(gpus: list[int], model_name: str = "llama3-8b") -> list[dict]:
     for n in gpus:
         for tech, kw in TECHNIQUES.items():
             cost = CostModel(_cluster(n), replace(base, **kw))
-            choices = CHOICE if tech.endswith("chosen") else ()
-            planner = Planner(cost, PlannerConfig(use_milp=False, time_limit_s=1.0, checkpointing=choices))
+            choices = CHOICE if tech == "chosen" else {}
+            planner = Planner(cost, PlannerConfig(use_milp=False, time_limit_s=1.0, **choices))  # type: ignore[arg-type]
             t0 = time.perf_counter()
             best = longest(planner, 131072)
             row = {
@@ -95,7 +96,7 @@ def run(gpus: list[int], model_name: str = "llama3-8b") -> list[dict]:
             if plan is not None:
                 micro, g = plan.peak_group()
                 mem = _peak_breakdown(cost, [plan])
-                row["checkpointing_1m"] = micro.checkpointing or cost.model.checkpointing
+                row["mode_1m"] = micro.mode(cost.model).label
                 row.update(
                     {
                         "step_s_1m": round(plan.time_s, 3),

@@ -46,7 +46,7 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     if cost.cluster.calibration:
         result["calibration"] = describe(cost.cluster.calibration)
     if cfg.output.format == "json":
-        result["first_step"] = plan_json(plans[0], cost.model.checkpointing)
+        result["first_step"] = plan_json(plans[0], cost.model)
         print(json.dumps(result), flush=True)
     else:
         print(f"cluster {cost.cluster.name} ({cost.cluster.world} GPUs), model {cost.model.name}, {len(plans)} step(s)")

@@ -20,7 +20,7 @@ from models.attention import SPCoreAttention
 from models.init import init_random
 from models.rope import Rope
 from models.shards import materialize
-from planner.types import ModelShape
+from planner.types import MemoryMode, ModelShape
 
 
 def rope_of(shape: ModelShape) -> Rope:
@@ -54,8 +54,12 @@ def transformer_config(shape: ModelShape, dtype: torch.dtype = torch.float32) ->
     return cfg
 
 
-def build_meta(shape: ModelShape, max_len: int, dtype: torch.dtype = torch.float32) -> GPTModel:
-    """The model on the meta device: shapes only (shard it, then materialise and initialise per rank)."""
+def build_meta(
+    shape: ModelShape, max_len: int, dtype: torch.dtype = torch.float32, modes: tuple[MemoryMode, ...] = ()
+) -> GPTModel:
+    """The model on the meta device: shapes only (shard it, then materialise and initialise per rank).
+    ``modes``: the memory modes a plan may switch to per micro-step (the planner's choices); the chunked loss
+    and the tiled MLP are installed when the model or any of them uses them, set to the model's own values."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SPCoreAttention
     with torch.device("meta"):
@@ -67,11 +71,11 @@ def build_meta(shape: ModelShape, max_len: int, dtype: torch.dtype = torch.float
             position_embedding_type="none",
             share_embeddings_and_output_weights=shape.tie_embeddings,
         )
-    if shape.loss_chunk_tokens:
+    if shape.loss_chunk_tokens or any(m.loss_chunk_tokens for m in modes):
         from models import loss
 
         loss.install(model, shape.loss_chunk_tokens)
-    if shape.mlp_tile_tokens:
+    if shape.mlp_tile_tokens or any(m.mlp_tile_tokens for m in modes):
         from models import tiled_mlp
 
         tiled_mlp.install(model, shape.mlp_tile_tokens)

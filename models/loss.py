@@ -68,26 +68,48 @@ def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 
 
 def install(model: torch.nn.Module, chunk: int) -> None:
-    """Make a Megatron GPTModel compute its loss in chunks of ``chunk`` tokens (``model.loss_chunk_tokens``)."""
+    """Make a Megatron GPTModel compute its loss in chunks of ``chunk`` tokens (``model.loss_chunk_tokens``).
+    :func:`set_chunk` changes the chunk between passes (0: the plain output layer and loss), so the planner
+    can choose it per micro-step; a pass keeps the chunk it started with for its backward."""
     gpt: Any = model
     out_layer = gpt.output_layer
+    gpt.sp_loss_chunk = gpt.sp_loss_chunk_default = chunk
+    plain_output, plain_loss = out_layer.forward, gpt.compute_language_model_loss
 
-    def passthrough(self: Any, hidden: torch.Tensor, weight: torch.Tensor | None = None, **_: Any) -> tuple:
+    def passthrough(self: Any, hidden: torch.Tensor, weight: torch.Tensor | None = None, **kw: Any) -> tuple:
+        if not gpt.sp_loss_chunk:
+            return plain_output(hidden, weight=weight, **kw)
         return hidden, None  # the "logits" are the hidden states: the loss below projects them chunk by chunk
 
     def loss(self: Any, labels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if not gpt.sp_loss_chunk:
+            return plain_loss(labels, hidden)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else (
             self.output_layer.weight)  # fmt: skip
-        return chunked_loss(hidden, weight, labels, chunk)
+        return chunked_loss(hidden, weight, labels, gpt.sp_loss_chunk)
 
     forward = gpt.forward
 
     def losses_only(*args: Any, **kwargs: Any) -> Any:
         labels = kwargs.get("labels", args[4] if len(args) > 4 else None)  # GPTModel.forward's 5th parameter
-        if labels is None:
-            raise ValueError(f"model.loss_chunk_tokens={chunk}: the model returns per-token losses only; pass labels")
+        if labels is None and gpt.sp_loss_chunk:
+            raise ValueError(
+                f"model.loss_chunk_tokens={gpt.sp_loss_chunk}: the model returns per-token losses only; pass labels"
+            )
         return forward(*args, **kwargs)
 
     out_layer.forward = types.MethodType(passthrough, out_layer)
     gpt.compute_language_model_loss = types.MethodType(loss, gpt)
     gpt.forward = losses_only
+
+
+def set_chunk(model: torch.nn.Module, chunk: int | None) -> None:
+    """The loss chunk of the next passes (None: the one installed; 0: the plain loss). Raises where the
+    model was built without the chunked loss and ``chunk`` asks for it."""
+    target = getattr(model, "module", model)  # under FSDP2 the model itself; a wrapper's module otherwise
+    if not hasattr(target, "sp_loss_chunk"):
+        if chunk:
+            raise ValueError(f"the plan asks for loss_chunk_tokens={chunk}; the model was built without the chunked "
+                             "loss (set model.loss_chunk_tokens or planner.loss_chunk_tokens)")  # fmt: skip
+        return
+    target.sp_loss_chunk = target.sp_loss_chunk_default if chunk is None else chunk

@@ -44,14 +44,18 @@ class TiledMLP(torch.autograd.Function):
 
 
 def install(model: torch.nn.Module, tile: int) -> None:
-    """Every Megatron ``MLP`` of ``model`` runs tiled over ``tile`` tokens (``model.mlp_tile_tokens``)."""
+    """Every Megatron ``MLP`` of ``model`` runs tiled over ``tile`` tokens (``model.mlp_tile_tokens``).
+    :func:`set_tile` changes the tile between passes (0: untiled), so the planner can choose it per
+    micro-step; a pass keeps the tile it started with for its backward."""
     from megatron.core.transformer.mlp import MLP
 
     for mlp in [m for m in model.modules() if isinstance(m, MLP)]:
         forward = mlp.forward
+        mlp.sp_tile = mlp.sp_tile_default = tile
 
         def tiled(self: Any, hidden: torch.Tensor, *args: Any, _forward: Any = forward, **kwargs: Any) -> tuple:
-            if hidden.shape[0] <= tile or not torch.is_grad_enabled():
+            tile = self.sp_tile
+            if not tile or hidden.shape[0] <= tile or not torch.is_grad_enabled():
                 return _forward(hidden, *args, **kwargs)
 
             def run(x: torch.Tensor) -> torch.Tensor:
@@ -62,3 +66,14 @@ def install(model: torch.nn.Module, tile: int) -> None:
             return TiledMLP.apply(hidden, run, tile, *params), None
 
         mlp.forward = types.MethodType(tiled, mlp)
+
+
+def set_tile(model: torch.nn.Module, tile: int | None) -> None:
+    """The MLP tile of the next passes (None: the one installed; 0: untiled). Raises where the model was
+    built without the tiled MLP and ``tile`` asks for it."""
+    mlps: list[Any] = [m for m in model.modules() if hasattr(m, "sp_tile")]
+    if not mlps and tile:
+        raise ValueError(f"the plan asks for mlp_tile_tokens={tile}; the model was built without the tiled MLP "
+                         "(set model.mlp_tile_tokens or planner.mlp_tile_tokens)")  # fmt: skip
+    for m in mlps:
+        m.sp_tile = m.sp_tile_default if tile is None else tile

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.types import SHARDINGS, Cluster, GroupShape, ModelShape
+from planner.types import SHARDINGS, Cluster, GroupShape, MemoryMode, MicroStep, ModelShape
 
 GIB = 2.0**30
 RECOMPUTE = {
@@ -93,16 +93,26 @@ class CostModel:
             raise ValueError(f"sharding={self.sharding!r}; valid: {list(SHARDINGS)}")
 
     def with_checkpointing(self, mode: str) -> CostModel:
-        """This cost model under another activation checkpointing mode. A measured
-        ``cluster.act_bytes_per_token`` (taken under the model's own mode) is scaled by the formulas' ratio."""
-        if mode == self.model.checkpointing:
+        """This cost model under another activation checkpointing mode (see :meth:`with_mode`)."""
+        return self.with_mode(replace(MemoryMode.of(self.model), checkpointing=mode))
+
+    def for_micro(self, micro: MicroStep) -> CostModel:
+        """This cost model under the memory mode a planned micro-step runs with."""
+        return self.with_mode(micro.mode(self.model))
+
+    def with_mode(self, mode: MemoryMode) -> CostModel:
+        """This cost model under another memory mode (checkpointing, loss chunk, MLP tile). Fitted compute
+        constants (taken under the model's own mode) are rescaled by the FLOPs' ratio: ``alpha1`` by the
+        attention recompute, ``alpha2`` by the FLOPs per token outside attention (recompute and the
+        techniques' extra passes); a measured ``cluster.act_bytes_per_token`` by the byte formulas' ratio."""
+        if mode == MemoryMode.of(self.model):
             return self
-        other = replace(self, model=replace(self.model, checkpointing=mode))
+        other = replace(self, model=mode.on(self.model))
         cl = self.cluster
         if cl.alpha1_ms is not None and cl.alpha2_ms is not None:  # fitted under the model's own mode
-            (a0, l0), (a1, l1) = RECOMPUTE[self.model.checkpointing], RECOMPUTE[mode]
-            scaled = replace(cl, alpha1_ms=cl.alpha1_ms * a1 / a0, alpha2_ms=cl.alpha2_ms * l1 / l0)
-            other = replace(other, cluster=scaled)
+            a0, a1 = RECOMPUTE[self.model.checkpointing][0], RECOMPUTE[mode.checkpointing][0]
+            lin = other._linear_flops_per_token() / self._linear_flops_per_token()
+            other = replace(other, cluster=replace(cl, alpha1_ms=cl.alpha1_ms * a1 / a0, alpha2_ms=cl.alpha2_ms * lin))
         measured = self.cluster.act_bytes_per_token
         if measured is None:
             return other

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from planner.cost import CostModel
-from planner.types import GroupShape, StepPlan
+from planner.types import GroupShape, MemoryMode, StepPlan
 
 BOUND = 50.0  # a factor moves at most this far from the current constant in one fit
 HUBER = 0.1  # relative error beyond which a sample's weight falls (robust to stragglers)
@@ -49,7 +49,7 @@ class GroupTiming:
 class MicroTiming:
     groups: tuple[GroupTiming, ...]
     time_s: float  # the slowest rank's busy time in this micro-step
-    checkpointing: str = ""  # the micro-step's mode ("": the model's)
+    memory: MemoryMode | None = None  # the micro-step's memory mode (None: the model's)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def step_timing(step: int, plan: StepPlan, busy: np.ndarray, attention: np.ndarr
         groups = tuple(GroupTiming(g.shape, tuple(plan.lengths[s] for s in g.seqs),
                                    float(attention[g.first_rank : g.first_rank + g.shape.size, i].max()))
                        for g in m.groups if g.seqs)  # fmt: skip
-        micro.append(MicroTiming(groups, float(busy[:, i].max()), m.checkpointing))
+        micro.append(MicroTiming(groups, float(busy[:, i].max()), m.memory))
     return StepTiming(step, tuple(micro), float(step_s))
 
 
@@ -110,11 +110,10 @@ class _Problem:
         micro_meas: list[float] = []
         micro_step: list[int] = []
         step_meas: list[float] = []
-        costs: dict[str, CostModel] = {}
+        costs: dict[MemoryMode | None, CostModel] = {}
         for si, t in enumerate(steps):
             for m in t.micro:
-                mode = m.checkpointing or cost.model.checkpointing
-                c = costs.setdefault(mode, unit.with_checkpointing(mode))
+                c = costs.setdefault(m.memory, unit.with_mode(m.memory) if m.memory is not None else unit)
                 mi = len(micro_meas)
                 for g in m.groups:
                     n = np.asarray(g.lengths, dtype=np.float64)
@@ -244,7 +243,7 @@ def fit(cost: CostModel, steps: list[StepTiming], *, held_out: float = 0.25, min
     if len(train) < min_steps:
         return FitResult(False, f"too few steps: {len(train)} to fit (need {min_steps}) plus {n_out} held out",
                          cost, {}, before, before)  # fmt: skip
-    work = {(g.shape, g.lengths, m.checkpointing) for t in train for m in t.micro for g in m.groups}
+    work = {(g.shape, g.lengths, m.memory) for t in train for m in t.micro for g in m.groups}
     if len(work) < 2:
         why = (
             f"degenerate window: its {len(train)} steps all ran the same work, which fixes one scale, not the constants"

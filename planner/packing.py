@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cost import CostModel
-from planner.types import Assignment, GroupShape, MicroStep
+from planner.types import Assignment, GroupShape, MemoryMode, MicroStep
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Instance:
     capacity: np.ndarray
     beta: np.ndarray  # [K] fixed seconds of one group's micro-step per shape (CostModel.group_overhead_s)
     world: int
-    mode: str = ""  # the activation checkpointing these times and capacities assume ("": the model's)
+    mode: MemoryMode | None = None  # the memory mode these times and capacities assume (None: the model's)
 
     def cheapest_work(self) -> np.ndarray:
         """[S] each sequence's GPU-seconds on its cheapest memory-feasible shape (balances micro-step splits)."""

@@ -5,7 +5,7 @@ and labelled with their checkpointing mode where the plan mixes modes or offload
 from __future__ import annotations
 
 from planner.cost import CostModel
-from planner.types import StepPlan
+from planner.types import MemoryMode, StepPlan
 
 COLOURS = {"none": "#9e9e9e", "ulysses": "#1f77b4", "ring": "#d62728", "hybrid": "#9467bd"}
 
@@ -20,12 +20,12 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
     world = cost.cluster.world
     fig, ax = plt.subplots(figsize=(12, 2.0 + min(0.12 * world, 10)))
     x0 = 0.0
-    modes = {m.checkpointing or cost.model.checkpointing for m in plan.micro_steps}
+    modes = {m.mode(cost.model) for m in plan.micro_steps}
     for mi, micro in enumerate(plan.micro_steps):
-        mode = micro.checkpointing or cost.model.checkpointing
-        c = cost.with_checkpointing(mode)  # each micro-step timed under its own checkpointing (offload, ...)
-        if len(modes) > 1 or mode == "offload":
-            ax.text(x0 + micro.time_s / 2, 0.02 * world, f"checkpointing: {mode}", ha="center", va="top", fontsize=7)
+        mode = micro.mode(cost.model)
+        c = cost.with_mode(mode)  # each micro-step timed under its own memory mode (offload, loss chunk, ...)
+        if len(modes) > 1 or mode != MemoryMode.of(cost.model) or mode.checkpointing == "offload":
+            ax.text(x0 + micro.time_s / 2, 0.02 * world, mode.label, ha="center", va="top", fontsize=7)
         for g in micro.groups:
             y, h = g.first_rank, g.shape.size * 0.92  # a group spans the rows of its GPUs
             fixed = c.group_overhead_s(g.shape)

@@ -41,7 +41,7 @@ from planner.packing import (
     makespan,
     to_micro_step,
 )
-from planner.types import CHECKPOINTING, GroupShape, MicroStep, StepPlan
+from planner.types import CHECKPOINTING, GroupShape, MemoryMode, MicroStep, ModelShape, StepPlan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +54,8 @@ class PlannerConfig:
     strategies: tuple[str, ...] = STRATEGIES
     use_milp: bool = True
     checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick (e.g. selective, full); () = the model's
+    loss_chunk_tokens: tuple[int, ...] = ()  # loss chunks a micro-step may pick (0 = off); () = the model's
+    mlp_tile_tokens: tuple[int, ...] = ()  # MLP tiles a micro-step may pick (0 = off); () = the model's
     max_extra_micro_steps: int = 8  # the split search tries up to this many micro-steps over the memory floor
     exact_max_pairs: int = 1500  # micro-steps with at most this many (sequence, group instance) pairs solve exactly
     recalibrate_every: int = 10  # sp-train re-fits the cost model's time constants every N steps (0 = never)
@@ -65,17 +67,33 @@ class PlannerConfig:
                              f"planner.recalibrate_window={self.recalibrate_window} (valid: >= 2 steps)")  # fmt: skip
 
 
+def memory_modes(model: ModelShape, config: PlannerConfig) -> tuple[MemoryMode, ...]:
+    """Every memory mode a micro-step may run with: the product of the planner's checkpointing, loss-chunk
+    and MLP-tile choices (each defaulting to the model's own setting), in the order given."""
+    bad = [m for m in config.checkpointing if m not in CHECKPOINTING]
+    if bad:
+        raise ValueError(f"planner.checkpointing={list(config.checkpointing)}; valid modes: {CHECKPOINTING}")
+    for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
+        if any(n < 0 for n in getattr(config, name)):
+            raise ValueError(f"planner.{name}={list(getattr(config, name))}; valid: 0 (off) or token counts >= 1")
+    own = MemoryMode.of(model)
+    modes = [
+        MemoryMode(c, n, t)
+        for c in config.checkpointing or (own.checkpointing,)
+        for n in config.loss_chunk_tokens or (own.loss_chunk_tokens,)
+        for t in config.mlp_tile_tokens or (own.mlp_tile_tokens,)
+    ]
+    return tuple(dict.fromkeys(modes))
+
+
 class Planner:
     def __init__(
         self, cost: CostModel, config: PlannerConfig | None = None, shapes: list[GroupShape] | None = None
     ) -> None:
         self.cost = cost
         self.config = config or PlannerConfig()
-        bad = [m for m in self.config.checkpointing if m not in CHECKPOINTING]
-        if bad:
-            raise ValueError(f"planner.checkpointing={list(self.config.checkpointing)}; valid modes: {CHECKPOINTING}")
-        self.modes = tuple(dict.fromkeys(self.config.checkpointing or (cost.model.checkpointing,)))
-        self.costs = {m: cost.with_checkpointing(m) for m in self.modes}
+        self.modes = memory_modes(cost.model, self.config)
+        self.costs = {m: cost.with_mode(m) for m in self.modes}
         self.roomiest = max(self.costs.values(), key=lambda c: c.tokens_capacity(1))
         self.world = cost.cluster.world
         self.shapes = shapes or candidate_shapes(cost.model, self.world, self.config.strategies)
@@ -101,7 +119,8 @@ class Planner:
         finish = np.where(fits, tmat + beta[None, :], np.inf).min(axis=1)
         work = np.where(fits, tmat * sizes[None, :], np.inf).min(axis=1)
         split_deadline = t0 + 0.5 * self.config.time_limit_s
-        memo: dict[tuple[str, bytes], float] = {}  # part bounds: the split search's estimate, then its plan
+        # part bounds: the split search's estimate, then its plan
+        memo: dict[tuple[MemoryMode | None, bytes], float] = {}
         choice = search_split(
             arr, work, finish, capacity, self.world, float(beta.min()),
             lambda ids: self._micro_fast(fulls, ids, split_deadline, memo), lambda ms: sum(m.time_s for m in ms),
@@ -111,17 +130,16 @@ class Planner:
         micro = []
         for i, (ids, fast) in enumerate(zip(choice.parts, choice.plans)):
             share = (deadline - time.perf_counter()) / (len(choice.parts) - i)
-            full = fulls[fast.checkpointing] if fast.checkpointing in fulls else fulls[self.modes[0]]
+            full = fulls[fast.memory] if fast is not None and fast.memory in fulls else fulls[self.modes[0]]
             micro.append(self._refine(full, ids, fast, time.perf_counter() + share))
         plan = StepPlan(tuple(int(x) for x in arr), tuple(micro), time.perf_counter() - t0, self.method)
         return replace(plan, step_bound_s=min(bound, plan.time_s), split=choice.kind, splits_tried=choice.tried)
 
     def instance(
-        self, lengths: np.ndarray, shapes: list[GroupShape] | None = None, mode: str | None = None
+        self, lengths: np.ndarray, shapes: list[GroupShape] | None = None, mode: MemoryMode | None = None
     ) -> Instance:
-        """Times [S, K], capacities and overheads of every shape under checkpointing ``mode`` (default: the
-        first the planner may use). Micro-steps record their mode only when the planner chooses between
-        several."""
+        """Times [S, K], capacities and overheads of every shape under memory ``mode`` (default: the first
+        the planner may use). Micro-steps record their mode only when the planner chooses between several."""
         shapes = shapes or self.shapes
         mode = mode or self.modes[0]
         cost = self.costs[mode]
@@ -129,7 +147,7 @@ class Planner:
         sizes = np.array([sh.size for sh in shapes])
         cap = np.array([cost.tokens_capacity(sh.size) for sh in shapes])
         beta = np.array([cost.group_overhead_s(sh) for sh in shapes])
-        label = mode if len(self.modes) > 1 else ""
+        label = mode if len(self.modes) > 1 else None
         return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.world, label)
 
     def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray, search: bool = True) -> MicroStep | None:
@@ -151,13 +169,16 @@ class Planner:
         return self.costs[inst.mode or self.modes[0]]
 
     def _micro_fast(
-        self, fulls: dict[str, Instance], ids: np.ndarray, deadline: float, memo: dict[tuple[str, bytes], float]
-    ) -> MicroStep | None:
-        """The fastest of the part's fast plans over the checkpointing modes the planner may choose."""
+        self, fulls: dict[MemoryMode, Instance], ids: np.ndarray, deadline: float,
+        memo: dict[tuple[MemoryMode | None, bytes], float],
+    ) -> MicroStep | None:  # fmt: skip
+        """The fastest of the part's fast plans over the memory modes the planner may choose."""
         plans = [p for p in (self._micro_greedy(f, ids, deadline, memo) for f in fulls.values()) if p is not None]
         return min(plans, key=lambda p: p.time_s) if plans else None
 
-    def _part_bound(self, full: Instance, ids: np.ndarray, memo: dict[tuple[str, bytes], float] | None) -> float:
+    def _part_bound(
+        self, full: Instance, ids: np.ndarray, memo: dict[tuple[MemoryMode | None, bytes], float] | None
+    ) -> float:
         """The fluid bound of a part, computed once per (mode, part) within one ``plan`` call."""
         key = (full.mode, np.asarray(ids).tobytes())
         if memo is None or key not in memo:
@@ -169,7 +190,7 @@ class Planner:
 
     def _micro_greedy(
         self, full: Instance, ids: np.ndarray, deadline: float = math.inf,
-        memo: dict[tuple[str, bytes], float] | None = None,
+        memo: dict[tuple[MemoryMode | None, bytes], float] | None = None,
     ) -> MicroStep | None:  # fmt: skip
         """The fast plan of a part (scores splits): fluid bound, greedy, local search; None if it cannot fit."""
         sub = full.take(ids)

@@ -9,7 +9,7 @@ import numpy as np
 from planner.baselines import oracle_static, run_static
 from planner.cost import CostModel
 from planner.run_cost import run_cost
-from planner.types import StepPlan
+from planner.types import ModelShape, StepPlan
 
 
 def model_flops(cost: CostModel, lengths: tuple[int, ...]) -> float:
@@ -49,6 +49,7 @@ def summarise(
         "peak_memory_gib": float(max(p.peak_memory_gib for p in plans)),
         "memory_limit_gib": cost.cluster.memory_gib,
         "memory_gib": _peak_breakdown(cost, plans),
+        "memory_modes": _memory_modes(cost, plans),
         "estimated_mfu": float(np.mean(flops) / (planned * peak)) if planned > 0 else 0.0,
     }
     base, series = _baselines(cost, plans, baselines, max_len or max(max(p.lengths) for p in plans))
@@ -68,11 +69,17 @@ def summarise(
 
 
 def _peak_breakdown(cost: CostModel, plans: list[StepPlan]) -> dict[str, float]:
-    """Memory per GPU by part for the busiest group of all plans, under its micro-step's checkpointing."""
+    """Memory per GPU by part for the busiest group of all plans, under its micro-step's memory mode."""
     plan = max(plans, key=lambda p: p.peak_memory_gib)
     micro, group = plan.peak_group()
     local = sum(plan.lengths[s] for s in group.seqs) / group.shape.size
-    return cost.with_checkpointing(micro.checkpointing or cost.model.checkpointing).memory_breakdown_gib(local)
+    return cost.for_micro(micro).memory_breakdown_gib(local)
+
+
+def _memory_modes(cost: CostModel, plans: list[StepPlan]) -> dict[str, int]:
+    """How many micro-steps of the plans run with each memory mode (``full``, ``offload, loss chunk 2048``)."""
+    labels = [m.mode(cost.model).label for p in plans for m in p.micro_steps]
+    return {k: labels.count(k) for k in sorted(set(labels))}
 
 
 def _baselines(
@@ -99,7 +106,8 @@ def _baselines(
     return base, series
 
 
-def plan_json(plan: StepPlan, default_checkpointing: str = "") -> dict:
+def plan_json(plan: StepPlan, model: ModelShape) -> dict:
+    """A plan as JSON; every group names its micro-step's memory mode (checkpointing, loss chunk, MLP tile)."""
     return {
         "planned_s": plan.time_s,
         "lower_bound_s": plan.lower_bound_s,
@@ -117,25 +125,28 @@ def plan_json(plan: StepPlan, default_checkpointing: str = "") -> dict:
                     "sequences": [int(plan.lengths[s]) for s in g.seqs],
                     "time_s": g.time_s,
                     "memory_gib": g.memory_gib,
-                    "checkpointing": m.checkpointing or default_checkpointing,
+                    "checkpointing": m.mode(model).checkpointing,
+                    "loss_chunk_tokens": m.mode(model).loss_chunk_tokens,
+                    "mlp_tile_tokens": m.mode(model).mlp_tile_tokens,
                 }
                 for g in m.groups
             ]
             for m in plan.micro_steps
         ],
+        "fsdp_exposed_s": [m.fsdp_exposed_s for m in plan.micro_steps],
     }
 
 
 def table(plan: StepPlan, summary: dict) -> str:
     head = f"{'micro':>5} {'ranks':>9} {'strategy':>22} {'#seq':>5} {'longest':>8} {'time s':>8} {'mem GiB':>8}"
-    lines = [head + (" ckpt" if any(m.checkpointing for m in plan.micro_steps) else "")]
+    lines = [head + (" memory mode" if any(m.memory for m in plan.micro_steps) else "")]
     for i, m in enumerate(plan.micro_steps):
         for g in m.groups:
             longest = max(plan.lengths[s] for s in g.seqs)
             ranks = f"{g.first_rank}-{g.first_rank + g.shape.size - 1}"
             lines.append(
                 f"{i:>5} {ranks:>9} {str(g.shape):>22} {len(g.seqs):>5} {longest:>8} "
-                f"{g.time_s:>8.3f} {g.memory_gib:>8.1f} {m.checkpointing}".rstrip()
+                f"{g.time_s:>8.3f} {g.memory_gib:>8.1f} {m.memory.label if m.memory else ''}".rstrip()
             )
     lines.append("")
     lines.append(

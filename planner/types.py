@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 CHECKPOINTING = ("full", "selective", "none", "offload")  # activation checkpointing modes (trainer.sharding);
@@ -226,14 +226,62 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class MemoryMode:
+    """How one micro-step trades time for memory: activation checkpointing, the chunked loss's chunk and the
+    tiled MLP's tile (tokens; 0 = off). The planner may choose one per micro-step (``planner.checkpointing``,
+    ``planner.loss_chunk_tokens``, ``planner.mlp_tile_tokens``)."""
+
+    checkpointing: str = "full"
+    loss_chunk_tokens: int = 0
+    mlp_tile_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing={self.checkpointing!r}; valid: {', '.join(map(repr, CHECKPOINTING))}")
+        if self.loss_chunk_tokens < 0 or self.mlp_tile_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens={self.loss_chunk_tokens}, mlp_tile_tokens={self.mlp_tile_tokens}; "
+                             "valid: 0 (off) or a token count >= 1")  # fmt: skip
+
+    @classmethod
+    def of(cls, model: ModelShape) -> MemoryMode:
+        """The model's own settings."""
+        return cls(model.checkpointing, model.loss_chunk_tokens, model.mlp_tile_tokens)
+
+    def on(self, model: ModelShape) -> ModelShape:
+        """``model`` running under this mode."""
+        return replace(model, checkpointing=self.checkpointing, loss_chunk_tokens=self.loss_chunk_tokens,
+                       mlp_tile_tokens=self.mlp_tile_tokens)  # fmt: skip
+
+    @property
+    def label(self) -> str:
+        """e.g. ``offload, loss chunk 2048, MLP tile 8192`` (the techniques that are on)."""
+        parts = [self.checkpointing]
+        if self.loss_chunk_tokens:
+            parts.append(f"loss chunk {self.loss_chunk_tokens}")
+        if self.mlp_tile_tokens:
+            parts.append(f"MLP tile {self.mlp_tile_tokens}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class MicroStep:
     groups: tuple[Assignment, ...]
     lower_bound_s: float
-    checkpointing: str = ""  # the activation checkpointing this micro-step runs with ("": the model's)
+    memory: MemoryMode | None = None  # what this micro-step runs with (None: the model's own settings)
+    fsdp_exposed_s: float = 0.0  # FSDP all-gather / reduce-scatter time not hidden behind compute
 
     @property
     def time_s(self) -> float:
-        return max(g.time_s for g in self.groups)
+        return max(g.time_s for g in self.groups) + self.fsdp_exposed_s
+
+    @property
+    def checkpointing(self) -> str:
+        """The activation checkpointing this micro-step runs with ("": the model's)."""
+        return self.memory.checkpointing if self.memory is not None else ""
+
+    def mode(self, model: ModelShape) -> MemoryMode:
+        """The memory mode this micro-step runs with, the model's own settings where the plan sets none."""
+        return self.memory if self.memory is not None else MemoryMode.of(model)
 
 
 @dataclass(frozen=True)

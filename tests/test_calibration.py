@@ -33,7 +33,7 @@ def timing(truth: CostModel, step: int, plan, rng: np.random.Generator | None = 
 
     micro = []
     for m in plan.micro_steps:
-        c = truth.with_checkpointing(m.checkpointing or truth.model.checkpointing)
+        c = truth.for_micro(m)
         groups, totals = [], []
         for g in m.groups:
             if not g.seqs:
@@ -43,7 +43,7 @@ def timing(truth: CostModel, step: int, plan, rng: np.random.Generator | None = 
             attn += c.group_overhead_s(g.shape) - c.beta_s  # the collectives' latency
             groups.append(GroupTiming(g.shape, tuple(int(x) for x in n), jitter(float(attn))))
             totals.append(float(np.sum(c.seq_time_s(n, g.shape))) + c.group_overhead_s(g.shape))
-        micro.append(MicroTiming(tuple(groups), jitter(max(totals)), m.checkpointing))
+        micro.append(MicroTiming(tuple(groups), jitter(max(totals)), m.memory))
     return StepTiming(step, tuple(micro), sum(x.time_s for x in micro) + truth.step_overhead_s)
 
 

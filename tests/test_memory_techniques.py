@@ -120,7 +120,48 @@ def _trainer_worker(rank, world, tmp):
     switch.offload.reset()
     run_plan(tr.model, tr.pool, plan, docs, rank, None)
     out["offload"] = (switch.offload.bytes, expected, switch.offload._live)
+    out["modes"] = _modes_per_micro_step(rank, tmp)
     return out
+
+
+MODES = [("full", 0, 0), ("none", 64, 0), ("none", 0, 40), ("offload", 64, 40), ("full", 0, 0)]  # tiles < local tokens
+
+
+def _modes_per_micro_step(rank, tmp):
+    """A hand-made plan whose micro-steps switch checkpointing, the loss chunk and the MLP tile (one document
+    each, u=2 x r=2 on all ranks), on a model built with the planner's choices: the saved bytes of each
+    follow its mode's formula (so each switch took effect) and the gradients equal a plain single-process
+    model's."""
+    from models.attention import SPPackedSeqParams
+    from models.gpt import build_gpt
+    from planner.types import Assignment, GroupShape, MemoryMode, MicroStep, StepPlan
+    from trainer.loop import Trainer
+    from trainer.step import run_plan
+
+    job = _job(f"{tmp}/modes", "adaptive")
+    job = dataclasses.replace(job, planner=dataclasses.replace(job.planner, checkpointing=("full", "none", "offload"),
+                              loss_chunk_tokens=(0, 64), mlp_tile_tokens=(0, 40)))  # fmt: skip
+    tr = Trainer(job)
+    gen = torch.Generator().manual_seed(5)
+    docs = [torch.randint(0, 256, (n + 1,), generator=gen).numpy() for n in (256, 128, 320, 200, 64)]
+    g = lambda i: (Assignment(0, GroupShape(2, 2), (i,), 0.0, 0.0),)  # noqa: E731
+    micro = tuple(MicroStep(g(i), 0.0, MemoryMode(*m)) for i, m in enumerate(MODES))
+    plan = StepPlan(tuple(len(d) - 1 for d in docs), micro, 0.0, "hand")
+    stats = run_plan(tr.model, tr.pool, plan, docs, rank, None, count_saved=True)
+    predicted = [
+        tr.cost.with_mode(MemoryMode(*m)).saved_bytes_per_token(2) * n / 4 for m, n in zip(MODES, plan.lengths)
+    ]
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() for n, p in tr.model.named_parameters()}
+    if rank:
+        return None
+    ref = build_gpt(tr.job.model, tr.job.data.max_len, seed=tr.job.train.seed)
+    for d in docs:
+        ctx = tr.pool.context((0,), 1, 1, [0, len(d) - 1], check=False)
+        x, y = torch.from_numpy(d[:-1])[None], torch.from_numpy(d[1:])[None]
+        loss = ref(x, None, None, labels=y, packed_seq_params=SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)).sum()
+        (loss / sum(plan.lengths)).backward()
+    diff = max(float((grads[n] - p.grad).abs().max() / p.grad.abs().max()) for n, p in ref.named_parameters())
+    return diff, list(stats.saved_bytes), predicted
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +181,13 @@ def test_offloaded_bytes_are_every_layer_input(trained):
     for rank, part in enumerate(trained):
         got, want, live = part["offload"]
         assert got == want and live == 0, (rank, got, want, live)  # all fetched back by the end of backward
+
+
+def test_memory_modes_switch_per_micro_step_exactly(trained):
+    diff, measured, predicted = trained[0]["modes"]
+    assert diff < 1e-6, diff
+    assert measured == pytest.approx(predicted, rel=1e-9), (measured, predicted)
+    assert len(set(measured)) >= 4  # the modes differ: every switch changed what the micro-step kept
 
 
 def test_planner_offloads_only_the_micro_step_that_needs_it():
@@ -163,6 +211,37 @@ def test_planner_offloads_only_the_micro_step_that_needs_it():
     where = {m.checkpointing: {s for g in m.groups for s in g.seqs} for m in plan.micro_steps}
     assert modes == {"full", "offload"}, plan
     assert 0 in where["offload"] and not where["full"] & {0}, where
+
+
+@pytest.mark.parametrize("technique", ["loss_chunk_tokens", "mlp_tile_tokens"])
+def test_planner_chunks_or_tiles_only_the_micro_step_that_needs_it(technique):
+    """The loss chunk and the MLP tile as per-micro-step choices: a long sequence that fits the cluster only
+    with the technique (a large vocabulary's logits, a wide MLP's recompute), short ones that fit without.
+    The technique costs compute, so only the long sequence's micro-step uses it; a batch that fits without
+    it is planned exactly as without the choice (no slower than the model's own setting)."""
+    from planner.cost import CostModel
+    from planner.planner import Planner, PlannerConfig
+    from planner.types import Cluster, MemoryMode
+
+    shape = dataclasses.replace(_shape(), layers=4, hidden=1024, heads=8, kv_heads=8, head_dim=128,
+                                ffn=16384 if technique == "mlp_tile_tokens" else 2816,
+                                vocab=128256 if technique == "loss_chunk_tokens" else 1024,
+                                bytes_per_value=2)  # fmt: skip
+    cluster = Cluster(name="two", nodes=1, gpus_per_node=2, peak_tflops=100.0, mfu=0.5, memory_gib=8.0,
+                      intra_gbs=100.0, inter_gbs=100.0, beta_ms=50.0)  # fmt: skip
+    cost = CostModel(cluster, shape)
+    on = cost.with_mode(dataclasses.replace(MemoryMode.of(shape), **{technique: 2048}))
+    long = int(0.99 * on.tokens_capacity(2))  # no room left beside it for a short sequence
+    assert cost.tokens_capacity(2) < long  # the long sequence needs the technique on the whole cluster
+    shorts = [int(cost.tokens_capacity(1) * 0.4)] * 4
+    config = PlannerConfig(**{technique: (0, 2048)})
+    plan = Planner(cost, config).plan([long, *shorts])
+    used = {s: getattr(m.mode(shape), technique) for m in plan.micro_steps for g in m.groups for s in g.seqs}
+    assert used[0] == 2048 and all(used[s] == 0 for s in range(1, 5)), used
+    plain = Planner(cost, PlannerConfig()).plan(shorts)
+    chosen = Planner(cost, config).plan(shorts)
+    assert {getattr(m.mode(shape), technique) for m in chosen.micro_steps} == {0}
+    assert chosen.time_s == pytest.approx(plain.time_s, rel=1e-9)
 
 
 def test_fsdp_unsharded_parameters_and_gradients_equal_the_formula():

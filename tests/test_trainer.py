@@ -145,7 +145,7 @@ def _checkpointing_per_micro_step(rank, tmp):
     on all ranks): the saved bytes of each follow that mode's formula, and the gradients are exact."""
     from models.attention import SPPackedSeqParams
     from models.gpt import build_gpt
-    from planner.types import Assignment, GroupShape, MicroStep, StepPlan
+    from planner.types import Assignment, GroupShape, MemoryMode, MicroStep, StepPlan
     from trainer.loop import Trainer
     from trainer.step import run_plan
 
@@ -154,7 +154,8 @@ def _checkpointing_per_micro_step(rank, tmp):
     docs = [rng.integers(0, 256, size=n + 1).astype(np.int64) for n in (256, 128, 64)]  # multiples of 2ru = 8
     modes = ("full", "selective", "none")
     g = lambda i: (Assignment(0, GroupShape(2, 2), (i,), 0.0, 0.0),)  # noqa: E731
-    plan = StepPlan((256, 128, 64), tuple(MicroStep(g(i), 0.0, m) for i, m in enumerate(modes)), 0.0, "hand")
+    micro = tuple(MicroStep(g(i), 0.0, MemoryMode(m)) for i, m in enumerate(modes))
+    plan = StepPlan((256, 128, 64), micro, 0.0, "hand")
     stats = run_plan(tr.model, tr.pool, plan, docs, rank, None, count_saved=True)
     predicted = [tr.cost.with_checkpointing(m).saved_bytes_per_token(2) * n / 4 for m, n in zip(modes, plan.lengths)]
     grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() for n, p in tr.model.named_parameters()}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from planner import calibration
 from planner.calibration import calibrated
 from planner.cost import CostModel
-from planner.planner import Planner, PlannerConfig
+from planner.planner import Planner, PlannerConfig, memory_modes
 from planner.static import static_plan
 from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
@@ -96,8 +96,8 @@ class Trainer:
             t.sharding, resolve_precision(t.precision, self.device), job.model.checkpointing, job.planner.checkpointing
         )
         self.cost = cost_model(job, self.regime.precision)
-        modes = {job.model.checkpointing, *job.planner.checkpointing}  # the roomiest mode the plan may pick
-        cap = max(self.cost.with_checkpointing(m).tokens_capacity(self.world) for m in modes)
+        modes = memory_modes(job.model, job.planner)  # the roomiest mode the plan may pick
+        cap = max(self.cost.with_mode(m).tokens_capacity(self.world) for m in modes)
         if job.data.max_len > cap:
             raise ValueError(
                 f"data.max_len={job.data.max_len} tokens cannot be held by any plan: the whole cluster holds "
@@ -121,8 +121,8 @@ class Trainer:
         self.fallback = Planner(self.cost, replace(job.planner, use_milp=False))  # a late plan's stand-in
         # fp32 master parameters everywhere; bf16 compute comes from FSDP's policy or autocast (replicate).
         # Built on the meta device and sharded first: each rank materialises and fills only its own rows.
-        self.model = materialize(parallelize(build_meta(job.model, job.data.max_len), self.regime, self.device),
-                                 self.device)  # fmt: skip
+        meta = build_meta(job.model, job.data.max_len, modes=memory_modes(job.model, job.planner))
+        self.model = materialize(parallelize(meta, self.regime, self.device), self.device)
         self.autocast = torch.bfloat16 if (self.regime.precision == "bf16" and t.sharding == "replicate") else None
         self.pool = GroupPool()
         self.pool.warm(self.device)  # every communicator created now, in a fixed order
@@ -599,15 +599,15 @@ def cost_model(job: TrainJob, precision: str) -> CostModel:
 
 def plan_activation_gib(plan: StepPlan, cost: CostModel) -> float:
     """The planner's predicted bytes saved for backward on the busiest rank of the plan (each micro-step
-    under its own checkpointing mode)."""
-    return max(cost.with_checkpointing(m.checkpointing or cost.model.checkpointing).activation_gib(
+    under its own memory mode)."""
+    return max(cost.for_micro(m).activation_gib(
                sum(plan.lengths[s] for s in g.seqs), g.shape.size, g.shape.ulysses)
                for m in plan.micro_steps for g in m.groups)  # fmt: skip
 
 
 def plan_offload_gib(plan: StepPlan, cost: CostModel) -> float:
     """The planner's predicted bytes in host memory on the busiest rank (offload micro-steps only)."""
-    return max(cost.with_checkpointing(m.checkpointing or cost.model.checkpointing).host_bytes_per_token()
+    return max(cost.for_micro(m).host_bytes_per_token()
                * sum(plan.lengths[s] for s in g.seqs) / g.shape.size / 2**30
                for m in plan.micro_steps for g in m.groups)  # fmt: skip
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import loss as chunked_loss
+from models import tiled_mlp
 from models.attention import SPPackedSeqParams
 from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
@@ -83,6 +85,8 @@ def run_plan(
             switch.set(micro.checkpointing)
         elif micro.checkpointing not in ("", "none"):
             raise ValueError(f"the plan asks for checkpointing={micro.checkpointing!r}; the model has no wrappers")
+        chunked_loss.set_chunk(model, micro.memory.loss_chunk_tokens if micro.memory is not None else None)
+        tiled_mlp.set_tile(model, micro.memory.mlp_tile_tokens if micro.memory is not None else None)
         if sync is not None and i == len(plan.micro_steps) - 1:
             sync.arm()
         g = my_group(micro.groups, rank)
