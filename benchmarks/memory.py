@@ -144,6 +144,7 @@ def _fsdp_worker(rank: int, world: int, models: list[str], precisions: list[str]
     from planner.cost import CostModel
     from planner.types import Assignment, Cluster, GroupShape
     from sp.groups import GroupPool
+    from trainer.fsdp_traffic import FsdpTraffic
     from trainer.memory import FsdpUnsharded
     from trainer.sharding import Regime, parallelize
     from trainer.step import group_pass
@@ -155,18 +156,24 @@ def _fsdp_worker(rank: int, world: int, models: list[str], precisions: list[str]
             shape = replace(MODELS[name], checkpointing="full", bytes_per_value=2 if precision == "bf16" else 4)
             model = parallelize(build_gpt(shape, 4096), Regime("fsdp", precision, "full"), cpu)
             docs = [np.random.default_rng(0).integers(0, shape.vocab, size=1025)]
-            with FsdpUnsharded() as meter:
+            with FsdpUnsharded() as meter, FsdpTraffic() as traffic:
                 group_pass(model, pool, Assignment(0, GroupShape(1, world), (0,), 0, 0), docs, "torch", cpu).backward()
-            got = torch.tensor([float(meter.params_peak), float(meter.params_and_grads_peak)], dtype=torch.float64)
+            got = torch.tensor([float(meter.params_peak), float(meter.params_and_grads_peak), float(traffic.all_gather),
+                                float(traffic.reduce_scatter)], dtype=torch.float64)  # fmt: skip
             dist.all_reduce(got, op=dist.ReduceOp.MAX)
             cluster = Cluster(name="cpu", nodes=1, gpus_per_node=world, fsdp_prefetch_layers=0)
-            pred = CostModel(cluster, shape).fsdp_unsharded_bytes()
+            cost = CostModel(cluster, shape)
+            pred, moved = cost.fsdp_unsharded_bytes(), cost.fsdp_collective_bytes()
             rows.append({"case": f"fsdp/{name}/P{world}/{precision}", "model": name, "world": world,
                          "precision": precision, "fsdp_params_peak_measured": int(got[0]),
                          "fsdp_params_peak_predicted": int(pred["params"]),
                          "fsdp_params_grads_peak_measured": int(got[1]),
                          "fsdp_params_grads_peak_predicted": int(pred["params"] + pred["grads"]),
-                         "fsdp_reduce_scatter_predicted": int(pred["reduce_scatter"])})  # fmt: skip
+                         "fsdp_reduce_scatter_predicted": int(pred["reduce_scatter"]),
+                         "fsdp_all_gather_bytes_measured": int(got[2]),
+                         "fsdp_all_gather_bytes_predicted": int(moved["all_gather"]),
+                         "fsdp_reduce_scatter_bytes_measured": int(got[3]),
+                         "fsdp_reduce_scatter_bytes_predicted": int(moved["reduce_scatter"])})  # fmt: skip
             del model
     return rows
 

@@ -20,6 +20,7 @@ A100X64_FLEXSP = Cluster(
     name="a100x64_flexsp", nodes=8, gpus_per_node=8, peak_tflops=312.0, memory_gib=28.0, alpha1_ms=5.128e-6,
     alpha2_ms=0.184, beta_ms=629.0, a2a_gbs={2: 119.5, 4: 104.1, 8: 96.5, 16: 10.3, 32: 5.9, 64: 4.9},
     intra_gbs=119.5, inter_gbs=10.3, act_bytes_per_token=4.71 * 2**20, usd_per_gpu_hour=1.5,
+    fsdp_comm=False,  # its fitted beta holds the ZeRO-3 collectives (configs/cluster/a100x64_flexsp.yaml)
 )  # fmt: skip
 GPT_7B = ModelShape(name="gpt-7b", layers=32, hidden=4096, heads=64, head_dim=64, ffn=16384, vocab=32000,
                     swiglu=False, checkpointing="selective")  # fmt: skip

@@ -41,6 +41,13 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   logits matmul per token (its backward recomputes them), 2 V h FLOPs; the tiled MLP one MLP forward.
 - Per group and micro-step (:meth:`CostModel.group_overhead_s`): ``beta`` (ms) plus the latency of the
   group's collectives, paid once per packed batch (all its sequences go through each layer together).
+- **FSDP** (:attr:`CostModel.fsdp_time`, ``sharding=fsdp``): every rank runs every micro-step's collectives:
+  each layer's parameters all-gathered in forward and again in backward, the root's once, in the parameter
+  dtype; every gradient reduce-scattered in fp32 (:meth:`CostModel.fsdp_collective_bytes`, measured to the
+  byte by ``sp-bench memory --fsdp``); (N - 1) / N of those bytes cross each GPU's link (inter-node bandwidth
+  once the world spans nodes). A micro-step whose slowest group computes T pays
+  ``max(edge, comm - cluster.fsdp_overlap x T)``: the root's all-gather before the first layer and its
+  reduce-scatter after the last are never hidden. The overlap (default 1) is stated, not measured (no GPU).
 - Per step (:attr:`CostModel.step_overhead_s`): ``cluster.step_ms`` (loss all-reduce, clipping, optimizer),
   the same for every plan, so it never changes the planner's choice; predictions of a step's time add it.
 - ``cluster.ring_overlap`` (default 1) is the share of a ring step's attention that hides its transfer.
@@ -58,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.types import SHARDINGS, Cluster, GroupShape, MemoryMode, MicroStep, ModelShape
+from planner.types import SHARDINGS, Cluster, FsdpTime, GroupShape, MemoryMode, MicroStep, ModelShape
 
 GIB = 2.0**30
 RECOMPUTE = {
@@ -346,13 +353,58 @@ class CostModel:
         m = self.model
         if self.sharding != "fsdp":
             return {}
-        shapes = m.param_shapes()
         b = 2 if m.bytes_per_value == 2 else 4
-        per_layer = len(shapes[1 : -2 if not m.tie_embeddings else -1]) // m.layers  # tensors per layer
-        layer = sum(math.prod(s) for s in shapes[1 : 1 + per_layer])
-        root = sum(math.prod(s) for s in shapes) - m.layers * layer
+        layer, root = (sum(math.prod(s) for s in unit) for unit in self._fsdp_units)
         return {"params": (root + (1 + self.cluster.fsdp_prefetch_layers) * layer) * b, "grads": layer * b,
                 "reduce_scatter": 4.0 * layer}  # fmt: skip
+
+    @cached_property
+    def _fsdp_units(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """Parameter shapes of one layer's FSDP unit and of the root unit (embedding, final norm, output)."""
+        m = self.model
+        shapes = m.param_shapes()
+        per_layer = len(shapes[1 : -2 if not m.tie_embeddings else -1]) // m.layers  # tensors per layer
+        return shapes[1 : 1 + per_layer], [shapes[0], *shapes[1 + m.layers * per_layer :]]
+
+    def fsdp_collective_bytes(self) -> dict[str, float]:
+        """Bytes FSDP2's collectives move per micro-step, counted as their unsharded buffers (each parameter
+        padded on dim 0 to a multiple of the world, as FSDP2 shards it): ``all_gather`` every layer twice
+        (forward, and backward after the reshard) and the root once, in the parameter dtype;
+        ``reduce_scatter`` every gradient once, in fp32. What :class:`trainer.fsdp_traffic.FsdpTraffic`
+        measures (``sp-bench memory --fsdp``)."""
+        m, n = self.model, self.cluster.world
+        if self.sharding != "fsdp":
+            return {}
+        if n == 1:  # FSDP2 on one rank runs no collectives
+            return {"all_gather": 0.0, "reduce_scatter": 0.0, "edge": 0.0}
+        padded = lambda unit: sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in unit)  # noqa: E731
+        layer, root = (padded(u) for u in self._fsdp_units)
+        b = 2 if m.bytes_per_value == 2 else 4
+        return {"all_gather": (2 * m.layers * layer + root) * b, "reduce_scatter": (m.layers * layer + root) * 4.0,
+                "edge": root * (b + 4.0)}  # fmt: skip
+
+    @cached_property
+    def fsdp_time(self) -> FsdpTime:
+        """FSDP2's collectives per micro-step on each GPU: every layer's parameters all-gathered in forward and
+        again in backward (resharded after forward), the root's once (FSDP2 keeps the root unsharded from
+        forward to backward), all in the parameter dtype; every gradient reduce-scattered in fp32. A ring
+        collective moves (N - 1) / N of the unsharded bytes through each GPU's link: ``cluster.inter_gbs`` once
+        the world spans nodes, else ``intra_gbs``. Hidden behind up to ``cluster.fsdp_overlap`` of the
+        micro-step's compute, except the root's all-gather and reduce-scatter at its edges (stated, not
+        measured here: no GPU). ``cluster.fsdp_comm=false`` leaves it out, for constants fitted with it
+        inside (FlexSP's published ``beta``). Under ``replicate`` the gradient all-reduce runs once per step, bucketed
+        into the last backward (not counted)."""
+        m, cl = self.model, self.cluster
+        n = cl.world
+        if self.sharding != "fsdp" or n == 1 or not cl.fsdp_comm:
+            return FsdpTime()
+        moved = self.fsdp_collective_bytes()
+        spans = n > cl.gpus_per_node
+        per_byte = (n - 1) / n / ((cl.inter_gbs if spans else cl.intra_gbs) * 1e9)
+        return FsdpTime(transfer_s=(moved["all_gather"] + moved["reduce_scatter"]) * per_byte,
+                        edge_transfer_s=moved["edge"] * per_byte,
+                        latency_s=(cl.inter_latency_us if spans else cl.intra_latency_us) * 1e-6,
+                        collectives=3 * m.layers + 2, overlap=cl.fsdp_overlap)  # fmt: skip
 
     def host_bytes_per_token(self) -> float:
         """Host memory per local token (``offload``: every layer's input)."""

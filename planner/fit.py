@@ -8,8 +8,9 @@ times factors:
 
 - attention = ``alpha1`` A + sum_u ``k_a2a[u]`` U_u + ring exposed(``k_p2p[r]``, ``ring_overlap``, ``alpha1``)
   + ``k_lat`` N lat  (A: attention compute per unit alpha1, U: all-to-all time, N lat: the collectives' latency);
-- micro-step = max over groups of (attention + ``alpha2`` R + offload + ``beta``)  (R: the rest of the compute per
-  unit alpha2; both alphas are fitted as values, so a constant that starts at 0 can still be learned);
+- micro-step = T + FSDP's exposure at T (stated, :class:`planner.types.FsdpTime`; its latency scales with
+  ``k_lat``), T = max over groups of (attention + ``alpha2`` R + offload + ``beta``)  (R: the rest of the compute
+  per unit alpha2; both alphas are fitted as values, so a constant that starts at 0 can still be learned);
 - step = sum of micro-steps + ``step``.
 
 :func:`fit` solves for the factors by robust (Huber) least squares on relative errors, with bounds that keep
@@ -137,6 +138,7 @@ class _Problem:
             step_meas.append(t.time_s)
         self.layers = cost.model.layers
         self.cost = cost
+        self.fsdp = cost.fsdp_time  # stated, not fitted; its latency scales with k_lat
         self.rows = {k: np.asarray(v, dtype=np.float64) for k, v in vars(rows).items() if k != "ring"}
         self.us = sorted({u for u in rows.u if u > 1})
         self.rs = sorted({r for r in rows.r if r > 1})
@@ -196,6 +198,10 @@ class _Problem:
         group = attn + alpha2 * rows["rest"] + rows["fixed"] + beta
         micro = np.full(len(self.micro_meas), beta)  # a micro-step whose groups all idle still costs beta
         np.maximum.at(micro, self.micro_of, group)
+        f = self.fsdp
+        if f.collectives:  # FSDP's exposure (FsdpTime.exposed_s) with the fitted latency
+            edge = f.edge_transfer_s + 2 * k_lat * f.latency_s
+            micro = micro + np.maximum(edge, f.transfer_s + f.collectives * k_lat * f.latency_s - f.overlap * micro)
         steps = np.bincount(self.micro_step, micro, minlength=len(self.step_meas)) + step
         return attn, micro, steps
 

@@ -195,4 +195,4 @@ def to_micro_step(inst: Instance, bins: list[Bin], seq_ids: np.ndarray, cost: Co
         first += size
     if first > inst.world:
         raise AssertionError(f"placed {first} GPUs on a world of {inst.world}")
-    return MicroStep(tuple(groups), bound, inst.mode)
+    return MicroStep(tuple(groups), bound, inst.mode, cost.fsdp_time)

@@ -42,13 +42,17 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
             if g.shape.size > 1:
                 ax.text(x0 + fixed / 2, y + h / 2, f"u{g.shape.ulysses}r{g.shape.ring}", ha="center",
                         va="center", fontsize=6)  # fmt: skip
+        if micro.fsdp_exposed_s > 0:  # FSDP's collectives not hidden: every rank waits
+            ax.barh(0, micro.fsdp_exposed_s, left=x0 + micro.groups_s, height=world, align="edge", color="#bbbbbb",
+                    hatch="//", edgecolor="white", linewidth=0)  # fmt: skip
         x0 += micro.time_s
         if mi + 1 < len(plan.micro_steps):
             ax.axvline(x0, color="k", linestyle="--", linewidth=0.8)
     ax.set_ylim(0, world)
     ax.set_ylabel("GPU rank (a group spans its ranks)")
     ax.invert_yaxis()
-    ax.set_xlabel("seconds (micro-steps separated by dashed lines; grey = fixed per-group cost)")
+    ax.set_xlabel("seconds (micro-steps separated by dashed lines; grey = fixed per-group cost; hatched = FSDP "
+                  "collectives not hidden)")  # fmt: skip
     head = f"step {plan.time_s:.2f} s, bound {plan.lower_bound_s:.2f} s, gap {plan.gap:.1%}"
     ax.set_title(f"{title}  {head}" if title else head, fontsize=10)
     ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], loc="lower right", fontsize=7)

@@ -116,6 +116,7 @@ class Planner:
         fits = arr[:, None] <= cap_k[None, :]
         capacity = float((cap_k / sizes).max()) * self.world  # tokens one micro-step can hold
         bound = step_bound(tmat, sizes.astype(float), fits, self.world, beta, arr, capacity)
+        bound += self._fsdp_bound(bound, math.ceil(arr.sum() / capacity - 1e-9))
         finish = np.where(fits, tmat + beta[None, :], np.inf).min(axis=1)
         work = np.where(fits, tmat * sizes[None, :], np.inf).min(axis=1)
         split_deadline = t0 + 0.5 * self.config.time_limit_s
@@ -202,7 +203,7 @@ class Planner:
         inst = sub if self._exact_size(sub) <= self.config.exact_max_pairs else self._pruned(sub)
         bins = self._greedy(inst, bound, deadline)
         fast = to_micro_step(inst, bins, ids, self._cost(inst), bound) if bins is not None else None
-        static = self._best_static(sub, ids, bound, fast.time_s if fast is not None else math.inf)
+        static = self._best_static(sub, ids, bound, fast.groups_s if fast is not None else math.inf)
         return static if static is not None else fast
 
     def _refine(self, full: Instance, ids: np.ndarray, fast: MicroStep | None, deadline: float) -> MicroStep:
@@ -214,21 +215,31 @@ class Planner:
         exact = self._exact_size(sub) <= self.config.exact_max_pairs
         inst = sub if exact else self._pruned(sub)
         best: MicroStep | None = fast
-        open_gap = fast is None or fast.time_s - bound > self.config.gap_tol * fast.time_s
+        open_gap = fast is None or fast.groups_s - bound > self.config.gap_tol * fast.groups_s
         if self.config.use_milp and open_gap and time.perf_counter() < deadline:
             start = self._greedy(inst, bound, deadline)
             if exact:
                 bins, bound = self._search_exact(inst, bound, start, deadline)
             else:
                 bins = self._search(inst, bound, start, deadline)
-            if bins is not None and (best is None or makespan(inst, bins) < best.time_s):
+            if bins is not None and (best is None or makespan(inst, bins) < best.groups_s):
                 best = to_micro_step(inst, bins, ids, self._cost(inst), bound)
         if best is not fast:  # the fast plan already weighed every static layout
-            static = self._best_static(sub, ids, bound, best.time_s if best is not None else math.inf)
+            static = self._best_static(sub, ids, bound, best.groups_s if best is not None else math.inf)
             best = static if static is not None else best
         if best is None:
             raise ValueError(f"could not plan a micro-step of {len(ids)} sequences on {self.world} GPUs")
         return replace(best, lower_bound_s=bound)
+
+    def _fsdp_bound(self, bound: float, floor: int) -> float:
+        """FSDP's least exposure over a step whose micro-steps' groups take ``bound`` seconds in all and number
+        at least ``floor``: each micro-step pays ``max(edge, comm - overlap T_i)``, whose sum is at least
+        ``max(m edge, m comm - overlap sum T_i)``; with ``T + exposure`` rising in both, ``m = floor`` and
+        ``sum T_i = bound`` give the least (the modes share one FSDP time)."""
+        f = next(iter(self.costs.values())).fsdp_time
+        if not f.collectives:
+            return 0.0
+        return max(floor * f.edge_s, floor * f.comm_s - f.overlap * bound)
 
     def _fluid(self, sub: Instance) -> float:
         fits = sub.lengths[:, None] <= sub.capacity[None, :]

@@ -50,6 +50,8 @@ def summarise(
         "memory_limit_gib": cost.cluster.memory_gib,
         "memory_gib": _peak_breakdown(cost, plans),
         "memory_modes": _memory_modes(cost, plans),
+        "fsdp_comm_s_per_micro_step": cost.fsdp_time.comm_s,  # all-gathers + reduce-scatters, before overlap
+        "fsdp_exposed_s": float(np.mean([sum(m.fsdp_exposed_s for m in p.micro_steps) for p in plans])),
         "estimated_mfu": float(np.mean(flops) / (planned * peak)) if planned > 0 else 0.0,
     }
     base, series = _baselines(cost, plans, baselines, max_len or max(max(p.lengths) for p in plans))

@@ -68,6 +68,8 @@ class Cluster:
     host_gbps: float = 25.0  # host <-> GPU copy bandwidth per GPU (activation offload; PCIe Gen5 x16 shared)
     host_memory_gib: float = 1536.0  # host memory per node usable for offloaded activations
     ring_overlap: float = 1.0  # share of a ring step's attention compute that hides its K/V transfer (fitted)
+    fsdp_overlap: float = 1.0  # share of a micro-step's compute that hides FSDP's all-gathers / reduce-scatters
+    fsdp_comm: bool = True  # time FSDP's collectives (false: fitted constants, e.g. FlexSP's beta, include them)
     step_ms: float = 0.0  # fixed time per step outside the micro-steps: loss all-reduce, clipping, optimizer
     calibration: str | None = None  # a calibration.json (sp-train's online fit): its constants replace these
 
@@ -78,8 +80,9 @@ class Cluster:
         for name in ("peak_tflops", "memory_gib", "intra_gbs", "inter_gbs", "mfu", "host_gbps", "host_memory_gib"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"cluster.{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.ring_overlap <= 1.0:
-            raise ValueError(f"cluster.ring_overlap={self.ring_overlap}; valid: 0 (never hidden) .. 1 (fully hidden)")
+        for name in ("ring_overlap", "fsdp_overlap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"cluster.{name}={getattr(self, name)}; valid: 0 (never hidden) .. 1 (fully hidden)")
         if self.step_ms < 0 or self.beta_ms < 0:
             raise ValueError(f"cluster.step_ms={self.step_ms}, beta_ms={self.beta_ms}; valid: >= 0")
         if self.comm_gib_per_group < 0:
@@ -264,15 +267,56 @@ class MemoryMode:
 
 
 @dataclass(frozen=True)
+class FsdpTime:
+    """FSDP's collectives in one micro-step (every rank runs every micro-step): ``transfer_s`` of bytes in all,
+    ``edge_transfer_s`` of them never hidden (the root's all-gather before the first layer, its
+    reduce-scatter after the last), ``collectives`` of them paying ``latency_s`` each (2 at the edges). The
+    rest hides behind up to ``overlap`` of the micro-step's compute (:meth:`exposed_s`)."""
+
+    transfer_s: float = 0.0
+    edge_transfer_s: float = 0.0
+    latency_s: float = 0.0
+    collectives: int = 0
+    overlap: float = 1.0
+
+    @property
+    def comm_s(self) -> float:
+        return self.transfer_s + self.collectives * self.latency_s
+
+    @property
+    def edge_s(self) -> float:
+        return self.edge_transfer_s + 2 * self.latency_s if self.collectives else 0.0
+
+    def exposed_s(self, compute_s: float) -> float:
+        """Time not hidden behind a micro-step whose slowest group computes ``compute_s``."""
+        return max(self.edge_s, self.comm_s - self.overlap * compute_s) if self.collectives else 0.0
+
+
+@dataclass(frozen=True)
 class MicroStep:
     groups: tuple[Assignment, ...]
-    lower_bound_s: float
+    lower_bound_s: float  # of the groups' time (the slowest group), FSDP aside
     memory: MemoryMode | None = None  # what this micro-step runs with (None: the model's own settings)
-    fsdp_exposed_s: float = 0.0  # FSDP all-gather / reduce-scatter time not hidden behind compute
+    fsdp: FsdpTime = FsdpTime()
+
+    @property
+    def groups_s(self) -> float:
+        """The slowest group's time."""
+        return max(g.time_s for g in self.groups)
+
+    @property
+    def fsdp_exposed_s(self) -> float:
+        return self.fsdp.exposed_s(self.groups_s)
 
     @property
     def time_s(self) -> float:
-        return max(g.time_s for g in self.groups) + self.fsdp_exposed_s
+        return self.groups_s + self.fsdp_exposed_s
+
+    @property
+    def bound_s(self) -> float:
+        """A lower bound on this micro-step's time: the groups' bound plus FSDP's exposure at it (the time
+        ``T + exposed(T)`` never falls as T grows)."""
+        return self.lower_bound_s + self.fsdp.exposed_s(self.lower_bound_s)
 
     @property
     def checkpointing(self) -> str:
@@ -305,7 +349,7 @@ class StepPlan:
 
     @property
     def split_bound_s(self) -> float:
-        return sum(m.lower_bound_s for m in self.micro_steps)
+        return sum(m.bound_s for m in self.micro_steps)
 
     @property
     def lower_bound_s(self) -> float:

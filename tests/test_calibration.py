@@ -18,6 +18,7 @@ from planner.cost import CostModel
 from planner.fit import GroupTiming, MicroTiming, StepTiming, fit, slowed, step_errors
 from planner.planner import Planner, PlannerConfig
 from planner.types import Cluster, ModelShape
+from tests.test_planner import fsdp_exposed
 
 MODEL = ModelShape(name="m", layers=4, hidden=512, heads=8, kv_heads=8, ffn=1024, vocab=1000, checkpointing="full")
 YAML = Cluster(name="y", nodes=1, gpus_per_node=8, peak_tflops=10, mfu=1.0, memory_gib=4.0, intra_gbs=5.0,
@@ -43,7 +44,7 @@ def timing(truth: CostModel, step: int, plan, rng: np.random.Generator | None = 
             attn += c.group_overhead_s(g.shape) - c.beta_s  # the collectives' latency
             groups.append(GroupTiming(g.shape, tuple(int(x) for x in n), jitter(float(attn))))
             totals.append(float(np.sum(c.seq_time_s(n, g.shape))) + c.group_overhead_s(g.shape))
-        micro.append(MicroTiming(tuple(groups), jitter(max(totals)), m.memory))
+        micro.append(MicroTiming(tuple(groups), jitter(max(totals) + fsdp_exposed(truth, max(totals))), m.memory))
     return StepTiming(step, tuple(micro), sum(x.time_s for x in micro) + truth.step_overhead_s)
 
 

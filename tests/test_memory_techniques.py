@@ -246,7 +246,8 @@ def test_planner_chunks_or_tiles_only_the_micro_step_that_needs_it(technique):
 
 def test_fsdp_unsharded_parameters_and_gradients_equal_the_formula():
     """FSDP2's unsharded parameters (root + the current layer) and, before each reduce-scatter, the layer's
-    unsharded gradients, measured by hooking FSDP2's unshard/reshard/post-backward, in fp32 and bf16."""
+    unsharded gradients, measured by hooking FSDP2's unshard/reshard/post-backward, in fp32 and bf16; the bytes
+    its all-gathers and reduce-scatters move in one forward + backward."""
     from benchmarks.memory import run_fsdp
 
     rows = run_fsdp([2], ["tiny"], ["fp32", "bf16"])
@@ -254,6 +255,8 @@ def test_fsdp_unsharded_parameters_and_gradients_equal_the_formula():
     for r in rows:
         assert r["fsdp_params_peak_measured"] == r["fsdp_params_peak_predicted"], r
         assert r["fsdp_params_grads_peak_measured"] == r["fsdp_params_grads_peak_predicted"], r
+        for kind in ("all_gather", "reduce_scatter"):  # one micro-step's collectives (FSDP's time in the planner)
+            assert r[f"fsdp_{kind}_bytes_measured"] == r[f"fsdp_{kind}_bytes_predicted"], r
 
 
 def _no_labels_worker(rank, world):
