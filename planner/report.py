@@ -49,6 +49,7 @@ def summarise(
         "peak_memory_gib": float(max(p.peak_memory_gib for p in plans)),
         "memory_limit_gib": cost.cluster.memory_gib,
         "memory_gib": _peak_breakdown(cost, plans),
+        "memory_gib_mode": max(plans, key=lambda p: p.peak_memory_gib).peak_group()[0].mode(cost.model).label,
         "memory_modes": _memory_modes(cost, plans),
         "fsdp_comm_s_per_micro_step": cost.fsdp_time.comm_s,  # all-gathers + reduce-scatters, before overlap
         "fsdp_exposed_s": float(np.mean([sum(m.fsdp_exposed_s for m in p.micro_steps) for p in plans])),
@@ -157,8 +158,9 @@ def table(plan: StepPlan, summary: dict) -> str:
         f"max {summary['solve_s_max'] * 1e3:.0f} ms"
     )
     lines.append(
-        f"peak memory {summary['peak_memory_gib']:.1f} / {summary['memory_limit_gib']} GiB per GPU | "
-        f"estimated MFU {summary['estimated_mfu']:.1%}"
+        f"peak memory {summary['peak_memory_gib']:.1f} / {summary['memory_limit_gib']} GiB per GPU "
+        f"({summary['memory_gib_mode']}) | estimated MFU {summary['estimated_mfu']:.1%} | FSDP "
+        f"{summary['fsdp_comm_s_per_micro_step']:.3f} s per micro-step, {summary['fsdp_exposed_s']:.3f} s exposed"
     )
     for k, v in summary["baselines"].items():
         if k.endswith("_layout"):
