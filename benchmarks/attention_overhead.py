@@ -8,7 +8,8 @@
   One rank uses 2 threads (this machine's cores).
 - World 4 (gloo ranks, one thread each): ulysses 4, ring 4 and hybrid 2x2 on one causal document of 8K / 16K
   tokens: the time per call (the slowest rank, median of ``reps`` after a warm-up) and the share of it spent waiting on
-  communication (time inside the ring exchanges' and all-to-alls' ``wait``, measured by wrapping them).
+  communication (the runtime's own ``comm_wait`` spans, :mod:`sp.timing`: time inside the ring exchanges' and
+  the all-to-alls' ``wait``).
 """
 
 from __future__ import annotations
@@ -90,43 +91,18 @@ def _world1_rank(rank: int, world: int, tokens: list[int], reps: int) -> list[di
     return rows
 
 
-class _Waits:
-    """Accumulates the time spent in the ring exchanges' and the all-to-alls' ``wait``."""
-
-    def __init__(self) -> None:
-        import importlib
-
-        import sp.comm
-
-        attn = importlib.import_module("sp.attention")  # the module (``sp.attention`` is also the function)
-        self.s = 0.0
-
-        def timed(fn: Any) -> Any:
-            def wrapper(arg: Any) -> torch.Tensor:
-                t0 = time.perf_counter()
-                try:
-                    return fn(arg)
-                finally:
-                    self.s += time.perf_counter() - t0
-
-            return wrapper
-
-        x_wait, a_wait = timed(sp.comm.Exchange.wait), timed(attn._wait)
-        sp.comm.Exchange.wait = x_wait  # type: ignore[method-assign]
-        attn._wait = a_wait
-
-
 def _world4_rank(rank: int, world: int, tokens: list[int], reps: int) -> list[dict]:
     import torch.distributed as dist
 
     import sp
+    from sp.timing import COMM_WAIT, SpanTimer
 
     pool = sp.GroupPool()
-    waits = _Waits()
     rows = []
     for t in tokens:
         for name, (u, r) in (("ulysses", (4, 1)), ("ring", (1, 4)), ("hybrid", (2, 2))):
-            ctx = pool.context(tuple(range(world)), u, r, [0, t], causal=True, kernel="cpu_fused")
+            timer = SpanTimer(torch.device("cpu"))  # the runtime's own comm_wait spans (sp.timing)
+            ctx = pool.context(tuple(range(world)), u, r, [0, t], causal=True, kernel="cpu_fused", timer=timer)
             full = _inputs(t, HEADS, torch.float32)
             q, k, v, dout = (sp.shard(x, ctx.layout, ctx.rank) for x in full)
             call = _ours(q, k, v, dout, ctx)
@@ -135,9 +111,9 @@ def _world4_rank(rank: int, world: int, tokens: list[int], reps: int) -> list[di
             times, waited = [], []
             for _ in range(reps):
                 dist.barrier()
-                waits.s = 0.0
+                before = timer.totals().get(COMM_WAIT, 0.0)
                 times.append(_timed(call))
-                waited.append(waits.s)
+                waited.append(timer.totals().get(COMM_WAIT, 0.0) - before)
             rows.append({"strategy": name, "u": u, "r": r, "tokens": t, "times": times, "waited": waited})
     return rows
 

@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
     a.add_argument("--scaling", action="store_true", help="also run P=1,2 at the smallest size (memory ~1/P)")
     a.add_argument("--vs-single", action="store_true", help="runtime overhead: sp.attention vs one fused call")
-    a.add_argument("--tokens1", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="--vs-single, world 1")
-    a.add_argument("--tokens4", type=int, nargs="+", default=[8192, 16384], help="--vs-single, world 4")
+    a.add_argument("--tokens1", type=int, nargs="*", default=[2048, 4096, 8192, 16384],
+                   help="--vs-single, world 1 (none: skip)")  # fmt: skip
+    a.add_argument("--tokens4", type=int, nargs="*", default=[8192, 16384], help="--vs-single, world 4 (none: skip)")
     a.add_argument("--reps", type=int, default=5, help="--vs-single: timed repeats after a warm-up")
     e = sub.add_parser("e2e", help="real CPU training, adaptive vs static layouts, interleaved")
     e.add_argument("--lengths", default=os.environ.get("SP_LENGTHS", "../shared/data/lengths/wikipedia.txt.gz"))

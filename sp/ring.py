@@ -96,6 +96,11 @@ def _direct_pairs(ctx: SPContext, kernel: Kernel) -> list[BlockPair] | None:
     return pairs
 
 
+def _covers(pairs: list[BlockPair], rows: int, keys: int) -> bool:
+    """Whether one pair holds every local query row and key (one unpadded sequence without a ring)."""
+    return len(pairs) == 1 and pairs[0][0] == 0 and pairs[0][1] == rows and pairs[0][2] == 0 and pairs[0][3] == keys
+
+
 def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: RingStats | None) -> Exchange:
     if mode == "compute":
         return Exchange([], buf)
@@ -120,8 +125,12 @@ def ring_forward(
     the same bits); any other merges. Rows no block reaches stay (0, -inf)."""
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
     direct = _direct_pairs(ctx, kernel)
+    if direct is not None and mode != "comm" and _covers(direct, q.shape[0], k.shape[0]):
+        qs, nq, ks, nk, q_pos, k_pos, mask = direct[0]  # one pair, every row and key: the kernel's result as is
+        o, l_ = kernel.forward(q, k, v, q_pos, k_pos, mask, scale)
+        return o.to(q.dtype), l_.to(acc)  # views of the op's own results (no copy, no fill, no merge)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
     if direct is not None:  # one result per row: written in the input dtype, padding rows stay (0, -inf)
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         for qs, nq, ks, nk, q_pos, k_pos, mask in direct if mode != "comm" else ():
@@ -166,6 +175,10 @@ def ring_backward(
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
     direct = _direct_pairs(ctx, kernel)
+    if direct is not None and mode != "comm" and _covers(direct, q.shape[0], k.shape[0]):
+        qs, nq, ks, nk, q_pos, k_pos, mask = direct[0]  # one pair, every row and key: the kernel's gradients as is
+        g = kernel.backward(dout, q, k, v, out, lse, q_pos, k_pos, mask, scale)
+        return g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)
     if direct is not None:  # one pair per row range and per key range: no accumulation, input-dtype gradients
         grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
         for qs, nq, ks, nk, q_pos, k_pos, mask in direct if mode != "comm" else ():
