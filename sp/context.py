@@ -72,9 +72,13 @@ class SPContext:
         return self.layout.position_ids(self.rank).to(self.device)
 
     @cached_property
-    def gather_perm(self) -> torch.Tensor:
-        """The Ulysses receive-buffer permutation (:attr:`GroupLayout.gather_perm`) on ``device``."""
-        return self.layout.gather_perm.to(self.device)
+    def gather_perm(self) -> torch.Tensor | None:
+        """The Ulysses receive-buffer permutation (:attr:`GroupLayout.gather_perm`) on ``device``; None where it
+        is the identity (one sequence, or no ring and sequences one per rank range): no index copy then."""
+        perm = self.layout.gather_perm
+        if torch.equal(perm, torch.arange(len(perm))):
+            return None
+        return perm.to(self.device)
 
     @property
     def cu_seqlens_local(self) -> torch.Tensor:

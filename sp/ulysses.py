@@ -70,18 +70,23 @@ def post_seq_to_head(x: torch.Tensor, u: int, chunks: int, c: int, group) -> tup
     return work, recv
 
 
-def to_ring_local(recv: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``[u, T_l, hc, D]`` received from every Ulysses peer -> ring-local ``[T_ring, hc, D]``."""
+def to_ring_local(recv: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """``[u, T_l, hc, D]`` received from every Ulysses peer -> ring-local ``[T_ring, hc, D]`` (``perm`` None:
+    the received order is already ring-local, a view)."""
     u, t, hc, d = recv.shape
     # [u, T_l, hc, D] -reshape-> [u * T_l, hc, D] -index perm-> [T_ring, hc, D]
-    return recv.reshape(u * t, hc, d).index_select(0, perm)  # perm already on the device (SPContext)
+    flat = recv.reshape(u * t, hc, d)
+    return flat if perm is None else flat.index_select(0, perm)  # perm already on the device (SPContext)
 
 
-def post_head_to_seq(y: torch.Tensor, u: int, perm: torch.Tensor, group) -> tuple[object, torch.Tensor]:
+def post_head_to_seq(y: torch.Tensor, u: int, perm: torch.Tensor | None, group) -> tuple[object, torch.Tensor]:
     """Start the reverse all-to-all of ring-local ``y`` ``[T_ring, hc, D]``; recv is ``[u, T_l, hc, D]``."""
     t_ring, hc, d = y.shape
-    flat = torch.empty_like(y)
-    flat[perm] = y  # undo the ring-local order: flat is [u * T_l, hc, D] in send order
+    if perm is None:  # ring-local order is the send order
+        flat = y.contiguous()
+    else:
+        flat = torch.empty_like(y)
+        flat[perm] = y  # undo the ring-local order: flat is [u * T_l, hc, D] in send order
     # [u * T_l, hc, D] -view-> [u, T_l, hc, D]
     send = flat.view(u, t_ring // u, hc, d)
     recv = torch.empty_like(send)

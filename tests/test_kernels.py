@@ -51,6 +51,8 @@ def test_context_keeps_index_tensors_on_its_device_once():
     ctx = sp.SPContext(sp.GroupLayout.build([0, 5, 12], 2, 1), 0, device="meta")
     assert ctx.position_ids.device.type == "meta" and ctx.gather_perm.device.type == "meta"
     assert ctx.position_ids is ctx.position_ids and ctx.gather_perm is ctx.gather_perm
+    one = sp.SPContext(sp.GroupLayout.build([0, 8], 2, 1), 0)  # one sequence: received rows are already in order
+    assert one.gather_perm is None and torch.equal(one.layout.gather_perm, torch.arange(4 * 2))
 
 
 def test_nvml_reads_the_ranks_own_gpu():
