@@ -84,6 +84,28 @@ def _rows(pairs: list[Pair]) -> list[BlockPair]:
     return [(qs.start, qs.length, ks.start, nk, qs.pos, ks.pos, mask) for qs, ks, mask, nk in pairs]
 
 
+def _step_pairs(ctx: SPContext, src: int, kernel: Kernel) -> list[BlockPair]:
+    """The row pairs of one ring step for ``kernel``; for a kernel that takes whole pairs one call at a time,
+    unmasked pairs that share their keys and have adjacent query rows (or share their queries and have adjacent
+    keys) are joined into one call: a zigzag ring step's two chunk pairs become one (same result, one softmax over
+    the union of keys instead of two merged by their lse)."""
+    pairs = _rows(block_pairs(ctx, src, kernel.tile_rows))
+    if kernel.tile_rows is not None or hasattr(kernel, "forward_pairs"):
+        return pairs
+    out: list[BlockPair] = []
+    for p in pairs:
+        if out and not p[6] and not out[-1][6]:
+            qs, nq, ks, nk, q_pos, k_pos, _ = out[-1]
+            if (ks, nk) == (p[2], p[3]) and qs + nq == p[0]:  # same keys, next query rows
+                out[-1] = (qs, nq + p[1], ks, nk, q_pos, k_pos, False)
+                continue
+            if (qs, nq) == (p[0], p[1]) and ks + nk == p[2]:  # same queries, next keys
+                out[-1] = (qs, nq, ks, nk + p[3], q_pos, k_pos, False)
+                continue
+        out.append(p)
+    return out
+
+
 def _direct_pairs(ctx: SPContext, kernel: Kernel) -> list[BlockPair] | None:
     """Without a ring (r = 1) a kernel that takes whole pairs meets each sequence's rows and keys in exactly one
     pair: its results can go straight into input-dtype outputs (one fp32 value rounded once, as the
@@ -144,9 +166,7 @@ def ring_forward(
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         if mode != "comm":
-            for qr, o, l_ in forward_pairs(
-                kernel, q, kv[0], kv[1], _rows(block_pairs(ctx, (i - step) % r, kernel.tile_rows)), scale
-            ):
+            for qr, o, l_ in forward_pairs(kernel, q, kv[0], kv[1], _step_pairs(ctx, (i - step) % r, kernel), scale):
                 if bool(fresh[qr].all()):
                     out[qr] = o
                     lse[:, qr] = l_
@@ -191,7 +211,7 @@ def ring_backward(
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         if mode != "comm":
-            backward_pairs(kernel, dout, q, k, v, out, lse, _rows(block_pairs(ctx, i, kernel.tile_rows)), scale,
+            backward_pairs(kernel, dout, q, k, v, out, lse, _step_pairs(ctx, i, kernel), scale,
                            dq, dk, dv)  # fmt: skip
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     kv = torch.stack([k, v])  # [2, T, hk, d]
@@ -200,7 +220,7 @@ def ring_backward(
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # contribution to ring rank i - step's block
         if mode != "comm":
-            pairs = _rows(block_pairs(ctx, (i - step) % r, kernel.tile_rows))
+            pairs = _step_pairs(ctx, (i - step) % r, kernel)
             backward_pairs(kernel, dout, q, kv[0], kv[1], out, lse, pairs, scale, dq, dkv[0], dkv[1])
         if dkv_in is not None:
             dkv += dkv_in.wait()
