@@ -198,10 +198,7 @@ class _Problem:
         group = attn + alpha2 * rows["rest"] + rows["fixed"] + beta
         micro = np.full(len(self.micro_meas), beta)  # a micro-step whose groups all idle still costs beta
         np.maximum.at(micro, self.micro_of, group)
-        f = self.fsdp
-        if f.collectives:  # FSDP's exposure (FsdpTime.exposed_s) with the fitted latency
-            edge = f.edge_transfer_s + 2 * k_lat * f.latency_s
-            micro = micro + np.maximum(edge, f.transfer_s + f.collectives * k_lat * f.latency_s - f.overlap * micro)
+        micro = micro + self.fsdp.exposed_s(micro, k_lat)  # FSDP's exposure with the fitted latency
         steps = np.bincount(self.micro_step, micro, minlength=len(self.step_meas)) + step
         return attn, micro, steps
 

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 CHECKPOINTING = ("full", "selective", "none", "offload")  # activation checkpointing modes (trainer.sharding);
 # offload = full checkpointing with each layer's kept input in host memory (trainer.offload)
 SHARDINGS = ("fsdp", "replicate")  # fsdp: ZeRO-3 (states / world); replicate: whole states on every GPU
@@ -287,9 +289,14 @@ class FsdpTime:
     def edge_s(self) -> float:
         return self.edge_transfer_s + 2 * self.latency_s if self.collectives else 0.0
 
-    def exposed_s(self, compute_s: float) -> float:
-        """Time not hidden behind a micro-step whose slowest group computes ``compute_s``."""
-        return max(self.edge_s, self.comm_s - self.overlap * compute_s) if self.collectives else 0.0
+    def exposed_s(self, compute_s: Any, latency_scale: float = 1.0) -> Any:
+        """Time not hidden behind a micro-step whose slowest group computes ``compute_s`` (seconds, or an array
+        of them), the latency scaled by ``latency_scale`` (the online fit's factor)."""
+        if not self.collectives:
+            return 0.0 * compute_s
+        lat = self.latency_s * latency_scale
+        edge = self.edge_transfer_s + 2 * lat
+        return np.maximum(edge, self.transfer_s + self.collectives * lat - self.overlap * compute_s)
 
 
 @dataclass(frozen=True)
@@ -306,7 +313,7 @@ class MicroStep:
 
     @property
     def fsdp_exposed_s(self) -> float:
-        return self.fsdp.exposed_s(self.groups_s)
+        return float(self.fsdp.exposed_s(self.groups_s))
 
     @property
     def time_s(self) -> float:
@@ -316,7 +323,7 @@ class MicroStep:
     def bound_s(self) -> float:
         """A lower bound on this micro-step's time: the groups' bound plus FSDP's exposure at it (the time
         ``T + exposed(T)`` never falls as T grows)."""
-        return self.lower_bound_s + self.fsdp.exposed_s(self.lower_bound_s)
+        return self.lower_bound_s + float(self.fsdp.exposed_s(self.lower_bound_s))
 
     @property
     def checkpointing(self) -> str:
