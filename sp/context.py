@@ -74,7 +74,7 @@ class SPContext:
     @cached_property
     def gather_perm(self) -> torch.Tensor | None:
         """The Ulysses receive-buffer permutation (:attr:`GroupLayout.gather_perm`) on ``device``; None where it
-        is the identity (one sequence, or no ring and sequences one per rank range): no index copy then."""
+        is the identity (a single sequence): no index copy then."""
         perm = self.layout.gather_perm
         if torch.equal(perm, torch.arange(len(perm))):
             return None
