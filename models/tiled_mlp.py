@@ -49,7 +49,9 @@ def install(model: torch.nn.Module, tile: int) -> None:
     micro-step; a pass keeps the tile it started with for its backward."""
     from megatron.core.transformer.mlp import MLP
 
-    for mlp in [m for m in model.modules() if isinstance(m, MLP)]:
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    model.sp_tiled_mlps = mlps  # type: ignore[assignment]  # set_tile reaches them without a module walk
+    for mlp in mlps:
         forward = mlp.forward
         mlp.sp_tile = mlp.sp_tile_default = tile
 
@@ -71,7 +73,7 @@ def install(model: torch.nn.Module, tile: int) -> None:
 def set_tile(model: torch.nn.Module, tile: int | None) -> None:
     """The MLP tile of the next passes (None: the one installed; 0: untiled). Raises where the model was
     built without the tiled MLP and ``tile`` asks for it."""
-    mlps: list[Any] = [m for m in model.modules() if hasattr(m, "sp_tile")]
+    mlps: list[Any] = getattr(model, "sp_tiled_mlps", [])
     if not mlps and tile:
         raise ValueError(f"the plan asks for mlp_tile_tokens={tile}; the model was built without the tiled MLP "
                          "(set model.mlp_tile_tokens or planner.mlp_tile_tokens)")  # fmt: skip

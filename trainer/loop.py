@@ -121,7 +121,7 @@ class Trainer:
         self.fallback = Planner(self.cost, replace(job.planner, use_milp=False))  # a late plan's stand-in
         # fp32 master parameters everywhere; bf16 compute comes from FSDP's policy or autocast (replicate).
         # Built on the meta device and sharded first: each rank materialises and fills only its own rows.
-        meta = build_meta(job.model, job.data.max_len, modes=memory_modes(job.model, job.planner))
+        meta = build_meta(job.model, job.data.max_len, modes=modes)
         self.model = materialize(parallelize(meta, self.regime, self.device), self.device)
         self.autocast = torch.bfloat16 if (self.regime.precision == "bf16" and t.sharding == "replicate") else None
         self.pool = GroupPool()
