@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str, list[int], s
                 if switch is not None:
                     switch.offload.reset()
                 with SavedBytes(model) as meter:
-                    loss = group_pass(model, pool, g, docs, "torch", cpu)
+                    loss = group_pass(model, pool, g, docs, "torch", cpu, meter=meter)
                 del loss  # forward only: what is saved is known once the forward ends (backward: 2/3 of the time)
                 off = switch.offload.bytes if switch is not None else 0
                 worst = torch.tensor([float(meter.bytes), float(off)], dtype=torch.float64)

@@ -56,7 +56,8 @@ class SPCoreAttention(MegatronModule):
         # [s, 1, heads, dim] -select batch-> [s, heads, dim]
         q, k, v = query[:, 0], key[:, 0], value[:, 0]
         if self.rope is not None:
-            cos, sin = rope_tables(self.rope, ctx.position_ids, q.dtype)  # at true in-sequence positions
+            rope = self.rope  # cos/sin at true in-sequence positions, built once per micro-step for every layer
+            cos, sin = ctx.tables.memo(("rope", rope, q.dtype), lambda: rope_tables(rope, ctx.position_ids, q.dtype))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = sp.attention(q.contiguous(), k.contiguous(), v.contiguous(), ctx)
         # [s, heads, dim] -reshape-> [s, 1, heads * dim]

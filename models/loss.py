@@ -4,8 +4,12 @@ The plain path materialises ``[tokens, vocab]`` logits (bf16, plus an fp32 copy 
 10 bytes per token per vocabulary entry, 19.6 GiB at 16K local tokens of Llama-3's 128K vocabulary) and keeps
 the fp32 softmax for backward. Here the forward computes each chunk's logits, its log-sum-exp and the target
 logit, and keeps only ``hidden`` (already saved by the layer below) and the fp32 lse per token; the backward
-recomputes each chunk's logits, forms ``softmax - onehot`` scaled by the incoming gradient, and accumulates
-``d hidden`` and ``d weight`` (fp32). No ``[tokens, vocab]`` tensor lives beyond one chunk. The extra cost is
+recomputes each chunk's logits, forms ``softmax - onehot`` scaled by the incoming gradient (in place, in
+fp32), and accumulates ``d hidden`` and, in place, ``d weight`` in fp32 (no per-chunk ``[V, h]`` temporary).
+No ``[tokens, vocab]`` tensor lives beyond one chunk. The backward's vocabulary-sized peak is the fp32
+accumulator (``4 V h``) plus the larger of one chunk's fp32 gradient with its compute-dtype copy
+(``chunk V (4 + b)``) and the accumulator's final cast to the weight's dtype (``b V h``):
+:meth:`planner.cost.CostModel.fixed_working_bytes` counts exactly that. The extra cost is
 one more logits matmul per token (the recompute), 2 V h FLOPs. Numerics: logits and their reductions in
 fp32, like Megatron's ``vocab_parallel_cross_entropy`` (equal within 1e-6 in fp32; tested).
 
@@ -45,17 +49,29 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         chunk = ctx.chunk
         d_hidden = torch.empty_like(hidden)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # the fp32 accumulator
         rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for a in range(0, hidden.shape[0], chunk):
             h = hidden[a : a + chunk]
-            p = torch.exp((h @ weight.T).float() - lse[a : a + chunk, None])  # softmax [chunk, V], fp32
+            p = (h @ weight.T).float()  # [chunk, V]: the logits (b) live only until this fp32 copy exists
+            p.sub_(lse[a : a + chunk, None]).exp_()  # the softmax, in place
             p[rows[: h.shape[0]], labels[a : a + chunk]] -= 1.0  # d loss / d logits = softmax - onehot
-            p *= grad[a : a + chunk, None].float()
-            g = p.to(hidden.dtype)
+            p.mul_(grad[a : a + chunk, None].float())
+            g = p.to(hidden.dtype)  # p itself in fp32
             d_hidden[a : a + chunk] = g @ weight
-            d_weight += (g.T @ h).float()
+            _accumulate(d_weight, g, p, h)
+            del p, g
         return d_hidden, d_weight.to(weight.dtype), None, None
+
+
+def _accumulate(acc: torch.Tensor, g: torch.Tensor, p: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += g.T @ h`` in place in fp32, with no ``[V, h]`` temporary: on CUDA one half-precision GEMM that
+    accumulates in fp32 into ``acc`` (``addmm`` with ``out_dtype``); elsewhere, or for fp32 inputs, an fp32
+    GEMM of the fp32 gradient ``p`` into ``acc`` (``h`` widened: ``[chunk, h]``, small)."""
+    if g.is_cuda and g.dtype != torch.float32:
+        torch.addmm(acc, g.T, h, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(p.T, h.float())
 
 
 def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:

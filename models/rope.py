@@ -96,8 +96,10 @@ def _yarn(d: int, base: float, p: dict[str, Any], max_positions: int) -> tuple[t
 
 def rope_tables(rope: Rope, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) ``[tokens, 1, head_dim]`` for ``positions`` ``[tokens]``, in ``dtype``."""
+    from sp.step_tables import upload
+
     inv, scale = rope.inv_freq()
-    ang = positions.to(torch.float32)[:, None] * inv.to(positions.device)[None, :]  # [tokens, dim/2], fp32
+    ang = positions.to(torch.float32)[:, None] * upload(inv, positions.device)[None, :]  # [tokens, dim/2], fp32
     # [tokens, dim/2] -cat-> [tokens, dim] -unsqueeze-> [tokens, 1, dim] (broadcast over heads)
     emb = torch.cat([ang, ang], dim=-1).unsqueeze(1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)

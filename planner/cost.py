@@ -21,7 +21,7 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   dim, H heads, kv = max(H_kv, u), f ffn, V vocab), counted tensor by tensor against the trainer's
   Megatron GPT (``sp-bench memory`` checks it):
   each RMSNorm 8h + 4 (fp32 input, fp32 normalised copy, rstd); linear inputs 2 b h (qkv, fc1);
-  RoPE cos/sin 2 d b (one table, shared by q and k); attention q, k, v, out (2H + 2kv) d b and fp32 lse 4H;
+  attention q, k, v, out (2H + 2kv) d b and fp32 lse 4H;
   the Ulysses output H d b (u > 1 only); SwiGLU MLP 5 f b (fc1 output, its two halves' products, fc2 input;
   none with ``model.mlp_tile_tokens``: the tiled MLP keeps only its input).
   ``none`` keeps all of that per layer; ``selective`` drops RoPE and the attention internals and keeps the
@@ -29,12 +29,14 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   (its input); ``offload`` keeps nothing on the GPU (that input is in host memory:
   :meth:`CostModel.host_bytes_per_token`, L b h per token, against ``cluster.host_memory_gib`` per node).
   Outside the layers: token ids 8, final norm 8h + 4, output-layer input b h, fp32 softmax 4V, labels and
-  target mask 10 (chunked loss, ``model.loss_chunk_tokens``: an fp32 lse and the labels, 13).
+  target mask 10 (chunked loss, ``model.loss_chunk_tokens``: an fp32 lse and the labels, 13), RoPE's cos/sin
+  table 2 d b (built once per micro-step and shared by every layer).
   Working set on top (transient): one recomputed layer's internals under ``full``/``offload`` (plus the
   fetched input under ``offload``), logits (b + 8) V (none with the chunked loss), all-to-all buffers
   2 (H + 2kv) d b (u > 1), ring K/V double buffer 4 kv d b (r > 1); token-independent
-  (:meth:`CostModel.fixed_working_bytes`): one loss chunk's logits, softmax and gradient plus the fp32
-  output-weight gradient, one MLP tile's intermediates. A measured ``cluster.act_bytes_per_token``
+  (:meth:`CostModel.fixed_working_bytes`): the chunked loss's backward peak, 4 V h (its fp32 weight-gradient
+  accumulator) + max(chunk V (4 + b), b V h) (one chunk's fp32 gradient with its b copy, or the final cast),
+  one MLP tile's intermediates. A measured ``cluster.act_bytes_per_token``
   (sp-profile) replaces saved + working.
 - **Offload time**: the layer inputs come back from host memory before each recompute, L (tokens / P) b h
   bytes at ``cluster.host_gbps`` (the device-to-host copy overlaps the forward). The chunked loss adds one
@@ -291,7 +293,7 @@ class CostModel:
         b, h, d, f, heads = m.bytes_per_value, m.hidden, m.d_head, m.d_ffn, m.heads
         kv = max(m.n_kv_heads, u)  # kv heads replicate past their count
         norm = 8 * h + 4  # fp32 input + fp32 normalised copy + fp32 rstd
-        rope_attn = 2 * d * b + (2 * heads + 2 * kv) * d * b + 4 * heads  # cos/sin (shared by q, k); q k v out; lse
+        rope_attn = (2 * heads + 2 * kv) * d * b + 4 * heads  # q k v out; lse (RoPE's cos/sin: outside the layers)
         proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
         mlp = 0 if m.mlp_tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled: only its input (fc1's, above)
         none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp
@@ -305,10 +307,11 @@ class CostModel:
 
     def _outside_bytes(self) -> float:
         """Saved per token outside the layers: token ids, final norm, output-layer input, the fp32 softmax,
-        labels and the loss's target mask (chunked loss: an fp32 lse and the labels)."""
+        labels and the loss's target mask (chunked loss: an fp32 lse and the labels), and RoPE's cos/sin
+        table, built once per micro-step and shared by every layer (``2 d b``, held by the SP context)."""
         m = self.model
         loss = 4 + 9 if m.loss_chunk_tokens else 4 * m.vocab + 10
-        return 8 + (8 * m.hidden + 4) + m.bytes_per_value * m.hidden + loss
+        return 8 + (8 * m.hidden + 4) + m.bytes_per_value * m.hidden + loss + 2 * m.d_head * m.bytes_per_value
 
     def working_bytes_per_token(self, u: int = 1, r: int = 1) -> float:
         """Transient bytes per local token on top of the saved ones (not seen by saved-tensor hooks): the
@@ -332,12 +335,14 @@ class CostModel:
         return 0.0 if m.loss_chunk_tokens else (m.bytes_per_value + 8) * m.vocab
 
     def fixed_working_bytes(self) -> float:
-        """Transient bytes that do not grow with the tokens: one loss chunk's logits, softmax and gradient
-        (fp32, fp32, b) plus the fp32 output-weight gradient it accumulates; one MLP tile's intermediates."""
+        """Transient bytes that do not grow with the tokens: the chunked loss's backward peak (its fp32
+        output-weight accumulator, plus the larger of one chunk's fp32 gradient with its compute-dtype copy and
+        the accumulator's final cast to the weight's dtype: :mod:`models.loss`); one MLP tile's intermediates."""
         m = self.model
         out = 0.0
         if m.loss_chunk_tokens:
-            out += m.loss_chunk_tokens * m.vocab * (8 + m.bytes_per_value) + 4 * m.vocab * m.hidden
+            cast = m.bytes_per_value if m.bytes_per_value < 4 else 0  # an fp32 model has no half-precision copies
+            out += 4 * m.vocab * m.hidden + max(m.loss_chunk_tokens * m.vocab * (4 + cast), cast * m.vocab * m.hidden)
         if m.mlp_tile_tokens:
             out += m.mlp_tile_tokens * (5 if m.swiglu else 2) * m.d_ffn * m.bytes_per_value
         return out

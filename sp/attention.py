@@ -54,7 +54,7 @@ class _SPAttention(torch.autograd.Function):
     @staticmethod
     def _forward(fctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> torch.Tensor:
         plan = _check(q, k, v, ctx)
-        kernel = get_kernel(ctx.kernel)
+        kernel = ctx.tables.memo("kernel", lambda: get_kernel(ctx.kernel))  # one per micro-step
         scale = ctx.scale_for(q.shape[2])
         k, v = plan.expand_kv(k), plan.expand_kv(v)
         saved: list[tuple[torch.Tensor, ...]] = []

@@ -29,6 +29,7 @@ from sp.kernels import (
     TILE_ROWS,
     BlockPair,
     Kernel,
+    PairOut,
     Visibility,
     backward_pairs,
     classify,
@@ -84,13 +85,14 @@ def _rows(pairs: list[Pair]) -> list[BlockPair]:
     return [(qs.start, qs.length, ks.start, nk, qs.pos, ks.pos, mask) for qs, ks, mask, nk in pairs]
 
 
-def _step_pairs(ctx: SPContext, src: int, kernel: Kernel) -> list[BlockPair]:
-    """The row pairs of one ring step for ``kernel``; for a kernel that takes whole pairs one call at a time,
-    unmasked pairs that share their keys and have adjacent query rows (or share their queries and have adjacent
-    keys) are joined into one call: a zigzag ring step's two chunk pairs become one (same result, one softmax over
-    the union of keys instead of two merged by their lse)."""
+def step_pairs(ctx: SPContext, src: int, kernel: Kernel) -> list[BlockPair]:
+    """The row pairs of one ring step for ``kernel``; for a kernel that takes whole pairs, unmasked pairs that
+    share their keys and have adjacent query rows (or share their queries and have adjacent keys) are joined
+    into one: a zigzag ring step's two chunk pairs become one call, or one varlen entry of a fused kernel
+    (2c queries x c keys, or c x 2c), with no gather and no scatter-add (same result, one softmax over the
+    union of keys instead of two merged by their lse)."""
     pairs = _rows(block_pairs(ctx, src, kernel.tile_rows))
-    if kernel.tile_rows is not None or hasattr(kernel, "forward_pairs"):
+    if kernel.tile_rows is not None:
         return pairs
     out: list[BlockPair] = []
     for p in pairs:
@@ -106,21 +108,35 @@ def _step_pairs(ctx: SPContext, src: int, kernel: Kernel) -> list[BlockPair]:
     return out
 
 
-def _direct_pairs(ctx: SPContext, kernel: Kernel) -> list[BlockPair] | None:
-    """Without a ring (r = 1) a kernel that takes whole pairs meets each sequence's rows and keys in exactly one
-    pair: its results can go straight into input-dtype outputs (one fp32 value rounded once, as the
-    accumulating path rounds it at its end: the same bits). None where that does not hold."""
-    if ctx.r != 1 or kernel.tile_rows is not None or hasattr(kernel, "forward_pairs"):
-        return None
-    pairs = _rows(block_pairs(ctx, ctx.ring_rank, None))
-    if len({p[0] for p in pairs}) != len(pairs) or len({p[2] for p in pairs}) != len(pairs):
-        return None
-    return pairs
+def _step(ctx: SPContext, src: int, kernel: Kernel) -> tuple[list[BlockPair], Any]:
+    """A ring step's pairs and, for a fused varlen kernel, its packing from the micro-step's device tables
+    (built and uploaded once for every layer); None for other kernels."""
+    pairs = ctx.tables.pairs(src, kernel)
+    if getattr(kernel, "pack_step", None) is not None and ctx.tables.has_plans():
+        return pairs, ctx.tables.step_plan(src)
+    return pairs, None
 
 
-def _covers(pairs: list[BlockPair], rows: int, keys: int) -> bool:
-    """Whether one pair holds every local query row and key (one unpadded sequence without a ring)."""
-    return len(pairs) == 1 and pairs[0][0] == 0 and pairs[0][1] == rows and pairs[0][2] == 0 and pairs[0][3] == keys
+def _forward_step(kernel: Kernel, q, k, v, ctx: SPContext, src: int, scale: float) -> list[PairOut]:
+    pairs, plan = _step(ctx, src, kernel)
+    if plan is not None:
+        return kernel.forward_pairs(q, k, v, pairs, scale, step=plan)  # type: ignore[attr-defined, no-any-return]
+    return forward_pairs(kernel, q, k, v, pairs, scale)
+
+
+def _backward_step(kernel: Kernel, dout, q, k, v, out, lse, ctx: SPContext, src: int, scale: float, dq, dk,
+                   dv) -> None:  # fmt: skip
+    pairs, plan = _step(ctx, src, kernel)
+    if plan is not None:
+        kernel.backward_pairs(dout, q, k, v, out, lse, pairs, scale, dq, dk, dv, step=plan)  # type: ignore[attr-defined]
+    else:
+        backward_pairs(kernel, dout, q, k, v, out, lse, pairs, scale, dq, dk, dv)
+
+
+def _disjoint(outs: list[PairOut]) -> bool:
+    """Whether the results' row ranges never overlap (each row has at most one result: no merge needed)."""
+    spans = sorted((s.start, s.stop) for s, _, _ in outs)
+    return all(b <= c for (_, b), (c, _) in zip(spans, spans[1:]))
 
 
 def _exchange(buf: torch.Tensor, ctx: SPContext, mode: str, tag: int, stats: RingStats | None) -> Exchange:
@@ -147,34 +163,45 @@ def ring_forward(
     the same bits); any other merges. Rows no block reaches stay (0, -inf)."""
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
-    direct = _direct_pairs(ctx, kernel)
-    if direct is not None and mode != "comm" and _covers(direct, q.shape[0], k.shape[0]):
-        qs, nq, ks, nk, q_pos, k_pos, mask = direct[0]  # one pair, every row and key: the kernel's result as is
-        o, l_ = kernel.forward(q, k, v, q_pos, k_pos, mask, scale)
-        return o.to(q.dtype), l_.to(acc)  # views of the op's own results (no copy, no fill, no merge)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
-    if direct is not None:  # one result per row: written in the input dtype, padding rows stay (0, -inf)
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        for qs, nq, ks, nk, q_pos, k_pos, mask in direct if mode != "comm" else ():
-            o, l_ = kernel.forward(q[qs : qs + nq], k[ks : ks + nk], v[ks : ks + nk], q_pos, k_pos, mask, scale)
-            out[qs : qs + nq] = o
-            lse[:, qs : qs + nq] = l_
-        return out, lse
+    if r == 1 and kernel.tile_rows is None and mode != "comm":  # no ring: each row's results from one step
+        outs = _forward_step(kernel, q, k, v, ctx, i, scale)
+        if len(outs) == 1 and outs[0][0] == slice(0, q.shape[0]):  # one call, every row: its result as is
+            return outs[0][1].to(q.dtype), outs[0][2].to(acc)  # views of the op's own results (no copy or merge)
+        if _disjoint(outs):  # one result per row: written in the input dtype, padding rows stay (0, -inf)
+            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+            for qr, o, l_ in outs:
+                out[qr] = o
+                lse[:, qr] = l_
+            return out, lse
+        return _merged(outs, q, acc, lse)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv: Any = torch.stack([k, v]) if r > 1 else (k, v)  # [2, T, hk, d]: one message per step
     fresh = torch.ones(q.shape[0], dtype=torch.bool)  # rows no block result has reached yet
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         if mode != "comm":
-            for qr, o, l_ in forward_pairs(kernel, q, kv[0], kv[1], _step_pairs(ctx, (i - step) % r, kernel), scale):
-                if bool(fresh[qr].all()):
-                    out[qr] = o
-                    lse[:, qr] = l_
-                else:
-                    merge_into(out[qr], lse[:, qr], o.to(acc), l_.to(acc))
-                fresh[qr] = False
+            _merge_all(_forward_step(kernel, q, kv[0], kv[1], ctx, (i - step) % r, scale), out, lse, fresh, acc)
         if nxt is not None:
             kv = nxt.wait()
+    return out.to(q.dtype), lse
+
+
+def _merge_all(outs: list[PairOut], out: torch.Tensor, lse: torch.Tensor, fresh: torch.Tensor, acc) -> None:
+    """Block results into the running (out, lse): a row no result has reached yet takes it as is (merging it
+    into (0, -inf) gives the same bits), any other merges."""
+    for qr, o, l_ in outs:
+        if bool(fresh[qr].all()):
+            out[qr] = o
+            lse[:, qr] = l_
+        else:
+            merge_into(out[qr], lse[:, qr], o.to(acc), l_.to(acc))
+        fresh[qr] = False
+
+
+def _merged(outs: list[PairOut], q: torch.Tensor, acc, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    _merge_all(outs, out, lse, torch.ones(q.shape[0], dtype=torch.bool), acc)
     return out.to(q.dtype), lse
 
 
@@ -194,34 +221,18 @@ def ring_backward(
     """Gradients of :func:`ring_forward` for my ring-local q, k, v."""
     r, i = ctx.r, ctx.ring_rank
     acc = compute_dtype(q.dtype)
-    direct = _direct_pairs(ctx, kernel)
-    if direct is not None and mode != "comm" and _covers(direct, q.shape[0], k.shape[0]):
-        qs, nq, ks, nk, q_pos, k_pos, mask = direct[0]  # one pair, every row and key: the kernel's gradients as is
-        g = kernel.backward(dout, q, k, v, out, lse, q_pos, k_pos, mask, scale)
-        return g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)
-    if direct is not None:  # one pair per row range and per key range: no accumulation, input-dtype gradients
-        grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
-        for qs, nq, ks, nk, q_pos, k_pos, mask in direct if mode != "comm" else ():
-            qr, kr = slice(qs, qs + nq), slice(ks, ks + nk)
-            g = kernel.backward(dout[qr], q[qr], k[kr], v[kr], out[qr], lse[:, qr], q_pos, k_pos, mask, scale)
-            grads[0][qr], grads[1][kr], grads[2][kr] = g
-        return grads[0], grads[1], grads[2]
+    if r == 1 and mode != "comm":  # no ring: no K/V message, no dK/dV hop
+        return _backward_local(dout, q, k, v, out, lse, ctx, kernel, scale)
+    if r == 1:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    if r == 1:  # no ring: no K/V message, no dK/dV hop
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        if mode != "comm":
-            backward_pairs(kernel, dout, q, k, v, out, lse, _step_pairs(ctx, i, kernel), scale,
-                           dq, dk, dv)  # fmt: skip
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     kv = torch.stack([k, v])  # [2, T, hk, d]
     dkv_in: Exchange | None = None
     for step in range(r):
         nxt = _exchange(kv, ctx, mode, 0, stats) if step < r - 1 else None
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # contribution to ring rank i - step's block
         if mode != "comm":
-            pairs = _step_pairs(ctx, (i - step) % r, kernel)
-            backward_pairs(kernel, dout, q, kv[0], kv[1], out, lse, pairs, scale, dq, dkv[0], dkv[1])
+            _backward_step(kernel, dout, q, kv[0], kv[1], out, lse, ctx, (i - step) % r, scale, dq, dkv[0], dkv[1])
         if dkv_in is not None:
             dkv += dkv_in.wait()
         dkv_in = _exchange(dkv, ctx, mode, 1, stats) if r > 1 else Exchange([], dkv)
@@ -229,3 +240,32 @@ def ring_backward(
             kv = nxt.wait()
     dkv_home = dkv_in.wait() if dkv_in is not None else torch.zeros(kv.shape, dtype=acc, device=kv.device)
     return dq.to(q.dtype), dkv_home[0].to(k.dtype), dkv_home[1].to(v.dtype)
+
+
+def _backward_local(dout, q, k, v, out, lse, ctx: SPContext, kernel: Kernel, scale: float):
+    """Gradients without a ring: the kernel's own where one call covers every row and key (no accumulator, no
+    copy); one result per row and per key range written in the input dtype; else accumulated in fp32."""
+    acc = compute_dtype(q.dtype)
+    pairs, plan = _step(ctx, ctx.ring_rank, kernel)
+    whole = getattr(kernel, "backward_whole", None)
+    if whole is not None:
+        g = whole(dout, q, k, v, out, lse, pairs, scale, step=plan)
+        if g is not None:
+            return g[0].to(q.dtype), g[1].to(k.dtype), g[2].to(v.dtype)
+    if plan is None and kernel.tile_rows is None and _one_per_range(pairs):
+        grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        for qs, nq, ks, nk, q_pos, k_pos, mask in pairs:
+            qr, kr = slice(qs, qs + nq), slice(ks, ks + nk)
+            g = kernel.backward(dout[qr], q[qr], k[kr], v[kr], out[qr], lse[:, qr], q_pos, k_pos, mask, scale)
+            grads[0][qr], grads[1][kr], grads[2][kr] = g
+        return grads[0], grads[1], grads[2]
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    _backward_step(kernel, dout, q, k, v, out, lse, ctx, ctx.ring_rank, scale, dq, dk, dv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _one_per_range(pairs: list[BlockPair]) -> bool:
+    """Every pair has its own query rows and its own keys (one pair per sequence): gradients need no sum."""
+    return len({p[0] for p in pairs}) == len(pairs) and len({p[2] for p in pairs}) == len(pairs)

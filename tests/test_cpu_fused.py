@@ -78,17 +78,17 @@ def test_zigzag_ring_steps_join_their_unmasked_pairs_into_one_call():
     or their queries and are unmasked); masked pairs and the reference kernel's tiles are never joined; the
     joined calls cover exactly the rows and keys of the pairs they replace."""
     import sp
-    from sp.ring import _rows, _step_pairs, block_pairs
+    from sp.ring import _rows, step_pairs, block_pairs
 
     fused, ref = CpuFusedKernel(), TorchKernel()
     for i in range(4):
         ctx = sp.SPContext(sp.GroupLayout.build([0, 8192], 1, 4), i, ring_global_ranks=(0, 1, 2, 3), kernel="cpu_fused")
         for step in range(4):
             src = (i - step) % 4
-            plain, joined = _rows(block_pairs(ctx, src, None)), _step_pairs(ctx, src, fused)
+            plain, joined = _rows(block_pairs(ctx, src, None)), step_pairs(ctx, src, fused)
             cover = lambda ps: {(a, b) for qs, nq, ks, nk, *_ in ps for a in range(qs, qs + nq, 256)  # noqa: E731
                                 for b in range(ks, ks + nk, 256)}  # fmt: skip
             assert cover(joined) == cover(plain)
             assert len(joined) == (3 if step == 0 else 1), (i, step, joined)
             assert [p for p in joined if p[6]] == [p for p in plain if p[6]]  # masked pairs as they were
-            assert _step_pairs(ctx, src, ref) == _rows(block_pairs(ctx, src, ref.tile_rows))
+            assert step_pairs(ctx, src, ref) == _rows(block_pairs(ctx, src, ref.tile_rows))

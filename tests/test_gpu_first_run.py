@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from sp.kernels import FlashKernel, Rows, TorchKernel, flash_attn_status, flash_calls, get_kernel, parameter_names
+from sp.kernels import FlashKernel, TorchKernel, flash_attn_status, flash_calls, get_kernel, parameter_names
 from tests.flash_standin import STANDINS, _flash_attn_backward, _flash_attn_varlen_backward
 
 
@@ -65,19 +65,26 @@ def test_a_diagonal_tile_is_one_causal_call():
 
 
 def test_flash_ring_pairs_are_whole_and_gathers_linear():
-    """Whole pairs for flash (no 512-row tiles with their own key prefixes); consecutive runs are views."""
+    """Whole pairs for flash (no 512-row tiles with their own key prefixes); consecutive runs are views; one
+    long sequence's ring steps need no gather at all (joined pairs are one contiguous varlen entry)."""
     import sp
-    from sp.ring import _rows, block_pairs
+    from sp.kernels.varlen import Rows
+    from sp.ring import step_pairs
 
+    kernel = FlashKernel()
     layout = sp.GroupLayout.build([0, 8192, 9000], 1, 2)
     ctx = sp.SPContext(layout, 0, ring_global_ranks=(0, 1))
-    pairs = _rows(block_pairs(ctx, 0, FlashKernel.tile_rows))
-    assert len(pairs) <= 4 * 2  # at most (2 q chunks x 2 k chunks) per sequence
-    entries = FlashKernel._entries(pairs)
-    gathered = sum(Rows.of([(a, n) for _, _, a, n in e], torch.device("cpu")).numel() for e in entries.values() if e)
-    assert gathered <= 2 * layout.local_tokens  # a zigzag key chunk meets at most both query chunks
-    assert Rows.of([(0, 5), (5, 3)], torch.device("cpu")).span == slice(0, 8)
-    assert Rows.of([(0, 5), (0, 3)], torch.device("cpu")).index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    for src in range(2):
+        pairs = step_pairs(ctx, src, kernel)
+        assert len(pairs) <= 4 * 2  # at most (2 q chunks x 2 k chunks) per sequence
+        gathered = sum(c.k.host_index.numel() for c in kernel.pack_step(pairs).calls if c.k.host_index is not None)
+        assert gathered <= 2 * layout.local_tokens  # a zigzag key chunk meets at most both query chunks
+    one = sp.SPContext(sp.GroupLayout.build([0, 8192], 1, 4), 1, ring_global_ranks=(0, 1, 2, 3))
+    for src in range(4):
+        for c in kernel.pack_step(step_pairs(one, src, kernel)).calls:
+            assert c.q.span is not None and c.k.span is not None, (src, c.entries)
+    assert Rows.of([(0, 5), (5, 3)]).span == slice(0, 8)
+    assert Rows.of([(0, 5), (0, 3)]).host_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
 
 
 def test_abi_broken_flash_attn_is_named(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from tests.dist import run_distributed
 
 STRATEGIES = ["ulysses", "ring", "hybrid", "adaptive"]
 ALL_ON = {"loss_chunk_tokens": 64, "mlp_tile_tokens": 100, "checkpointing": "offload"}
+REPLICATE = {"sharding": "replicate"}  # GradSync's bucketed all-reduce, launched from post-accumulate hooks
 
 
 def _shape(**kw):
@@ -71,7 +72,7 @@ def test_chunked_loss_and_tiled_mlp_equal_the_plain_path():
         assert loss < 1e-6 and grad < 1e-6, (case, loss, grad)
 
 
-def _job(out, strategy, **model):
+def _job(out, strategy, sharding="fsdp", **model):
     from planner.planner import PlannerConfig
     from planner.types import Cluster
     from trainer.config import DataConfig, TrainConfig
@@ -84,7 +85,8 @@ def _job(out, strategy, **model):
         planner=PlannerConfig(use_milp=False),
         data=DataConfig(max_len=768, tokens_per_step=3000, seed=1),
         train=TrainConfig(steps=2, strategy=strategy, out_dir=out, progress=False, warmup_steps=1,
-                          checkpoint_every=0, resume=False, picture_every=0, precision="fp32"),
+                          checkpoint_every=0, resume=False, picture_every=0, precision="fp32",
+                          sharding=sharding),
     )  # fmt: skip
 
 
@@ -97,7 +99,13 @@ def _trainer_worker(rank, world, tmp):
     out = {}
     for s in STRATEGIES:
         runs = {}
-        for name, kw in (("plain", {}), ("all_on", ALL_ON)):
+        for name, kw in (
+            ("plain", {}),
+            ("all_on", ALL_ON),
+            ("replicate_offload", REPLICATE | {"checkpointing": "offload"}),
+            ("replicate_tiled", REPLICATE | {"mlp_tile_tokens": 64}),
+            ("replicate_all_on", REPLICATE | ALL_ON),
+        ):
             tr = Trainer(_job(f"{tmp}/{s}-{name}", s, **kw))
             runs[name] = (tr.run(), full_state(tr.model))
         out[s] = runs
@@ -170,11 +178,15 @@ def trained(tmp_path_factory):
 
 
 def test_all_techniques_on_equal_the_plain_trainer_under_every_strategy(trained):
+    """FSDP and replicated training (whose gradient all-reduce starts from post-accumulate hooks: the offloaded
+    layer and the tiled MLP must accumulate each gradient once per backward) equal FSDP's plain path."""
     runs = trained[0]
     for s in STRATEGIES:
-        (l0, p0), (l1, p1) = runs[s]["plain"], runs[s]["all_on"]
-        assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-6, (s, l0, l1)
-        assert max(float((p0[k] - p1[k]).abs().max()) for k in p0) < 1e-6, s
+        l0, p0 = runs[s]["plain"]
+        for name in ("all_on", "replicate_offload", "replicate_tiled", "replicate_all_on"):
+            l1, p1 = runs[s][name]
+            assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-6, (s, name, l0, l1)
+            assert max(float((p0[k] - p1[k]).abs().max()) for k in p0) < 1e-6, (s, name)
 
 
 def test_offloaded_bytes_are_every_layer_input(trained):

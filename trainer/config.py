@@ -154,6 +154,7 @@ class TrainConfig:
     init_from: str | None = None  # hf:DIR (Hugging Face weights) or RUN_DIR (weights of one of our runs); None: random
     async_checkpoint: bool = False  # torch DCP async save: the step loop goes on while a checkpoint is written
     preempt_warning_s: float = 90.0  # seconds of warning a stop signal gives (sbatch --signal=B:USR1@N): N
+    kernel: str = "auto"  # attention kernel: auto (CPU: cpu_fused; CUDA: the fastest exact fused one) or a name
 
     def __post_init__(self) -> None:
         valid = ("adaptive", "ulysses", "ring", "hybrid", "none")
@@ -177,6 +178,11 @@ class TrainConfig:
             raise ValueError(f"train.decay_fraction={self.decay_fraction!r}; valid: a number in (0, 1]")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; valid: {list(PRECISIONS)}")
+        from sp.kernels import KERNELS
+
+        kernels = ("auto", *KERNELS, "ring_flash")
+        if self.kernel not in kernels:
+            raise ValueError(f"train.kernel={self.kernel!r}; valid: {list(kernels)}")
         if not self.plan_timeout_s > 0:
             raise ValueError(f"train.plan_timeout_s={self.plan_timeout_s}; valid: a number of seconds > 0")
         if self.init_from is not None and not self.init_from.strip():

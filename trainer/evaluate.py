@@ -138,10 +138,12 @@ def summarise(sums: torch.Tensor) -> Evaluation:
 
 
 def evaluate(model: torch.nn.Module, pool: Any, plan_step: Any, sets: dict[str, list[list[np.ndarray]]], rank: int,
-             kernel: str = "auto") -> tuple[Evaluation, dict[str, Evaluation]]:  # fmt: skip
+             kernel: str = "auto", autocast: torch.dtype | None = None
+             ) -> tuple[Evaluation, dict[str, Evaluation]]:  # fmt: skip
     """Collective: every step of every named set planned by ``plan_step(lengths)`` (the same plan on every
-    rank), forward only; the whole evaluation and each set's (one all-reduce)."""
-    from trainer.step import resolve_kernel
+    rank), forward only, under ``autocast`` as training runs (replicated bf16: the kernels get bf16); the
+    whole evaluation and each set's (one all-reduce)."""
+    from trainer.step import autocast_to, resolve_kernel
 
     device = next(model.parameters()).device
     kernel = resolve_kernel(kernel, device)
@@ -149,7 +151,7 @@ def evaluate(model: torch.nn.Module, pool: Any, plan_step: Any, sets: dict[str, 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast_to(device, autocast):
             for i, steps in enumerate(sets.values()):
                 for docs in steps:
                     sums[i] += sums_of_plan(model, pool, plan_step([len(d) - 1 for d in docs]), docs, rank, kernel)

@@ -30,6 +30,8 @@ from trainer.data.corpus import Corpus, held_out, trained_targets
 from trainer.data.fingerprint import fingerprint
 from trainer.data.mixture import Mixture
 from trainer.grad_sync import GradSync
+from trainer.kernel_choice import KernelChoice
+from trainer.kernel_choice import choose as choose_kernel
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
 from trainer.optim import lr_at, schedule_change
@@ -124,6 +126,14 @@ class Trainer:
         meta = build_meta(job.model, job.data.max_len, modes=modes)
         self.model = materialize(parallelize(meta, self.regime, self.device), self.device)
         self.autocast = torch.bfloat16 if (self.regime.precision == "bf16" and t.sharding == "replicate") else None
+        m = job.model
+        self.kernel: KernelChoice = self._agree(
+            lambda: choose_kernel(
+                t.kernel, self.device, self.regime.compute_dtype, job.data.max_len, m.heads, m.n_kv_heads, m.d_head
+            )
+        )
+        if self.rank == 0:
+            print(f"[sp-train] attention kernel: {self.kernel.why}", flush=True)
         self.pool = GroupPool()
         self.pool.warm(self.device)  # every communicator created now, in a fixed order
         self.sync = GradSync(list(self.model.parameters()), t.bucket_mb) if t.sharding == "replicate" else None
@@ -350,8 +360,8 @@ class Trainer:
         fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
         count = bool(t.memory_every) and self.step % t.memory_every == 0
         stats = run_plan(
-            self.model, self.pool, plan, docs, self.rank, self.sync, autocast=self.autocast, count_saved=count,
-            heartbeat=hb.beat,
+            self.model, self.pool, plan, docs, self.rank, self.sync, kernel=self.kernel.name, autocast=self.autocast,
+            count_saved=count, heartbeat=hb.beat,
         )  # fmt: skip
         hb.beat("loss all-reduce")
         tokens = sum(len(d) - 1 for d in docs)
@@ -437,7 +447,9 @@ class Trainer:
             return box[0]
 
         per_set = {name: ev.eval_steps(ds, e.tokens_per_step or d.tokens_per_step) for name, ds in sets.items()}
-        result, parts = ev.evaluate(self.model, self.pool, plan_step, per_set, self.rank)
+        result, parts = ev.evaluate(
+            self.model, self.pool, plan_step, per_set, self.rank, self.kernel.name, self.autocast
+        )  # under training's autocast: the same kernels, dtypes
         self.last_eval_parts = parts
         if self.rank == 0:
             ev.report(result, parts, self.step, self.board, self.out)

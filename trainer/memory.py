@@ -39,6 +39,12 @@ class SavedBytes:
                 self.bytes += storage.nbytes()
         return t
 
+    def hold(self, tensors: list[torch.Tensor]) -> None:
+        """Count tensors a pass keeps outside autograd's saves (each storage once): the micro-step's derived
+        device tables (RoPE cos/sin, :meth:`sp.step_tables.StepTables.derived`), shared by every layer."""
+        for t in tensors:
+            self._pack(t)
+
     def _region_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         for x in (*args, *kwargs.values()):
             if torch.is_tensor(x):

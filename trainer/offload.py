@@ -3,10 +3,12 @@
 Under full checkpointing each layer keeps only its input, ``b h`` bytes per local token and layer (4 GiB per
 layer-stack of Llama-3-8B at 16K local tokens in bf16). In ``offload`` mode (a checkpointing mode the planner
 may choose per micro-step) the layer runs without saving anything, its input is copied to host memory, and
-the backward copies it back, recomputes the layer with grad enabled and back-propagates through it at once
-(parameter gradients accumulate into the FSDP-unsharded parameters' ``.grad``, which FSDP2's post-backward
-reads). On CUDA the device-to-host copy goes to pinned memory on a side stream (it overlaps the next layers'
-forward); the host-to-device copy before the recompute is on the critical path (the cost model charges it).
+the backward copies it back, recomputes the layer with grad enabled and back-propagates through it at once.
+The parameter gradients are returned as the Function's own (its parameters are inputs), so autograd
+accumulates each once per backward, and post-accumulate hooks (:class:`trainer.grad_sync.GradSync`) fire once
+per backward, as they do for any other layer; FSDP2's post-backward reads them as usual. On CUDA the
+device-to-host copy goes to pinned memory on a side stream (it overlaps the next layers' forward); the
+host-to-device copy before the recompute is on the critical path (the cost model charges it).
 On the CPU the "host" copy is a real copy into a separate buffer, so exactness and byte counts are tested
 here. :class:`OffloadCounter` counts the bytes held on the host.
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from models.param_grads import param_grads
 
 
 @dataclass
@@ -71,7 +75,8 @@ class OffloadedLayer(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, run: Any, counter: OffloadCounter, *params: torch.Tensor) -> Any:
         with torch.no_grad():
             out = run(hidden)
-        ctx.host, ctx.run, ctx.counter, ctx.device, ctx.n = _to_host(hidden), run, counter, hidden.device, len(params)
+        ctx.host, ctx.run, ctx.counter, ctx.device = _to_host(hidden), run, counter, hidden.device
+        ctx.params = params  # not saved tensors: the recompute reads the module's own (FSDP-unsharded) ones
         ctx.nbytes = hidden.numel() * hidden.element_size()
         counter.add(ctx.nbytes)
         return out
@@ -83,8 +88,9 @@ class OffloadedLayer(torch.autograd.Function):
         ctx.host = None
         with torch.enable_grad():
             out = ctx.run(x)
-        torch.autograd.backward(out, grad)  # parameter gradients accumulate in .grad
-        return (x.grad, None, None, *([None] * ctx.n))
+        grads = param_grads(out, grad, x, ctx.params)
+        ctx.params = None
+        return (grads[0], None, None, *grads[1:])
 
 
 def offloaded(module: torch.nn.Module, counter: OffloadCounter, *args: Any, **kwargs: Any) -> Any:

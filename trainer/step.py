@@ -26,6 +26,7 @@ from models.attention import SPPackedSeqParams
 from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
 from sp.layout import shard
+from sp.step_tables import upload
 from sp.timing import ATTENTION, COMM_WAIT, SpanTimer
 from trainer.data.corpus import target_weights, trained_targets
 from trainer.grad_sync import GradSync
@@ -103,11 +104,11 @@ def run_plan(
         t0 = time.perf_counter()
         meter = SavedBytes(model) if count_saved else None
         timer = SpanTimer(device)
-        with meter or contextlib.nullcontext(), _autocast(device, autocast):
+        with meter or contextlib.nullcontext(), autocast_to(device, autocast):
             if g is None or not g.seqs:
                 loss = empty_pass(model, device)
             else:
-                loss = group_pass(model, pool, g, docs, kernel, device, timer)
+                loss = group_pass(model, pool, g, docs, kernel, device, timer, meter)
         (loss / global_tokens).backward()
         stats.loss_sum += loss.detach().double()
         synchronize(device)
@@ -132,8 +133,13 @@ def group_pass(
     kernel: str,
     device: torch.device,
     timer: SpanTimer | None = None,
+    meter: SavedBytes | None = None,
 ) -> torch.Tensor:
-    per_token, weights, _ = group_losses(model, pool, g, docs, kernel, device, timer)
+    """This rank's loss sum of group ``g``; ``meter`` also counts the micro-step's derived device tables (RoPE's
+    cos/sin, shared by every layer and held by the SP context outside autograd's saves)."""
+    per_token, weights, ctx = group_losses(model, pool, g, docs, kernel, device, timer)
+    if meter is not None:
+        meter.hold(ctx.tables.derived())
     return (per_token * weights).sum()
 
 
@@ -148,15 +154,17 @@ def group_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """This rank's per-token losses of group ``g``'s sequences (fp32, local tokens), their weights (0 on
     padding and masked targets) and the SP context (whose layout maps local rows to packed positions)."""
-    inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs])).to(device)
-    labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs])).to(device)
-    weights = torch.from_numpy(np.concatenate([target_weights(docs[s]) for s in g.seqs])).to(device)
+    inputs = torch.from_numpy(np.concatenate([docs[s][:-1] for s in g.seqs]))
+    labels = torch.from_numpy(np.concatenate([docs[s][1:] for s in g.seqs]))
+    weights = torch.from_numpy(np.concatenate([target_weights(docs[s]) for s in g.seqs]))
     cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
     ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False, device=device,
                        timer=timer)  # fmt: skip
-    tok = shard(inputs, ctx.layout, ctx.rank)
-    lab = shard(labels, ctx.layout, ctx.rank)
-    valid = shard(weights, ctx.layout, ctx.rank)  # 0 on padding and on masked targets
+    # sharded on the host, then two uploads per micro-step: token ids with labels, and the weights
+    pair = shard(torch.stack([inputs, labels], 1), ctx.layout, ctx.rank)  # [T, 2] -> [local, 2]
+    both = upload(pair.T.contiguous(), device)  # [local, 2] -T-> [2, local]
+    tok, lab = both[0], both[1]
+    valid = upload(shard(weights, ctx.layout, ctx.rank), device)  # 0 on padding and on masked targets
     params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
     # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]
     per_token = model(tok[None], None, None, labels=lab[None], packed_seq_params=params)
@@ -164,10 +172,11 @@ def group_losses(
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """``auto``: flash on CUDA when flash_attn is importable; torch's fused CPU op on the CPU."""
+    """``auto`` without a trainer's measured choice (:mod:`trainer.kernel_choice`): torch's fused CPU op on the
+    CPU, torch's own flash varlen op on CUDA (in every CUDA build of torch; no extension to build)."""
     if kernel != "auto":
         return kernel
-    return ("flash" if _has_flash() else "torch") if device.type == "cuda" else "cpu_fused"
+    return "torch_flash" if device.type == "cuda" else "cpu_fused"
 
 
 def empty_pass(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
@@ -178,22 +187,7 @@ def empty_pass(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     return model(tok, None, None, labels=tok, packed_seq_params=params).float().sum() * 0
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def _has_flash() -> bool:
-    """flash-attn loads: True; not installed: False (the reference kernel); installed but broken (e.g. built
-    against another torch): an error, since falling back would silently run the slow reference kernel."""
-    import importlib.util
-
-    from sp.kernels import flash_attn_status
-
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    problem = flash_attn_status()
-    if problem is not None:
-        raise ValueError(f"train kernel 'auto' on CUDA: {problem}")
-    return True

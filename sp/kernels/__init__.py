@@ -2,7 +2,12 @@
 
 - ``torch`` (:mod:`sp.kernels.reference`): plain softmax, any device, float64-exact;
 - ``cpu_fused`` (:mod:`sp.kernels.cpu_fused`): torch's fused CPU flash op, the trainer's CPU default;
-- ``flash`` (:mod:`sp.kernels.flash`): flash-attn 2 varlen calls with the fused backward, CUDA.
+- ``torch_flash`` (:mod:`sp.kernels.torch_flash`): torch's own flash varlen ops (FA2 inside the CUDA wheel);
+  ``torch_fa3`` / ``torch_fa4``: the same ops with FlashAttention-3 / 4 activated (their packages installed);
+- ``cudnn`` (:mod:`sp.kernels.cudnn`): torch's cuDNN varlen attention ops, CUDA;
+- ``flash`` (:mod:`sp.kernels.flash`): the flash-attn 2.8.3 package's varlen calls (optional, a source build).
+
+The fused CUDA kernels share the varlen packing of :mod:`sp.kernels.varlen`.
 
 The protocol, the pair geometry and the dtype rules they share are in :mod:`sp.kernels.base`.
 """
@@ -10,6 +15,7 @@ The protocol, the pair geometry and the dtype rules they share are in :mod:`sp.k
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from sp.kernels.base import (
@@ -25,14 +31,28 @@ from sp.kernels.base import (
     lse_dtype,
 )
 from sp.kernels.cpu_fused import CpuFusedKernel, topleft_calls
-from sp.kernels.flash import FlashKernel, Rows, flash_attn_status, flash_calls, parameter_names
+from sp.kernels.cudnn import CudnnKernel
+from sp.kernels.flash import FlashKernel, flash_attn_status, flash_calls, parameter_names
 from sp.kernels.reference import TorchKernel
+from sp.kernels.torch_flash import TorchFlashKernel
+from sp.kernels.varlen import Rows, VarlenKernel, VarlenStep, bottom_right_calls, top_left_calls
 
-KERNELS: dict[str, Callable[[], Any]] = {"torch": TorchKernel, "flash": FlashKernel, "cpu_fused": CpuFusedKernel}
+KERNELS: dict[str, Callable[[], Any]] = {
+    "torch": TorchKernel,
+    "cpu_fused": CpuFusedKernel,
+    "torch_flash": TorchFlashKernel,
+    "torch_fa3": partial(TorchFlashKernel, "FA3"),
+    "torch_fa4": partial(TorchFlashKernel, "FA4"),
+    "cudnn": CudnnKernel,
+    "flash": FlashKernel,
+}
+FUSED_CUDA = ("torch_flash", "torch_fa3", "torch_fa4", "cudnn", "flash")  # need CUDA and bf16/fp16
 
-__all__ = ["KERNELS", "TILE_ROWS", "BlockPair", "CpuFusedKernel", "FlashKernel", "Kernel", "PairOut", "Rows",
-           "TorchKernel", "Visibility", "backward_pairs", "classify", "compute_dtype", "flash_attn_status",
-           "flash_calls", "forward_pairs", "get_kernel", "lse_dtype", "parameter_names", "topleft_calls"]  # fmt: skip
+__all__ = ["FUSED_CUDA", "KERNELS", "TILE_ROWS", "BlockPair", "CpuFusedKernel", "CudnnKernel", "FlashKernel", "Kernel",
+           "PairOut", "Rows", "TorchFlashKernel", "TorchKernel", "VarlenKernel", "VarlenStep", "Visibility",
+           "backward_pairs", "bottom_right_calls", "classify", "compute_dtype", "flash_attn_status", "flash_calls",
+           "forward_pairs", "get_kernel", "lse_dtype", "parameter_names", "top_left_calls",
+           "topleft_calls"]  # fmt: skip
 
 
 def get_kernel(name: str) -> Kernel:

@@ -25,24 +25,9 @@ from __future__ import annotations
 import torch
 
 from sp.kernels.base import compute_dtype, lse_dtype
+from sp.kernels.varlen import top_left_calls
 
-TopLeftCall = tuple[int, int, int, int, bool]  # (first query row, end row, first key, end key, causal)
-
-
-def topleft_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[TopLeftCall]:
-    """The calls of one (query block, key block) pair for a top-left-aligned causal kernel."""
-    if not mask:
-        return [(0, nq, 0, nk, False)]
-    off = q_pos - k_pos  # keys [0, off) precede every query: visible to all rows
-    if off >= 0:
-        calls = [(0, nq, 0, min(off, nk), False)] if off > 0 else []
-        if off < nk:  # keys from the first query's position on: causal, aligned at its start
-            calls.append((0, nq, off, min(nk, off + nq), True))
-        return calls
-    first = -off  # rows before the first key see nothing
-    if first >= nq:
-        return []
-    return [(first, nq, 0, min(nk, nq - first), True)]
+topleft_calls = top_left_calls  # the calls of one (query block, key block) pair for a top-left causal kernel
 
 
 class CpuFusedKernel:

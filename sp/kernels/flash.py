@@ -11,29 +11,15 @@ from typing import Any
 
 import torch
 
-from sp.kernels.base import BlockPair, PairOut, compute_dtype, lse_dtype
+from sp.kernels.base import compute_dtype, lse_dtype
+from sp.kernels.varlen import Call, VarlenCall, VarlenKernel, bottom_right_calls
 
 FlashCall = tuple[int, int, int, bool]  # (first query row, end row, keys, causal)
 
 
 def flash_calls(nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[FlashCall]:
-    """A pair as flash-attn calls. flash-attn aligns its causal mask bottom-right (query row t of nq sees key
-    j <= t + nk - nq); ours is by true position (row i sees key j <= i + q_pos - k_pos). With
-    ``off = q_pos - k_pos`` the rows split in three: rows ``i < -off`` see no key (no call: out 0, lse -inf);
-    rows ``[e, f)`` are causal, called with keys cut to ``f + off`` so that bottom-right alignment equals
-    ours (``f = nk - off``: the last row that fits sees every key of the cut); rows ``i >= nk - off`` see
-    every key (one unmasked call). A diagonal pair (``nq == nk``, ``off == 0``) is one causal call."""
-    if not mask:
-        return [(0, nq, nk, False)]
-    off = q_pos - k_pos
-    e = min(nq, max(0, -off))
-    f = min(nq, max(e, nk - off))  # the causal call's keys f + off <= nk: a diagonal tile is one call
-    calls = []
-    if f > e:
-        calls.append((e, f, f + off, True))
-    if nq > f:
-        calls.append((f, nq, nk, False))
-    return calls
+    """A pair as flash-attn calls (:func:`sp.kernels.varlen.bottom_right_calls`; keys always start at 0)."""
+    return [(r0, r1, k1, causal) for r0, r1, _, k1, causal in bottom_right_calls(nq, nk, q_pos, k_pos, mask)]
 
 
 _FLASH_DEFAULTS: dict[str, Any] = {
@@ -77,7 +63,7 @@ def _by_name(fn: Callable[..., Any], **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class FlashKernel:
+class FlashKernel(VarlenKernel):
     """flash-attn 2 on CUDA (bf16/fp16), called as :func:`flash_calls` splits a pair: forward with
     ``flash_attn_func``, backward fused with flash-attn's ``_flash_attn_backward`` fed the *final* (out, lse)
     (what ring-flash-attn does), so no score matrix is materialised. ``impl`` / ``backward_impl`` replace
@@ -90,6 +76,7 @@ class FlashKernel:
     varlen_impl: Callable[..., Any] | None = None
     varlen_backward_impl: Callable[..., Any] | None = None
     half_only: bool = True
+    name = "flash"
 
     def _func(self) -> Callable[..., Any]:
         if self.impl is not None:
@@ -116,63 +103,27 @@ class FlashKernel:
         if self.half_only and q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"kernel 'flash' takes bf16/fp16 tensors, got {q.dtype}; use kernel='torch' for fp32")
 
-    @staticmethod
-    def _entries(pairs: list[BlockPair]) -> dict[bool, list[tuple[int, int, int, int]]]:
-        """Varlen entries (q row, q rows, k row, k rows) of a step's pairs, by causal flag (two calls)."""
-        by_mask: dict[bool, list[tuple[int, int, int, int]]] = {True: [], False: []}
-        for qs, nq, ks, nk, q_pos, k_pos, mask in pairs:
-            for a, b, keys, causal in flash_calls(nq, nk, q_pos, k_pos, mask):
-                by_mask[causal].append((qs + a, b - a, ks, keys))
-        return by_mask
-
-    @staticmethod
-    def _packing(entries: list[tuple[int, int, int, int]], device: torch.device):
-        """Row selections that pack the entries' q and k rows (:class:`Rows`), their cu_seqlens (int32) and
-        max lengths."""
-        qi = Rows.of([(a, n) for a, n, _, _ in entries], device)
-        ki = Rows.of([(a, n) for _, _, a, n in entries], device)
-        nq = torch.tensor([0] + [n for _, n, _, _ in entries]).cumsum(0).to(device, torch.int32)
-        nk = torch.tensor([0] + [n for _, _, _, n in entries]).cumsum(0).to(device, torch.int32)
-        return qi, ki, nq, nk, max(n for _, n, _, _ in entries), max(n for _, _, _, n in entries)
-
-    def forward_pairs(self, q, k, v, pairs: list[BlockPair], scale: float) -> list[PairOut]:
-        """All pairs of a ring step in (at most) two ``flash_attn_varlen_func`` calls: causal and full."""
+    def check(self, q: torch.Tensor) -> None:
         self._check(q)
-        fwd, _ = self._varlen()
-        results: list[PairOut] = []
-        for causal, entries in self._entries(pairs).items():
-            if not entries:
-                continue
-            qi, ki, cq, ck, mq, mk = self._packing(entries, q.device)
-            o, l_, _ = _by_name(fwd, q=qi.take(q), k=ki.take(k), v=ki.take(v), cu_seqlens_q=cq, cu_seqlens_k=ck,
-                                max_seqlen_q=mq, max_seqlen_k=mk, softmax_scale=scale, causal=causal,
-                                return_attn_probs=True)  # fmt: skip
-            l_ = _varlen_lse(l_, cq)  # [h, total q rows]
-            l_ = torch.where(torch.isposinf(l_), float("-inf"), l_)
-            off = 0
-            for a, n, _, _ in entries:
-                results.append((slice(a, a + n), o[off : off + n], l_[:, off : off + n]))
-                off += n
-        return results
 
-    def backward_pairs(self, dout, q, k, v, out, lse, pairs: list[BlockPair], scale: float, dq, dk, dv) -> None:
-        """All pairs of a ring step in (at most) two fused varlen backward calls, fed the final (out, lse)."""
+    def calls(self, nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[Call]:
+        return bottom_right_calls(nq, nk, q_pos, k_pos, mask)
+
+    def op_forward(self, q, k, v, call: VarlenCall, scale: float):
+        fwd, _ = self._varlen()
+        o, l_, _ = _by_name(fwd, q=q, k=k, v=v, cu_seqlens_q=call.cu_q, cu_seqlens_k=call.cu_k, max_seqlen_q=call.max_q,
+                            max_seqlen_k=call.max_k, softmax_scale=scale, causal=call.causal,
+                            return_attn_probs=True)  # fmt: skip
+        l_ = _varlen_lse(l_, call.cu_q_host)  # [h, total q rows]
+        return o, torch.where(torch.isposinf(l_), float("-inf"), l_)
+
+    def op_backward(self, dout, q, k, v, out, lse, call: VarlenCall, scale: float):
         _, bwd = self._varlen()
-        lse_dt = lse_dtype(q.dtype)
-        for causal, entries in self._entries(pairs).items():
-            if not entries:
-                continue
-            qi, ki, cq, ck, mq, mk = self._packing(entries, q.device)
-            qp, kp, vp = qi.take(q).contiguous(), ki.take(k).contiguous(), ki.take(v).contiguous()
-            bq, bk, bv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
-            # lse [h, T] -transpose-> [T, h] -take rows-> [n, h] -transpose-> [h, n]
-            row_lse = qi.take(lse.T).T.to(lse_dt).contiguous()
-            _by_name(bwd, dout=qi.take(dout).contiguous(), q=qp, k=kp, v=vp, out=qi.take(out).contiguous(),
-                     softmax_lse=row_lse, dq=bq, dk=bk, dv=bv, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq,
-                     max_seqlen_k=mk, softmax_scale=scale, causal=causal)  # fmt: skip
-            qi.add_into(dq, bq)
-            ki.add_into(dk, bk)
-            ki.add_into(dv, bv)
+        bq, bk, bv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _by_name(bwd, dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=bq, dk=bk, dv=bv,
+                 cu_seqlens_q=call.cu_q, cu_seqlens_k=call.cu_k, max_seqlen_q=call.max_q, max_seqlen_k=call.max_k,
+                 softmax_scale=scale, causal=call.causal)  # fmt: skip
+        return bq, bk, bv
 
     def forward(self, q, k, v, q_pos, k_pos, mask, scale):
         self._check(q)
@@ -211,44 +162,12 @@ class FlashKernel:
         return dq, dk, dv
 
 
-@dataclass(frozen=True)
-class Rows:
-    """A selection of rows, packed in order: a plain slice when the runs are consecutive (a view: no copy,
-    the common case of whole pairs), else a gather index (rows may repeat: causal prefixes of tiles)."""
-
-    span: slice | None
-    index: torch.Tensor | None
-
-    @staticmethod
-    def of(runs: list[tuple[int, int]], device: torch.device) -> Rows:
-        if all(a + n == b for (a, n), (b, _) in zip(runs, runs[1:])):
-            return Rows(slice(runs[0][0], runs[-1][0] + runs[-1][1]), None)
-        return Rows(None, torch.cat([torch.arange(a, a + n) for a, n in runs]).to(device))
-
-    def numel(self) -> int:
-        if self.span is not None:
-            return self.span.stop - self.span.start
-        assert self.index is not None
-        return self.index.numel()
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """The selected rows of ``x`` (dim 0)."""
-        return x[self.span] if self.span is not None else x.index_select(0, self.index)  # type: ignore[arg-type]
-
-    def add_into(self, acc: torch.Tensor, rows: torch.Tensor) -> None:
-        """``acc[selected rows] += rows`` (repeated rows add up)."""
-        if self.span is not None:
-            acc[self.span] += rows.to(acc.dtype)
-        else:
-            acc.index_add_(0, self.index, rows.to(acc.dtype))  # type: ignore[arg-type]
-
-
 def _varlen_lse(lse: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """flash-attn's varlen ``softmax_lse`` as ``[h, total]``: releases before 2.5 pad it to
     ``[batch, h, max_seqlen]``, later ones return ``[h, total]``."""
     if lse.dim() == 2:
         return lse
-    cuts = cu.tolist()
+    cuts = cu.tolist()  # the host copy of cu_seqlens: no device sync
     # [batch, h, max_seqlen] -slice each sequence-> [h, n_i] -cat-> [h, total]
     return torch.cat([lse[i, :, : cuts[i + 1] - cuts[i]] for i in range(len(cuts) - 1)], dim=1)
 
