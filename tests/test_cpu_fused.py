@@ -78,7 +78,7 @@ def test_zigzag_ring_steps_join_their_unmasked_pairs_into_one_call():
     or their queries and are unmasked); masked pairs and the reference kernel's tiles are never joined; the
     joined calls cover exactly the rows and keys of the pairs they replace."""
     import sp
-    from sp.ring import _rows, step_pairs, block_pairs
+    from sp.ring import _rows, block_pairs, step_pairs
 
     fused, ref = CpuFusedKernel(), TorchKernel()
     for i in range(4):
