@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: train test lint typecheck pytest plan clean gpu-deps gpu-check
+.PHONY: train test lint typecheck pytest plan clean gpu-deps gpu-check flash-attn
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,19 +40,25 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# The CUDA path on a GPU machine (TORCH_SPEC must name a CUDA build of torch). flash-attn 2.8.3 has no wheel
-# for torch 2.13: it is built here against the installed torch (nvcc of the torch's CUDA major, ninja;
-# MAX_JOBS bounds the compiler's memory, ~4 GB a job), then checked to load.
-MAX_JOBS ?= 8
-FLASH_SPEC ?= flash-attn==2.8.3
-gpu-deps: $(STAMP)
-	$(BIN)/pip install -q -e ".[dev,mpi,gpu]"
-	MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install --no-build-isolation --no-cache-dir "$(FLASH_SPEC)"
-	$(BIN)/python -c "from sp.kernels import flash_attn_status as s; p = s(); print(p or 'flash-attn loads'); raise SystemExit(p is not None)"
-
-gpu-check: gpu-deps
+# The CUDA path on a GPU machine: only torch's CUDA build is needed (the default PyPI wheel on Linux x86-64;
+# torch's own flash and cuDNN attention ops need no compiler). Runs the gpu suite, then sp-bench gpu, which prints
+# one table and appends every row to GPU_OUT/gpu.jsonl. Under 10 minutes on one H100 (planned, not yet measured).
+GPU_OUT ?= runs/gpu-check
+gpu-check: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
-	$(BIN)/sp-bench gpu
+	$(BIN)/sp-bench gpu --out $(GPU_OUT)
+
+# Optional: flash-attn 2.8.3 as one more kernel (kernel=flash). It has no wheel for torch 2.13 and is built here
+# against the installed torch (nvcc of torch's CUDA major, ninja) for this GPU's architecture only (its default
+# builds four), with MAX_JOBS from the free memory at ~9 GB a compile job.
+FLASH_SPEC ?= flash-attn==2.8.3
+FLASH_ATTN_CUDA_ARCHS ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d .)
+MAX_JOBS ?= $(shell awk '/MemAvailable/ {j = int($$2 / 1048576 / 9); print (j < 1) ? 1 : j}' /proc/meminfo)
+flash-attn: $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,mpi,gpu]"
+	FLASH_ATTN_CUDA_ARCHS=$(FLASH_ATTN_CUDA_ARCHS) MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install --no-build-isolation --no-cache-dir "$(FLASH_SPEC)"
+	$(BIN)/python -c "from sp.kernels import flash_attn_status as s; p = s(); print(p or 'flash-attn loads'); raise SystemExit(p is not None)"
+gpu-deps: flash-attn
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,7 @@ sp-bench hf-load [--gb 1.0] [--world 4]       # peak host memory per rank loadin
 sp-bench capacity [--gpus 8 16 32 64]          # longest sequence per technique (llama3-8b on H100s)
 sp-bench checkpoint [--gb 2.0] [--world 4]    # integrity share of save and resume: rank-0 sha256 vs parallel xxh3
 sp-bench data [--tree before=PATH] [--steps 30]  # make train's steps/s: other code trees vs this one
-sp-bench gpu [--tokens 16384 65536 131072]      # one CUDA GPU + flash-attn: kernels and training steps
+sp-bench gpu [--tokens 16384] [--out DIR]       # one CUDA GPU: every kernel vs fp64 and its TFLOP/s, training
 """
 
 from __future__ import annotations
@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     dp.add_argument("--workdir", default="runs/data-bench")
     cp = sub.add_parser("capacity", help="longest single sequence the planner places on N H100s, per technique")
     cp.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
-    gp = sub.add_parser("gpu", help="one-GPU check: flash kernels vs fp64 in bf16, FSDP+bf16 training steps")
-    gp.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 131072])
-    gp.add_argument("--steps", type=int, default=3)
+    gp = sub.add_parser("gpu", help="one-GPU check: every attention kernel vs fp64 in bf16 with its TFLOP/s, FSDP+bf16 "
+                        "training steps per memory technique")  # fmt: skip
+    gp.add_argument("--tokens", type=int, nargs="+", default=[16384], help="training document lengths")
+    gp.add_argument("--steps", type=int, default=2)
+    gp.add_argument("--out", default="runs/gpu-check", help="folder of gpu.jsonl (rows appended)")
+    gp.add_argument("--kernels", nargs="+", default=None, help="kernels to check (default: torch_flash cudnn flash)")
     args = ap.parse_args(argv)
     if args.cmd == "cpu-kernel":
         from benchmarks.cpu_kernel import run as run_cpu_kernel
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "gpu":
         from benchmarks.gpu import run as run_gpu
 
-        for row in run_gpu(args.tokens, args.steps):
+        for row in run_gpu(args.tokens, args.steps, args.out, args.kernels):
             print(json.dumps(row), flush=True)
     elif args.cmd == "longctx":
         from benchmarks.longctx import run as run_longctx

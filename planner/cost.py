@@ -32,15 +32,17 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   target mask 10 (chunked loss, ``model.loss_chunk_tokens``: an fp32 lse and the labels, 13), RoPE's cos/sin
   table 2 d b (built once per micro-step and shared by every layer).
   Working set on top (transient): one recomputed layer's internals under ``full``/``offload`` (plus the
-  fetched input under ``offload``), logits (b + 8) V (none with the chunked loss), all-to-all buffers
-  2 (H + 2kv) d b (u > 1), ring K/V double buffer 4 kv d b (r > 1); token-independent
+  fetched input and the prefetched next one under ``offload``), logits (b + 8) V (none with the chunked
+  loss), all-to-all buffers 2 (H + 2kv) d b (u > 1), ring K/V double buffer 4 kv d b (r > 1); token-independent
   (:meth:`CostModel.fixed_working_bytes`): the chunked loss's backward peak, 4 V h (its fp32 weight-gradient
   accumulator) + max(chunk V (4 + b), b V h) (one chunk's fp32 gradient with its b copy, or the final cast),
   one MLP tile's intermediates. A measured ``cluster.act_bytes_per_token``
   (sp-profile) replaces saved + working.
 - **Offload time**: the layer inputs come back from host memory before each recompute, L (tokens / P) b h
-  bytes at ``cluster.host_gbps`` (the device-to-host copy overlaps the forward). The chunked loss adds one
-  logits matmul per token (its backward recomputes them), 2 V h FLOPs; the tiled MLP one MLP forward.
+  bytes at ``cluster.host_gbps``; each layer's copy is prefetched under the next layer's recompute and
+  backward (one copy exposed, plus what exceeds 3/4 of a layer's compute; the device-to-host copy overlaps the
+  forward). The chunked loss adds one logits matmul per token (its backward recomputes them), 2 V h FLOPs;
+  the tiled MLP one MLP forward.
 - Per group and micro-step (:meth:`CostModel.group_overhead_s`): ``beta`` (ms) plus the latency of the
   group's collectives, paid once per packed batch (all its sequences go through each layer together).
 - **FSDP** (:attr:`CostModel.fsdp_time`, ``sharding=fsdp``): every rank runs every micro-step's collectives:
@@ -207,12 +209,17 @@ class CostModel:
         return 3 if self.model.checkpointing in LAYER_RECOMPUTE else 2
 
     def offload_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
-        """``offload`` mode: each layer's input (b h bytes per local token) comes back from host memory
-        before its recompute, on the critical path (the device-to-host copy overlaps the forward)."""
+        """``offload`` mode: each layer's input (b h bytes per local token) comes back from host memory before
+        its recompute. The last layer's copy is on the critical path; every other one is prefetched while the
+        layer after it recomputes and back-propagates (3/4 of its compute: recompute 1, backward 2 of the 4
+        forward-equivalents), so only what exceeds that is exposed (the device-to-host copy overlaps the
+        forward)."""
         m = self.model
         if m.checkpointing != "offload":
             return 0.0 * length
-        return m.layers * (length / size) * m.bytes_per_value * m.hidden / (self.cluster.host_gbps * 1e9)
+        copy = (length / size) * m.bytes_per_value * m.hidden / (self.cluster.host_gbps * 1e9)  # one layer's
+        hidden_by = 0.75 * self.compute_s(length, size) / m.layers
+        return copy + (m.layers - 1) * np.maximum(0.0, copy - hidden_by)
 
     def _bw(self, table: dict[int, float], n: int, spans_nodes: bool) -> float:
         if n in table:
@@ -324,7 +331,7 @@ class CostModel:
             one = replace(self, model=replace(m, checkpointing="none", layers=1))
             layer = one.saved_bytes_per_token(u) - one._outside_bytes()  # the recomputed layer's internals
             if m.checkpointing == "offload":
-                layer += b * m.hidden  # the input fetched back from the host
+                layer += 2 * b * m.hidden  # the input fetched back from the host, and the next one prefetched
         logits = self._logits_bytes_per_token()
         comm = (2 * (m.heads + 2 * kv) * d * b if u > 1 else 0) + (2 * 2 * kv * d * b if r > 1 else 0)
         return layer + logits + comm

@@ -131,3 +131,21 @@ def test_nvml_not_supported_never_crashes_a_step(monkeypatch):
     mon = GpuMonitor(local_rank=0)
     assert mon.read() == {"gpu/memory_used_gib": 1.0}
     assert mon.read() == {"gpu/memory_used_gib": 1.0}
+
+
+def test_gpu_benchmark_sweep_and_table_on_cpu_standins():
+    """``sp-bench gpu``'s kernel sweep (through sp.attention, against float64, with TFLOP/s) runs end to end on the
+    CPU with torch's aten ops backed by stand-ins; its table has a row per case."""
+    from benchmarks.gpu import kernel_sweep, split, table
+    from tests import aten_standins
+
+    aten_standins.register()
+    assert sum(split(4096)) == 4096 and min(split(4096)) > 0
+    rows = [r for name in ("torch_flash_cpu", "cudnn_cpu") for r in kernel_sweep(
+        name, lengths=(512, 1024), device="cpu", heads=(4, 2), dim=16, dtype=torch.float32, repeats=1)]  # fmt: skip
+    for row in rows:
+        for key in ("out_rel_err", "dq_rel_err", "dk_rel_err", "dv_rel_err"):
+            assert row[key] < 1e-5, (row["case"], key, row[key])
+        assert row["fwd_tflops"] > 0 and row["bwd_tflops"] > 0
+    text = table(rows)
+    assert len(text.splitlines()) == len(rows) + 1 and "kernel/cudnn_cpu/1K" in text

@@ -109,3 +109,26 @@ def test_one_long_sequence_needs_no_gather_and_one_call_per_step():
         one = sp.SPContext(sp.GroupLayout.build([0, 4096], 1, 1), 0)
         (call,) = kernel.pack_step(step_pairs(one, 0, kernel)).calls
         assert call.causal and call.q.covers(4096) and call.k.covers(4096)
+
+
+def test_no_ring_single_call_results_are_the_ops_own():
+    """r = 1, one unpadded sequence: the forward returns the op's output and the backward the op's gradients
+    (no fp32 accumulator, no copy): the same storages the op call produced."""
+    import sp
+    from sp.kernels import TorchFlashKernel
+    from sp.ring import ring_backward, ring_forward
+    from tests import aten_standins
+
+    aten_standins.register()
+    kernel = TorchFlashKernel(half_only=False)
+    made = {}
+    fwd, bwd = kernel.op_forward, kernel.op_backward
+    kernel.op_forward = lambda *a: made.setdefault("fwd", fwd(*a))  # type: ignore[method-assign]
+    kernel.op_backward = lambda *a: made.setdefault("bwd", bwd(*a))  # type: ignore[method-assign]
+    ctx = sp.SPContext(sp.GroupLayout.build([0, 96]), 0, kernel="torch_flash_cpu")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(96, h, 16, generator=g).bfloat16() for h in (4, 2, 2, 4))
+    out, lse = ring_forward(q, k, v, ctx, kernel, 0.25)
+    assert out.dtype == torch.bfloat16 and out.data_ptr() == made["fwd"][0].data_ptr()
+    grads = ring_backward(do, q, k, v, out, lse, ctx, kernel, 0.25)
+    assert [x.data_ptr() for x in grads] == [x.data_ptr() for x in made["bwd"]]

@@ -84,7 +84,7 @@ def probe_kernel(name: str, device: torch.device, dtype: torch.dtype, heads: int
 
     try:
         get_kernel(name)
-        err = exactness(name, device, dtype, heads, kv_heads, head_dim)
+        err = max(exactness(name, device, dtype, heads, kv_heads, head_dim).values())
         if err > 5e-2:  # bf16 inputs: a wrong mask or layout gives O(1) errors
             return None
         ctx = sp.SPContext(sp.GroupLayout.build([0, tokens // 4, tokens]), 0, kernel=name, device=str(device))
@@ -103,19 +103,58 @@ def probe_kernel(name: str, device: torch.device, dtype: torch.dtype, heads: int
         return None
 
 
-def exactness(name: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> float:
-    """Largest relative error of out, dq, dk, dv against the float64 reference (``sp.kernels.TorchKernel``) on a
-    causal batch of three sequences whose lengths are not multiples of the kernels' blocks."""
+def exactness(name: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+              lengths: tuple[int, ...] = (97, 193, 265)) -> dict[str, float]:  # fmt: skip
+    """Relative errors of out, dq, dk and dv of kernel ``name`` in ``dtype`` against the reference kernel in
+    float64 (``sp.kernels.TorchKernel``, same inputs), on one causal varlen batch of ``lengths`` (defaults
+    that are not multiples of any kernel's blocks)."""
     import sp
 
-    cu = [0, 97, 290, 555]
-    g = torch.Generator(device="cpu").manual_seed(0)
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    g = torch.Generator(device="cpu").manual_seed(cu[-1])
     q, k, v, do = (torch.randn(cu[-1], h, head_dim, generator=g) for h in (heads, kv_heads, kv_heads, heads))
     results = []
-    for kern, dt, dev in ((name, dtype, device), ("torch", torch.float64, torch.device("cpu"))):
-        ctx = sp.SPContext(sp.GroupLayout.build(cu), 0, kernel=kern, device=str(dev))
-        xq, xk, xv = (x.to(dev, dt).requires_grad_(True) for x in (q, k, v))
+    for kern, dt in ((name, dtype), ("torch", torch.float64)):
+        ctx = sp.SPContext(sp.GroupLayout.build(cu), 0, kernel=kern, device=str(device))
+        xq, xk, xv = (x.to(device, dt, copy=True).requires_grad_(True) for x in (q, k, v))
         out = sp.attention(xq, xk, xv, ctx)
-        out.backward(do.to(dev, dt))
-        results.append([t.detach().double().cpu() for t in (out, xq.grad, xk.grad, xv.grad) if t is not None])
-    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(*results, strict=True))
+        out.backward(do.to(device, dt))
+        results.append([out.detach(), *(x.grad for x in (xq, xk, xv))])
+    errs = {f"{n}_rel_err": _rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), *results, strict=True)}
+    return errs | _pair_errors(name, device, dtype, heads, kv_heads, head_dim)
+
+
+# (q rows, k rows, q position, k position, causal): queries past part of the keys, rows that see no key, full
+PAIRS = ((64, 96, 96, 0, True), (80, 48, 0, 24, True), (64, 64, 128, 0, False))
+
+
+def _pair_errors(name: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                 head_dim: int) -> dict[str, float]:  # fmt: skip
+    """The block kernel on pairs at offsets, as ring steps call it (one rank only meets diagonal pairs, where
+    top-left and bottom-right causal alignment agree): forward, and backward from the reference's (out, lse)."""
+    from sp.kernels import TorchKernel, get_kernel
+
+    kern, ref, scale = get_kernel(name), TorchKernel(), head_dim**-0.5
+    g = torch.Generator(device="cpu").manual_seed(1)
+    worst = {"pair_out_rel_err": 0.0, "pair_grad_rel_err": 0.0}
+    for nq, nk, qp, kp, mask in PAIRS:
+        q, k, v, do = (torch.randn(n, h, head_dim, generator=g) for n, h in ((nq, heads), (nk, kv_heads),
+                                                                            (nk, kv_heads), (nq, heads)))  # fmt: skip
+        r_out, r_lse = ref.forward(q.double(), k.double(), v.double(), qp, kp, mask, scale)
+        r_grads = ref.backward(do.double(), q.double(), k.double(), v.double(), r_out, r_lse, qp, kp, mask, scale)
+        x = [t.to(device, dtype) for t in (q, k, v, do)]
+        out, _ = kern.forward(*x[:3], qp, kp, mask, scale)
+        grads = kern.backward(x[3], *x[:3], r_out.to(device, dtype), r_lse.to(device, torch.float32), qp, kp, mask,
+                              scale)  # fmt: skip
+        seen = r_lse.isfinite().T[..., None]  # rows that see no key: out 0 in both
+        worst["pair_out_rel_err"] = max(worst["pair_out_rel_err"], _rel(out.cpu() * seen, r_out * seen))
+        worst["pair_grad_rel_err"] = max(
+            worst["pair_grad_rel_err"], *(_rel(a.cpu(), b) for a, b in zip(grads, r_grads))
+        )
+    return worst
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double().cpu() - b.cpu()).norm() / b.norm().clamp_min(1e-30))

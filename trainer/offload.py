@@ -7,15 +7,17 @@ the backward copies it back, recomputes the layer with grad enabled and back-pro
 The parameter gradients are returned as the Function's own (its parameters are inputs), so autograd
 accumulates each once per backward, and post-accumulate hooks (:class:`trainer.grad_sync.GradSync`) fire once
 per backward, as they do for any other layer; FSDP2's post-backward reads them as usual. On CUDA the
-device-to-host copy goes to pinned memory on a side stream (it overlaps the next layers' forward); the
-host-to-device copy before the recompute is on the critical path (the cost model charges it).
+device-to-host copy goes to pinned memory on a side stream (it overlaps the next layers' forward); in
+backward each layer starts the copy of the previous layer's input on that stream (prefetch), so it runs under
+this layer's recompute and backward (two layer inputs on the device at a time; the cost model charges the
+copy time where it exceeds the compute).
 On the CPU the "host" copy is a real copy into a separate buffer, so exactness and byte counts are tested
 here. :class:`OffloadCounter` counts the bytes held on the host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,11 +27,14 @@ from models.param_grads import param_grads
 
 @dataclass
 class OffloadCounter:
-    """Bytes this rank has offloaded in the current micro-step (reset by the step loop)."""
+    """Bytes this rank has offloaded in the current micro-step (reset by the step loop), and the offloaded
+    layers in forward order, so that each layer's backward prefetches the input of the layer before it."""
 
     bytes: int = 0
     peak: int = 0
     _live: int = 0
+    _layers: list[Any] = field(default_factory=list)  # the Functions' contexts, in forward order
+    prefetched: int = 0  # inputs that were already on the device (or on their way) when their backward began
 
     def add(self, n: int) -> None:
         self.bytes += n
@@ -40,7 +45,30 @@ class OffloadCounter:
         self._live -= n
 
     def reset(self) -> None:
-        self.bytes = self.peak = self._live = 0
+        self.bytes = self.peak = self._live = self.prefetched = 0
+        self._layers.clear()
+
+    def push(self, ctx: Any) -> None:
+        ctx.fetched = None
+        self._layers.append(ctx)
+
+    def fetch(self, ctx: Any) -> torch.Tensor:
+        """``ctx``'s input back on its device (prefetched by the layer after it, or copied now), and the
+        prefetch of the previous layer's input on the side stream, so its copy runs under this layer's
+        recompute and backward."""
+        x = ctx.fetched if ctx.fetched is not None else _to_device(ctx.host, ctx.device)
+        if ctx.fetched is not None:
+            self.prefetched += 1
+            _consume(x)
+        i = next((j for j in range(len(self._layers) - 1, -1, -1) if self._layers[j] is ctx), -1)
+        if i > 0:
+            prev = self._layers[i - 1]
+            if prev.fetched is None and prev.host is not None:
+                prev.fetched = _prefetch(prev.host, prev.device)
+        if i >= 0:
+            del self._layers[i]
+        ctx.fetched = None
+        return x
 
 
 _STREAM: dict[int, Any] = {}
@@ -57,6 +85,25 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
         host.copy_(x.detach(), non_blocking=True)
     x.record_stream(stream)  # x's memory stays allocated until the copy has run
     return host
+
+
+def _prefetch(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Start ``host``'s copy to ``device``: on CUDA on the offload side stream (after the offload copy that
+    filled it); on the CPU a copy now (the test path: exactness and byte counts)."""
+    if device.type != "cuda":
+        return host.clone()
+    dev = device.index or 0
+    stream = _STREAM.setdefault(dev, torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        return host.to(device, non_blocking=True)
+
+
+def _consume(x: torch.Tensor) -> None:
+    """Make the compute stream wait for a prefetched copy, and keep its memory until the compute stream is done."""
+    if x.is_cuda:
+        current = torch.cuda.current_stream(x.device)
+        current.wait_stream(_STREAM[x.device.index or 0])
+        x.record_stream(current)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -79,11 +126,12 @@ class OffloadedLayer(torch.autograd.Function):
         ctx.params = params  # not saved tensors: the recompute reads the module's own (FSDP-unsharded) ones
         ctx.nbytes = hidden.numel() * hidden.element_size()
         counter.add(ctx.nbytes)
+        counter.push(ctx)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x = _to_device(ctx.host, ctx.device).requires_grad_(True)
+        x = ctx.counter.fetch(ctx).requires_grad_(True)
         ctx.counter.release(ctx.nbytes)
         ctx.host = None
         with torch.enable_grad():

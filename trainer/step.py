@@ -12,7 +12,6 @@ an *empty pass*: one dummy token, no attention, loss times zero (zero gradients,
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +32,14 @@ from trainer.grad_sync import GradSync
 from trainer.memory import SavedBytes
 from trainer.sharding import checkpoint_switch
 
+BUSY = "busy"  # a micro-step's forward and backward (a SpanTimer span)
+
 
 @dataclass
 class StepStats:
     """This rank's view of a step: token-loss sum (detached, on the model's device), and per micro-step the
-    busy seconds (device-synchronised) and bytes saved for backward (when counted)."""
+    busy seconds (CUDA events on the GPU, read after the step's one synchronisation; wall-clock on the CPU) and
+    bytes saved for backward (when counted)."""
 
     loss_sum: torch.Tensor
     busy_s: list[float] = field(default_factory=list)
@@ -81,6 +83,7 @@ def run_plan(
     stats = StepStats(torch.zeros((), dtype=torch.float64, device=device))
     kernel = resolve_kernel(kernel, device)
     switch = checkpoint_switch(model)
+    timers: list[SpanTimer | None] = []  # per micro-step; read after the step's one device synchronisation
     for i, micro in enumerate(plan.micro_steps):
         if switch is not None:  # the plan's checkpointing for this micro-step (forward and its backward)
             switch.set(micro.checkpointing)
@@ -95,33 +98,35 @@ def run_plan(
             where = f"{g.shape} on ranks {g.ranks[0]}-{g.ranks[-1]}" if g is not None and g.seqs else "idle"
             heartbeat(f"micro-step {i + 1}/{len(plan.micro_steps)}: {where}")
         if (g is None or not g.seqs) and sync is not None:
-            for s in (stats.busy_s, stats.saved_bytes, stats.offloaded_bytes, stats.attention_s, stats.comm_wait_s):
+            for s in (stats.saved_bytes, stats.offloaded_bytes):
                 s.append(0)
+            timers.append(None)
             continue
         if switch is not None:
             switch.offload.reset()
-        synchronize(device)
-        t0 = time.perf_counter()
         meter = SavedBytes(model) if count_saved else None
         timer = SpanTimer(device)
-        with meter or contextlib.nullcontext(), autocast_to(device, autocast):
-            if g is None or not g.seqs:
-                loss = empty_pass(model, device)
-            else:
-                loss = group_pass(model, pool, g, docs, kernel, device, timer, meter)
-        (loss / global_tokens).backward()
+        with timer.span(BUSY):  # CUDA events on the GPU: no host synchronisation inside the step
+            with meter or contextlib.nullcontext(), autocast_to(device, autocast):
+                if g is None or not g.seqs:
+                    loss = empty_pass(model, device)
+                else:
+                    loss = group_pass(model, pool, g, docs, kernel, device, timer, meter)
+            (loss / global_tokens).backward()
         stats.loss_sum += loss.detach().double()
-        synchronize(device)
-        stats.busy_s.append(time.perf_counter() - t0 if g is not None and g.seqs else 0.0)
+        timers.append(timer if g is not None and g.seqs else None)
         stats.saved_bytes.append(meter.bytes if meter is not None else 0)
         stats.offloaded_bytes.append(switch.offload.bytes if switch is not None else 0)
-        spans = timer.totals()
-        stats.attention_s.append(spans.get(ATTENTION, 0.0))
-        stats.comm_wait_s.append(spans.get(COMM_WAIT, 0.0))
     if switch is not None:
         switch.set("")  # back to the model's own mode for anything run outside a plan
     if sync is not None:
         sync.finish()
+    synchronize(device)  # once per step: the micro-steps' events are then complete
+    for t in timers:
+        spans = t.totals() if t is not None else {}
+        stats.busy_s.append(spans.get(BUSY, 0.0))
+        stats.attention_s.append(spans.get(ATTENTION, 0.0))
+        stats.comm_wait_s.append(spans.get(COMM_WAIT, 0.0))
     return stats
 
 
