@@ -144,9 +144,9 @@ def _pair_errors(name: str, device: torch.device, dtype: torch.dtype, heads: int
                                                                             (nk, kv_heads), (nq, heads)))  # fmt: skip
         r_out, r_lse = ref.forward(q.double(), k.double(), v.double(), qp, kp, mask, scale)
         r_grads = ref.backward(do.double(), q.double(), k.double(), v.double(), r_out, r_lse, qp, kp, mask, scale)
-        x = [t.to(device, dtype) for t in (q, k, v, do)]
-        out, _ = kern.forward(*x[:3], qp, kp, mask, scale)
-        grads = kern.backward(x[3], *x[:3], r_out.to(device, dtype), r_lse.to(device, torch.float32), qp, kp, mask,
+        xq, xk, xv, xdo = (t.to(device, dtype) for t in (q, k, v, do))
+        out, _ = kern.forward(xq, xk, xv, qp, kp, mask, scale)
+        grads = kern.backward(xdo, xq, xk, xv, r_out.to(device, dtype), r_lse.to(device, torch.float32), qp, kp, mask,
                               scale)  # fmt: skip
         seen = r_lse.isfinite().T[..., None]  # rows that see no key: out 0 in both
         worst["pair_out_rel_err"] = max(worst["pair_out_rel_err"], _rel(out.cpu() * seen, r_out * seen))
