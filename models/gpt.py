@@ -41,6 +41,7 @@ def transformer_config(shape: ModelShape, dtype: torch.dtype = torch.float32) ->
         layernorm_epsilon=shape.rms_norm_eps,
         add_bias_linear=False,
         add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
@@ -60,7 +61,7 @@ def build_meta(
     """The model on the meta device: shapes only (shard it, then materialise and initialise per rank).
     ``modes``: the memory modes a plan may switch to per micro-step (the planner's choices); the chunked loss
     and the tiled MLP are installed when the model or any of them uses them, set to the model's own values."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm)
     spec.submodules.self_attention.submodules.core_attention = SPCoreAttention
     with torch.device("meta"):
         model = GPTModel(

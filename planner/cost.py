@@ -303,14 +303,36 @@ class CostModel:
         rope_attn = (2 * heads + 2 * kv) * d * b + 4 * heads  # q k v out; lse (RoPE's cos/sin: outside the layers)
         proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
         mlp = 0 if m.mlp_tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled: only its input (fc1's, above)
-        none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp
+        none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp + self._qk_norm_bytes()
         per_layer = {
             "none": none,
-            "selective": none - rope_attn - proj_in + (2 * heads + 2 * m.n_kv_heads) * d * b + heads * d * b,
+            "selective": none - rope_attn - proj_in + self._core_inputs_bytes() + heads * d * b,
             "full": b * h,  # the layer's input, kept by the checkpoint
             "offload": 0,  # that input is in host memory (host_bytes_per_token)
         }[m.checkpointing]
         return m.layers * per_layer + self._outside_bytes()
+
+    def _core_inputs_bytes(self) -> float:
+        """Per token and layer, what selective checkpointing keeps of the core attention's inputs (by storage):
+        q is a reshaped copy out of the fused qkv output (H d b) and k, v are views of that output ((H + 2 kv) d
+        b). With q/k norms, q and k are the norms' fresh outputs ((H + kv) d b) and v still holds the qkv
+        output, which in fp32 the k norm keeps already (:meth:`_qk_norm_bytes`)."""
+        m = self.model
+        b, d, heads, kv = m.bytes_per_value, m.d_head, m.heads, m.n_kv_heads
+        if not m.qk_norm:
+            return (2 * heads + 2 * kv) * d * b
+        return (heads + kv) * d * b + (0 if b == 4 else (heads + 2 * kv) * d * b)
+
+    def _qk_norm_bytes(self) -> float:
+        """Per token and layer, Qwen3's per-head q/k RMSNorms (torch's RMSNorm, Megatron's qk_layernorm): in
+        half precision each keeps an fp32 copy of its input and the fp32 normalised values, 8 d per head, plus
+        an fp32 rstd per head; in fp32 the inputs themselves are kept instead of copies, and they are the q heads
+        (a reshaped copy of the fused qkv output) and the whole qkv output (k is a view of it): 12 d per head."""
+        m = self.model
+        if not m.qk_norm:
+            return 0.0
+        heads = m.heads + m.n_kv_heads
+        return ((12 if m.bytes_per_value == 4 else 8) * m.d_head + 4) * heads
 
     def _outside_bytes(self) -> float:
         """Saved per token outside the layers: token ids, final norm, output-layer input, the fp32 softmax,

@@ -113,6 +113,7 @@ class ModelShape:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output layer shares the input embedding (Qwen2 small models)
     qkv_bias: bool = False  # biases on q, k, v (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3; megatron-core's qk_layernorm)
     rope_theta: float | None = None  # RoPE base; None: 10,000, or the Hugging Face config's with hf_path
     rope_scaling: dict[str, Any] = field(default_factory=dict)  # transformers' rope_scaling: {rope_type: ..., ...}
     hf_path: str | None = None  # a Hugging Face model folder: its config.json sets the architecture fields
@@ -176,6 +177,8 @@ class ModelShape:
         ]
         if self.qkv_bias:
             layer.insert(2, ((self.heads + 2 * self.n_kv_heads) * d,))  # linear_qkv.bias
+        if self.qk_norm:
+            layer[2:2] = [(d,), (d,)]  # q_layernorm, k_layernorm (after linear_qkv, before linear_proj)
         return [(self.vocab, h), *layer * self.layers, (h,), *([] if self.tie_embeddings else [(self.vocab, h)])]
 
     @property

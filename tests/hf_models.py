@@ -21,11 +21,17 @@ ROPES = {
 
 
 def make(folder: Path, kind: str = "llama3", seed: int = 0, shard: str | None = None, **extra) -> torch.nn.Module:
-    """Save a tiny perturbed model: ``kind`` in ROPES (Llama) or ``qwen2`` (q/k/v biases, tied embeddings)."""
+    """Save a tiny perturbed model: ``kind`` in ROPES (Llama), ``qwen2`` (q/k/v biases, tied embeddings) or
+    ``qwen3`` (per-head q/k RMSNorm, head_dim 16 on a 64-wide hidden of 8 heads: the attention is twice as wide
+    as the hidden size, untied; ``tie_word_embeddings=True`` in ``extra`` ties them)."""
     import transformers
 
     torch.manual_seed(seed)
-    if kind == "qwen2":
+    if kind == "qwen3":
+        cfg = transformers.Qwen3Config(**{**TINY, "head_dim": 16, "rope_theta": 1e6, "tie_word_embeddings": False,
+                                          **extra})  # fmt: skip
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**{**TINY, "rope_theta": 1e6, "tie_word_embeddings": True, **extra})
         model = transformers.Qwen2ForCausalLM(cfg)
     else:

@@ -1,6 +1,7 @@
 """Hugging Face import against transformers itself (the independent reference), on tiny random models the
 tests create: per-token losses of packed documents under every SP strategy on 1, 2 and 4 ranks and under
-the adaptive planner, for plain theta, linear, llama3 and yarn RoPE and Qwen2 (biases, tied embeddings);
+the adaptive planner, for plain theta, linear, llama3 and yarn RoPE, Qwen2 (biases, tied embeddings) and
+Qwen3 (per-head q/k RMSNorm, head_dim independent of the hidden size);
 gradients per strategy; the FSDP-sharded load bit-exact; config parsing in both layouts; bad input."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from tests.dist import run_distributed
 
-KINDS = ["theta", "linear", "llama3", "yarn", "qwen2"]
+KINDS = ["theta", "linear", "llama3", "yarn", "qwen2", "qwen3"]
+GRAD_KINDS = ["llama3", "qwen3"]
 LENGTHS = (2, 8, 301, 1001)  # tokens per document: 1, 7, 300 and 1000 training positions
 SHAPES = [(1, 1), (2, 1), (1, 2), (4, 1), (1, 4), (2, 2)]  # (u, r) on 1, 2 and 4 ranks
 TOL = 1e-5
@@ -105,7 +107,16 @@ def _worker(rank, world, folders, plans):
                     for d in docs
                 ]  # fmt: skip
     grads = {}
-    model, _ = _plain_model(folders["llama3"])
+    for kind in GRAD_KINDS:
+        grads[kind] = _grads(rank, pool, docs, folders[kind], plans)
+    return (results, grads) if rank == 0 else None
+
+
+def _grads(rank, pool, docs, folder, plans):
+    import torch.distributed as dist
+
+    grads = {}
+    model, _ = _plain_model(folder)
     for name, groups in [("u4r1", [((0, 1, 2, 3), 4, 1, [0, 1, 2, 3])]), ("u1r4", [((0, 1, 2, 3), 1, 4, [0, 1, 2, 3])]),
                          ("u2r2", [((0, 1, 2, 3), 2, 2, [0, 1, 2, 3])]), ("adaptive", plans)]:  # fmt: skip
         model.zero_grad()
@@ -119,7 +130,7 @@ def _worker(rank, world, folders, plans):
             dist.all_reduce(t)  # each rank holds its tokens' part of the gradient
             g[n] = t.clone()
         grads[name] = g
-    return (results, grads) if rank == 0 else None
+    return grads
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +190,16 @@ def test_losses_equal_transformers_under_every_strategy(kind, folders, distribut
         assert err < TOL, (kind, name, err)
 
 
-def test_gradients_equal_transformers_per_strategy(folders, distributed):
+@pytest.mark.parametrize("kind", GRAD_KINDS)
+def test_gradients_equal_transformers_per_strategy(kind, folders, distributed):
     from models.hf.export import split
 
-    _, grads = distributed
-    model, ref = _reference(folders["llama3"])
+    _, all_grads = distributed
+    grads = all_grads[kind]
+    model, ref = _reference(folders[kind])
     sum(r.sum() for r in ref).backward()
     want = dict(model.named_parameters())
-    shape = _shape(folders["llama3"])
+    shape = _shape(folders[kind])
     worst = 0.0
     for name, g in grads.items():
         for ours, t in g.items():
@@ -216,7 +229,7 @@ def _load_worker(rank, world, folder):
     return full_state(model), read
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "qwen3"])
 def test_fsdp_sharded_load_is_bit_exact_and_rank_local(kind, folders):
     from safetensors.torch import load_file
 

@@ -20,7 +20,7 @@ import torch
 from planner.types import ModelShape
 from trainer import checkpoint
 
-ARCHITECTURE = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "swiglu", "qkv_bias",
+ARCHITECTURE = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "swiglu", "qkv_bias", "qk_norm",
                 "tie_embeddings")  # fmt: skip
 
 

@@ -168,7 +168,7 @@ def group_losses(
     # sharded on the host, then two uploads per micro-step: token ids with labels, and the weights
     pair = shard(torch.stack([inputs, labels], 1), ctx.layout, ctx.rank)  # [T, 2] -> [local, 2]
     both = upload(pair.T.contiguous(), device)  # [local, 2] -T-> [2, local]
-    tok, lab = both[0], both[1]
+    tok, lab = both[0].clone(), both[1].clone()  # storages of their own (what autograd saves is counted by storage)
     valid = upload(shard(weights, ctx.layout, ctx.rank), device)  # 0 on padding and on masked targets
     params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
     # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]

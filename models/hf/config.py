@@ -1,6 +1,7 @@
 """Hugging Face ``config.json`` <-> :class:`planner.types.ModelShape` (plain JSON: no torch, no transformers).
 
-Reads LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM configs in both layouts: transformers 4
+Reads LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM and Qwen3ForCausalLM (per-head q/k RMSNorm,
+``head_dim`` independent of the hidden size) configs in both layouts: transformers 4
 (top-level ``rope_theta`` + ``rope_scaling``) and transformers 5 (``rope_parameters``). Anything this model
 cannot represent exactly (sliding windows, MoE, biases other than Qwen2's q/k/v, another activation, partial
 rotary, an unknown rope type) is a clear error naming the file and the field, never a silent approximation.
@@ -14,9 +15,10 @@ from typing import Any
 
 from planner.types import ROPE_KEYS, ModelShape, check_rope_scaling
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+                 "Qwen3ForCausalLM": "qwen3"}  # fmt: skip
 SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "swiglu", "rms_norm_eps",
-                "tie_embeddings", "qkv_bias", "max_position_embeddings")  # fmt: skip
+                "tie_embeddings", "qkv_bias", "qk_norm", "max_position_embeddings")  # fmt: skip
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -95,9 +97,10 @@ def shape_fields(folder: str | Path) -> dict[str, Any]:
         "ffn": cfg["intermediate_size"],
         "vocab": cfg["vocab_size"],
         "swiglu": True,
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5)),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6 if arch in ("qwen2", "qwen3") else 1e-5)),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "qkv_bias": arch == "qwen2",
+        "qk_norm": arch == "qwen3",
         "max_position_embeddings": int(cfg.get("max_position_embeddings") or 0),
         "rope_theta": theta,
         "rope_scaling": scaling,
@@ -127,7 +130,10 @@ def to_hf_config(
 ) -> dict[str, Any]:
     """config.json for ``shape`` (transformers-4 layout, which transformers 4 and 5 both read), on top of
     the source model's config when there is one (keeps token ids and other fields)."""
-    arch = "Qwen2ForCausalLM" if shape.qkv_bias else "LlamaForCausalLM"
+    arch = "Qwen3ForCausalLM" if shape.qk_norm else "Qwen2ForCausalLM" if shape.qkv_bias else "LlamaForCausalLM"
+    if shape.qk_norm and shape.qkv_bias:
+        raise ValueError("model.qk_norm with model.qkv_bias has no Hugging Face architecture (Qwen3's attention_bias "
+                         "also biases o_proj); valid: one of them")  # fmt: skip
     cfg = {k: v for k, v in (base or {}).items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
     cfg.update({
         "architectures": [arch], "model_type": ARCHITECTURES[arch], "num_hidden_layers": shape.layers,
@@ -138,7 +144,7 @@ def to_hf_config(
         or default_max_positions or 131072,
         "rope_theta": shape.theta, "rope_scaling": dict(shape.rope_scaling) if shape.rope_scaling else None,
     })  # fmt: skip
-    if arch == "LlamaForCausalLM":
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
         cfg.update({"attention_bias": False, "mlp_bias": False})
     else:
         cfg.update({"use_sliding_window": False, "sliding_window": None})

@@ -1,4 +1,4 @@
-"""Parameter names and layouts between a Hugging Face Llama/Qwen2 checkpoint and our Megatron GPT.
+"""Parameter names and layouts between a Hugging Face Llama/Qwen2/Qwen3 checkpoint and our Megatron GPT.
 
 Every one of our parameters is a stack of row runs of Hugging Face tensors (:class:`Part`); each Hugging Face
 tensor belongs to exactly one of ours. The fused layouts are Megatron's, as Megatron-Bridge's QKVMapping and
@@ -26,6 +26,8 @@ LAYER = {
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",  # Qwen3: per-head RMSNorm [head_dim]
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 PREFIX, HF_PREFIX = "decoder.layers.", "model.layers."
 
@@ -70,6 +72,8 @@ def parts(name: str, shape: ModelShape) -> list[Part]:
 def _rows(key: str, shape: ModelShape) -> int:
     if key.endswith("word_embeddings.weight") or key == "output_layer.weight":
         return shape.vocab
+    if key.endswith("q_layernorm.weight") or key.endswith("k_layernorm.weight"):
+        return shape.d_head
     return shape.hidden  # norms (1-D, hidden), o_proj and down_proj (hidden rows)
 
 
@@ -86,6 +90,8 @@ def hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
                     p + "self_attn.v_proj.weight": (hk * d, h), p + "self_attn.o_proj.weight": (h, shape.heads * d),
                     p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                     p + "mlp.down_proj.weight": (h, f)})  # fmt: skip
+        if shape.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
         if shape.qkv_bias:
             out.update({p + "self_attn.q_proj.bias": (shape.heads * d,), p + "self_attn.k_proj.bias": (hk * d,),
                         p + "self_attn.v_proj.bias": (hk * d,)})  # fmt: skip
