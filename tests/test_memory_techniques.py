@@ -292,3 +292,38 @@ def _no_labels_worker(rank, world):
 def test_chunked_loss_model_refuses_a_call_without_labels():
     (msg,) = run_distributed(_no_labels_worker, 1, timeout=120)
     assert "loss_chunk_tokens=64" in msg and "pass labels" in msg
+
+
+def _qk_norm_worker(rank, world):
+    """Bytes saved for backward by a model with Qwen3's q/k norms, per checkpointing mode and precision."""
+    import numpy as np
+    from megatron.core import parallel_state
+
+    from models.gpt import build_gpt
+    from planner.cost import CostModel
+    from planner.types import Assignment, Cluster, GroupShape
+    from sp.groups import GroupPool
+    from trainer.memory import SavedBytes
+    from trainer.sharding import Regime, parallelize
+    from trainer.step import group_pass
+
+    parallel_state.initialize_model_parallel(1, 1)
+    pool, out = GroupPool(), []
+    docs = [np.random.default_rng(0).integers(0, 256, size=257)]
+    for precision, b in (("fp32", 4), ("bf16", 2)):
+        for ckpt in ("none", "selective", "full"):
+            shape = _shape(qk_norm=True, head_dim=32, checkpointing=ckpt, bytes_per_value=b)
+            model = parallelize(build_gpt(shape, 512), Regime("fsdp", precision, ckpt), torch.device("cpu"))
+            with SavedBytes(model) as meter:
+                group_pass(model, pool, Assignment(0, GroupShape(1, 1), (0,), 0, 0), docs, "cpu_fused",
+                           torch.device("cpu"), meter=meter)  # fmt: skip
+            out.append(
+                (precision, ckpt, meter.bytes, CostModel(Cluster(name="cpu"), shape).saved_bytes_per_token() * 256)
+            )
+    return out
+
+
+def test_qk_norm_saved_bytes_equal_the_model():
+    (rows,) = run_distributed(_qk_norm_worker, 1, timeout=300)
+    for precision, ckpt, measured, predicted in rows:
+        assert measured == predicted, (precision, ckpt, measured, predicted)
