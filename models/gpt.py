@@ -11,13 +11,16 @@ the trainer shards it first: no rank builds the full model anywhere).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from models.attention import SPCoreAttention
 from models.init import init_random
+from models.moe import SPRouter
 from models.rope import Rope
 from models.shards import materialize
 from planner.types import MemoryMode, ModelShape
@@ -50,9 +53,25 @@ def transformer_config(shape: ModelShape, dtype: torch.dtype = torch.float32) ->
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         init_method_std=0.02,
+        **_moe_config(shape),
     )
     cfg.sp_rope = rope_of(shape)  # read by SPCoreAttention
+    cfg.sp_norm_topk_prob = shape.norm_topk_prob  # read by models.moe.SPRouter
+    cfg.sp_router_aux_loss_coef = shape.router_aux_loss_coef  # read by models.moe.begin
     return cfg
+
+
+def _moe_config(shape: ModelShape) -> dict:
+    """megatron-core's MoE settings: sequential experts behind the all-gather dispatcher (no expert
+    parallelism), the dense/MoE layer pattern, and none of its own load balancing (models.moe computes
+    transformers' loss)."""
+    if not shape.experts:
+        return {}
+    moe = set(shape.moe_layers())
+    return {"num_moe_experts": shape.experts, "moe_router_topk": shape.experts_per_token,
+            "moe_ffn_hidden_size": shape.expert_ffn, "moe_layer_freq": [int(i in moe) for i in range(shape.layers)],
+            "moe_router_load_balancing_type": "none", "moe_aux_loss_coeff": 0.0, "moe_grouped_gemm": False,
+            "moe_token_dispatcher_type": "allgather"}  # fmt: skip
 
 
 def build_meta(
@@ -61,11 +80,20 @@ def build_meta(
     """The model on the meta device: shapes only (shard it, then materialise and initialise per rank).
     ``modes``: the memory modes a plan may switch to per micro-step (the planner's choices); the chunked loss
     and the tiled MLP are installed when the model or any of them uses them, set to the model's own values."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm)
-    spec.submodules.self_attention.submodules.core_attention = SPCoreAttention
+    config = transformer_config(shape, dtype)
+    spec: Any
+    if shape.experts:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        for layer in {id(s): s for s in spec.layer_specs}.values():  # the dense and the MoE spec
+            layer.submodules.self_attention.submodules.core_attention = SPCoreAttention
+            if hasattr(layer.submodules.mlp.submodules, "router"):
+                layer.submodules.mlp.submodules.router = SPRouter
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm)
+        spec.submodules.self_attention.submodules.core_attention = SPCoreAttention
     with torch.device("meta"):
         model = GPTModel(
-            config=transformer_config(shape, dtype),
+            config=config,
             transformer_layer_spec=spec,
             vocab_size=shape.vocab,
             max_sequence_length=max_len,

@@ -14,22 +14,7 @@ from __future__ import annotations
 import torch
 
 
-def param_grads(out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, params: tuple[torch.Tensor, ...],
-                acc: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:  # fmt: skip
-    """``d(out . grad)`` with respect to ``(x, *params)``: None where one does not reach ``out``. With ``acc``
-    (a previous call's result, e.g. the tiles before this one) the parameter gradients are added into it in
-    place and ``acc`` is returned with this call's input gradient first."""
-    wanted = [x, *params]
-    got = torch.autograd.grad(out, wanted, grad, allow_unused=True)
-    if acc is None:
-        return list(got)
-    for i, g in enumerate(got[1:], start=1):
-        if g is None:
-            continue
-        prev = acc[i]
-        if prev is None:
-            acc[i] = g
-        else:
-            prev.add_(g)
-    acc[0] = got[0]
-    return acc
+def param_grads(out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
+                params: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:  # fmt: skip
+    """``d(out . grad)`` with respect to ``(x, *params)``: None where one does not reach ``out``."""
+    return list(torch.autograd.grad(out, [x, *params], grad, allow_unused=True))

@@ -165,12 +165,37 @@ class CostModel:
 
     def _technique_flops_per_token(self) -> float:
         """Extra FLOPs per token: the chunked loss recomputes the logits in backward (2 V h), the tiled MLP
-        runs one more MLP forward (2 (3 or 2) h f per layer)."""
+        runs one more MLP forward (2 (3 or 2) h f per dense layer; the routed experts' k (3 or 2) h I per MoE
+        layer)."""
         m = self.model
         extra = 2.0 * m.vocab * m.hidden if m.loss_chunk_tokens else 0.0
         if m.mlp_tile_tokens:
-            extra += 2.0 * (3 if m.swiglu else 2) * m.hidden * m.d_ffn * m.layers
+            terms = self._linear_terms()
+            extra += (terms["dense_mlp"] + terms["routed_experts"]) / 3.0  # one forward of the 6 x (fwd + bwd)
         return extra
+
+    def _linear_terms(self) -> dict[str, float]:
+        """Model FLOPs per token outside the attention core, by part (6 x the weights each token goes through)."""
+        m = self.model
+        per = 3 if m.swiglu else 2
+        moe = len(m.moe_layers())
+        return {
+            "attention_projections": 6.0 * m.layers * m.hidden * m.d_head * (2 * m.heads + 2 * m.n_kv_heads),
+            "dense_mlp": 6.0 * (m.layers - moe) * per * m.hidden * m.d_ffn,
+            "routed_experts": 6.0 * moe * m.experts_per_token * per * m.hidden * m.expert_ffn,
+            "router": 6.0 * moe * m.hidden * m.experts,
+            "output_layer": 6.0 * m.vocab * m.hidden,
+        }
+
+    def flops_terms(self, lengths: Sequence[int] | np.ndarray) -> dict[str, float]:
+        """:meth:`model_flops` of these sequences by part: the attention core (each sequence's quadratic term),
+        the attention projections, the dense MLPs, the routed experts (the top-k each token goes to), the
+        routers and the output layer; and their total."""
+        n = np.asarray(lengths, dtype=np.float64)
+        out = {"attention_core": float(np.sum(self.attention_flops(n, recompute=False)))}
+        out |= {k: v * float(n.sum()) for k, v in self._linear_terms().items()}
+        out["total"] = sum(out.values())
+        return out
 
     def model_flops(self, lengths: Sequence[int] | np.ndarray) -> float:
         """The model FLOPs of one step over these sequences (fwd + bwd, no recompute, no technique extras:
@@ -297,20 +322,41 @@ class CostModel:
     def saved_bytes_per_token(self, u: int = 1) -> float:
         """Bytes saved for backward per local token (see the module docstring), for Ulysses degree ``u``."""
         m = self.model
+        moe = len(m.moe_layers())
+        per_layer = (m.layers - moe) * self._layer_bytes(u, m.checkpointing, False)
+        return per_layer + moe * self._layer_bytes(u, m.checkpointing, True) + self._outside_bytes()
+
+    def _layer_bytes(self, u: int, mode: str, moe: bool) -> float:
+        """Saved per token by one layer (a dense or an MoE one) under checkpointing ``mode``."""
+        m = self.model
         b, h, d, f, heads = m.bytes_per_value, m.hidden, m.d_head, m.d_ffn, m.heads
         kv = max(m.n_kv_heads, u)  # kv heads replicate past their count
         norm = 8 * h + 4  # fp32 input + fp32 normalised copy + fp32 rstd
         rope_attn = (2 * heads + 2 * kv) * d * b + 4 * heads  # q k v out; lse (RoPE's cos/sin: outside the layers)
         proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
-        mlp = 0 if m.mlp_tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled: only its input (fc1's, above)
+        dense = 0 if m.mlp_tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled: only its input (fc1's, above)
+        mlp = self._routed_mlp_bytes() if moe else dense
         none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp + self._qk_norm_bytes()
-        per_layer = {
+        return {
             "none": none,
             "selective": none - rope_attn - proj_in + self._core_inputs_bytes() + heads * d * b,
             "full": b * h,  # the layer's input, kept by the checkpoint
             "offload": 0,  # that input is in host memory (host_bytes_per_token)
-        }[m.checkpointing]
-        return m.layers * per_layer + self._outside_bytes()
+        }[mode]
+
+    def _routed_mlp_bytes(self) -> float:
+        """Per token, what megatron-core's MoE layer (all-gather dispatcher, sequential experts, the router of
+        :mod:`models.moe`) saves beyond its input (counted with the linear inputs): per expert, the fp32 router
+        probabilities, the routing map (bool) and its transposed probabilities (b); when the top-k is
+        renormalised, its sum and values (fp32: 4 + 4 k); per routed copy, the top-k index and the permutation
+        index (int64), the permuted token (h b) and probability (b), and the expert's SwiGLU internals with the
+        routing weight applied inside it (6 I b: fc1 output, its halves' products, the weighted copy, fc2 input;
+        none when the experts run tiled, which keep only their input rows)."""
+        m = self.model
+        b, e, k = m.bytes_per_value, m.experts, m.experts_per_token
+        experts = 0 if m.mlp_tile_tokens else (6 if m.swiglu else 3) * m.expert_ffn * b
+        renorm = 4 + 4 * k if m.norm_topk_prob else 0
+        return e * (5 + b) + renorm + k * (16 + b * (m.hidden + 1) + experts)
 
     def _core_inputs_bytes(self) -> float:
         """Per token and layer, what selective checkpointing keeps of the core attention's inputs (by storage):
@@ -349,9 +395,8 @@ class CostModel:
         m = self.model
         b, d, kv = m.bytes_per_value, m.d_head, max(m.n_kv_heads, u)
         layer = 0.0
-        if m.checkpointing in LAYER_RECOMPUTE:
-            one = replace(self, model=replace(m, checkpointing="none", layers=1))
-            layer = one.saved_bytes_per_token(u) - one._outside_bytes()  # the recomputed layer's internals
+        if m.checkpointing in LAYER_RECOMPUTE:  # the recomputed layer's internals (the larger kind of layer)
+            layer = max(self._layer_bytes(u, "none", moe) for moe in {i in m.moe_layers() for i in range(m.layers)})
             if m.checkpointing == "offload":
                 layer += 2 * b * m.hidden  # the input fetched back from the host, and the next one prefetched
         logits = self._logits_bytes_per_token()
@@ -388,17 +433,18 @@ class CostModel:
         if self.sharding != "fsdp":
             return {}
         b = 2 if m.bytes_per_value == 2 else 4
-        layer, root = (sum(math.prod(s) for s in unit) for unit in self._fsdp_units)
-        return {"params": (root + (1 + self.cluster.fsdp_prefetch_layers) * layer) * b, "grads": layer * b,
+        layers, root = self._fsdp_units
+        layer = max(sum(math.prod(s) for s in unit) for unit in layers)  # the largest (an MoE layer's)
+        root_n = sum(math.prod(s) for s in root)
+        return {"params": (root_n + (1 + self.cluster.fsdp_prefetch_layers) * layer) * b, "grads": layer * b,
                 "reduce_scatter": 4.0 * layer}  # fmt: skip
 
     @cached_property
-    def _fsdp_units(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-        """Parameter shapes of one layer's FSDP unit and of the root unit (embedding, final norm, output)."""
+    def _fsdp_units(self) -> tuple[list[list[tuple[int, ...]]], list[tuple[int, ...]]]:
+        """Parameter shapes of every layer's FSDP unit and of the root unit (embedding, final norm, output)."""
         m = self.model
-        shapes = m.param_shapes()
-        per_layer = len(shapes[1 : -2 if not m.tie_embeddings else -1]) // m.layers  # tensors per layer
-        return shapes[1 : 1 + per_layer], [shapes[0], *shapes[1 + m.layers * per_layer :]]
+        root = [(m.vocab, m.hidden), (m.hidden,), *([] if m.tie_embeddings else [(m.vocab, m.hidden)])]
+        return [m.layer_shapes(i) for i in range(m.layers)], root
 
     def fsdp_collective_bytes(self) -> dict[str, float]:
         """Bytes FSDP2's collectives move per micro-step, counted as their unsharded buffers (each parameter
@@ -412,9 +458,10 @@ class CostModel:
         if n == 1:  # FSDP2 on one rank runs no collectives
             return {"all_gather": 0.0, "reduce_scatter": 0.0, "edge": 0.0}
         padded = lambda unit: sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in unit)  # noqa: E731
-        layer, root = (padded(u) for u in self._fsdp_units)
+        units, root_unit = self._fsdp_units
+        layers, root = sum(padded(u) for u in units), padded(root_unit)
         b = 2 if m.bytes_per_value == 2 else 4
-        return {"all_gather": (2 * m.layers * layer + root) * b, "reduce_scatter": (m.layers * layer + root) * 4.0,
+        return {"all_gather": (2 * layers + root) * b, "reduce_scatter": (layers + root) * 4.0,
                 "edge": root * (b + 4.0)}  # fmt: skip
 
     @cached_property

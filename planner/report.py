@@ -54,6 +54,12 @@ def summarise(
         "fsdp_comm_s_per_micro_step": cost.fsdp_time.comm_s,  # all-gathers + reduce-scatters, before overlap
         "fsdp_exposed_s": float(np.mean([sum(m.fsdp_exposed_s for m in p.micro_steps) for p in plans])),
         "estimated_mfu": float(np.mean(flops) / (planned * peak)) if planned > 0 else 0.0,
+        "flops_per_step": {
+            k: float(np.mean([cost.flops_terms(p.lengths)[k] for p in plans]))
+            for k in cost.flops_terms(plans[0].lengths)
+        },  # fmt: skip
+        "parameters": _parameters(cost.model),
+        "states_gib": _states(cost),
     }
     base, series = _baselines(cost, plans, baselines, max_len or max(max(p.lengths) for p in plans))
     out["baselines"] = base
@@ -69,6 +75,21 @@ def summarise(
                 run[name] = run_cost(times, tokens, flops, run_tokens, cl.world, cl.peak_tflops, cl.usd_per_gpu_hour)
         out["run"] = run
     return out
+
+
+def _parameters(m: ModelShape) -> dict[str, int]:
+    """Weights: all of them (states and FSDP traffic count these), the ones a token goes through (FLOPs count
+    these: attention, dense MLPs, the router and top-k experts of MoE layers, the output layer), and the
+    experts' share."""
+    per = 3 if m.swiglu else 2
+    experts = len(m.moe_layers()) * m.experts * per * m.hidden * m.expert_ffn
+    return {"total": m.params, "active_per_token": m.linear_params + m.vocab * m.hidden, "experts": experts}
+
+
+def _states(cost: CostModel) -> dict[str, float]:
+    """This rank's fp32 states by kind (GiB): parameters 4, gradients 4, AdamW moments 8 bytes per element."""
+    total = cost.state_bytes(0) / 2**30
+    return {"params": total / 4, "grads": total / 4, "optimizer": total / 2, "total": total}
 
 
 def _peak_breakdown(cost: CostModel, plans: list[StepPlan]) -> dict[str, float]:

@@ -120,8 +120,18 @@ class ModelShape:
     max_position_embeddings: int = 0  # the HF config's (kept for export; yarn's default factor uses it)
     loss_chunk_tokens: int = 0  # > 0: output projection + loss per chunk of this many tokens (models/loss.py)
     mlp_tile_tokens: int = 0  # > 0: the MLP runs over tiles of this many tokens (models/tiled_mlp.py)
+    # mixture of experts (models/moe.py): 0 experts is a dense model
+    experts: int = 0  # routed experts per MoE layer (num_experts, num_local_experts)
+    experts_per_token: int = 0  # top-k (num_experts_per_tok)
+    expert_ffn: int = 0  # each expert's FFN width (Qwen3-MoE moe_intermediate_size; Mixtral intermediate_size)
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (decoder_sparse_step) ...
+    dense_layers: tuple[int, ...] = ()  # ... and i is not listed here (mlp_only_layers: the dense MLP, ffn wide)
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities (Mixtral always; Qwen3-MoE's flag)
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's coefficient
+    expert_grouping: str = "sequential"  # how experts run: sequential (megatron-core SequentialMLP)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # a list from a config or JSON
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing={self.checkpointing!r}; valid: {', '.join(map(repr, CHECKPOINTING))}")
         for name in ("layers", "hidden", "heads"):
@@ -140,6 +150,15 @@ class ModelShape:
         for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)}; valid: 0 (off) or a token count >= 1")
+        if self.experts:
+            if not 1 <= self.experts_per_token <= self.experts:
+                raise ValueError(f"model.experts_per_token={self.experts_per_token}; valid: 1 to model.experts "
+                                 f"({self.experts})")  # fmt: skip
+            if self.expert_ffn < 1 or self.moe_every < 1:
+                raise ValueError(f"model.expert_ffn={self.expert_ffn}, model.moe_every={self.moe_every}; valid: >= 1")
+            if self.expert_grouping != "sequential":
+                raise ValueError(f"model.expert_grouping={self.expert_grouping!r}; valid: 'sequential' (grouped GEMMs "
+                                 "and expert parallelism are not implemented)")  # fmt: skip
 
     @property
     def theta(self) -> float:
@@ -157,15 +176,32 @@ class ModelShape:
     def d_ffn(self) -> int:
         return self.ffn or 4 * self.hidden
 
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layers whose MLP is a mixture of experts (none for a dense model)."""
+        if not self.experts:
+            return ()
+        return tuple(i for i in range(self.layers) if (i + 1) % self.moe_every == 0 and i not in self.dense_layers)
+
     @property
     def linear_params(self) -> int:
+        """Weights every token goes through (the FLOPs per token are 6 x these): attention, the dense MLPs and,
+        in MoE layers, the router and the top-k experts it routes to."""
         attn = self.hidden * self.d_head * (2 * self.heads + 2 * self.n_kv_heads)
-        mlp = (3 if self.swiglu else 2) * self.hidden * self.d_ffn
-        return self.layers * (attn + mlp)
+        per = 3 if self.swiglu else 2
+        moe = len(self.moe_layers())
+        routed = self.experts_per_token * per * self.hidden * self.expert_ffn + self.hidden * self.experts
+        return self.layers * attn + (self.layers - moe) * per * self.hidden * self.d_ffn + moe * routed
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         """Every parameter's shape, in the Megatron GPT's order (local spec, RMSNorm; the output layer unless
         tied to the embedding)."""
+        h = self.hidden
+        layers = [s for i in range(self.layers) for s in self.layer_shapes(i)]
+        return [(self.vocab, h), *layers, (h,), *([] if self.tie_embeddings else [(self.vocab, h)])]
+
+    def layer_shapes(self, i: int) -> list[tuple[int, ...]]:
+        """The parameter shapes of layer ``i`` (an MoE layer: the router and every expert's fc1 and fc2 in place
+        of the dense MLP)."""
         h, d = self.hidden, self.d_head
         layer = [
             (h,),  # input_layernorm
@@ -179,7 +215,12 @@ class ModelShape:
             layer.insert(2, ((self.heads + 2 * self.n_kv_heads) * d,))  # linear_qkv.bias
         if self.qk_norm:
             layer[2:2] = [(d,), (d,)]  # q_layernorm, k_layernorm (after linear_qkv, before linear_proj)
-        return [(self.vocab, h), *layer * self.layers, (h,), *([] if self.tie_embeddings else [(self.vocab, h)])]
+        if i not in self.moe_layers():
+            return layer
+        per = 2 if self.swiglu else 1
+        experts: list[tuple[int, ...]] = [(self.experts, h)]  # the router
+        experts += [(per * self.expert_ffn, h), (h, self.expert_ffn)] * self.experts
+        return layer[:-2] + experts
 
     @property
     def params(self) -> int:

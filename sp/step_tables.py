@@ -60,6 +60,7 @@ class StepTables:
         self._views: dict[Hashable, torch.Tensor] | None = None
         self._plans: dict[int, Any] = {}  # ring step source -> the kernel's packing of that step (host side)
         self._memo: dict[Hashable, Any] = {}
+        self._valid: torch.Tensor | None = None
         self.builds = 0  # how often the index tables were built and uploaded (1 per context)
 
     def _build(self) -> dict[Hashable, torch.Tensor]:
@@ -67,7 +68,8 @@ class StepTables:
         from sp.kernels import get_kernel
 
         ctx = self._ctx
-        host: dict[Hashable, torch.Tensor] = {"position_ids": ctx.layout.position_ids(ctx.rank)}
+        index = ctx.layout.token_index(ctx.rank)  # packed row of each local token, -1 on padding
+        host: dict[Hashable, torch.Tensor] = {"position_ids": ctx.layout.position_ids(ctx.rank), "valid": index >= 0}
         perm = ctx.layout.gather_perm
         if ctx.u > 1 and not torch.equal(perm, torch.arange(len(perm))):
             host["gather_perm"] = perm
@@ -102,6 +104,15 @@ class StepTables:
         t = self._get("position_ids")
         assert t is not None
         return t
+
+    @property
+    def valid_rows(self) -> torch.Tensor:
+        """Which local rows are tokens (bool, False on SP padding), on the context's device."""
+        if self._valid is None:
+            t = self._get("valid")
+            assert t is not None
+            self._valid = t.bool()  # (kept out of the memo: an index table, not a derived activation)
+        return self._valid
 
     @property
     def gather_perm(self) -> torch.Tensor | None:

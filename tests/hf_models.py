@@ -27,7 +27,18 @@ def make(folder: Path, kind: str = "llama3", seed: int = 0, shard: str | None = 
     import transformers
 
     torch.manual_seed(seed)
-    if kind == "qwen3":
+    if kind == "qwen3_moe":  # layer 0 dense (mlp_only_layers), layer 1: 4 experts of 32, top-2 renormalised
+        cfg = transformers.Qwen3MoeConfig(**{**TINY, "head_dim": 16, "rope_theta": 1e6, "num_experts": 4,
+                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                             "norm_topk_prob": True, "mlp_only_layers": [0],
+                                             "router_aux_loss_coef": 0.05, **extra})  # fmt: skip
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    elif kind == "mixtral":  # every layer: 4 experts of 48 wide, top-2
+        cfg = transformers.MixtralConfig(**{**TINY, "intermediate_size": 48, "num_local_experts": 4,
+                                            "num_experts_per_tok": 2, "router_aux_loss_coef": 0.05,
+                                            "rope_theta": 1e6, **extra})  # fmt: skip
+        model = transformers.MixtralForCausalLM(cfg)
+    elif kind == "qwen3":
         cfg = transformers.Qwen3Config(**{**TINY, "head_dim": 16, "rope_theta": 1e6, "tie_word_embeddings": False,
                                           **extra})  # fmt: skip
         model = transformers.Qwen3ForCausalLM(cfg)

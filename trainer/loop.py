@@ -546,7 +546,7 @@ class Trainer:
         mfu, planned_mfu = self.cost.mfu(plan.lengths, step_s, self.world), self.cost.mfu(plan.lengths, plan.time_s,
                                                                                         self.world)  # fmt: skip
         values = {
-            "train/loss": loss,
+            "train/loss": loss,  # the language-model loss (MoE: without the load-balancing term, logged below)
             "train/tokens_per_s": tokens / step_s,
             "train/tokens_per_s_per_gpu": tokens / step_s / self.world,
             "train/tokens_trained": float(self.tokens_trained),
@@ -556,6 +556,7 @@ class Trainer:
             "train/lr": lr_at(self.step, t),
             "time/step_measured_s": step_s,
             "time/step_predicted_s": plan.time_s,
+            **({"train/moe_aux_loss": float(stats.aux_loss)} if torch.is_tensor(stats.aux_loss) else {}),
             "planner/solve_s": plan.solve_s,
             "planner/gap": plan.gap,
             "plan/groups": float(sum(len(m.groups) for m in plan.micro_steps)),

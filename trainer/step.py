@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models import loss as chunked_loss
-from models import tiled_mlp
+from models import moe, tiled_mlp
 from models.attention import SPPackedSeqParams
 from planner.types import Assignment, StepPlan
 from sp.groups import GroupPool
@@ -42,6 +42,7 @@ class StepStats:
     bytes saved for backward (when counted)."""
 
     loss_sum: torch.Tensor
+    aux_loss: float | torch.Tensor = 0.0  # MoE load-balancing loss of the step (global; models.moe), not in loss_sum
     busy_s: list[float] = field(default_factory=list)
     saved_bytes: list[int] = field(default_factory=list)
     offloaded_bytes: list[int] = field(default_factory=list)  # copied to host memory (checkpointing=offload)
@@ -84,6 +85,8 @@ def run_plan(
     kernel = resolve_kernel(kernel, device)
     switch = checkpoint_switch(model)
     timers: list[SpanTimer | None] = []  # per micro-step; read after the step's one device synchronisation
+    routed = sum(len(d) - 1 for d in docs)  # tokens the MoE routers see in the step (the aux loss's weights)
+    routers = moe.routers(model)
     for i, micro in enumerate(plan.micro_steps):
         if switch is not None:  # the plan's checkpointing for this micro-step (forward and its backward)
             switch.set(micro.checkpointing)
@@ -101,22 +104,30 @@ def run_plan(
             for s in (stats.saved_bytes, stats.offloaded_bytes):
                 s.append(0)
             timers.append(None)
+            if routers:  # the micro-step's aux-loss statistics are a world collective: take part with zeros
+                moe.finish(None, device=device, layers=len(routers), experts=routers[0].config.num_moe_experts)
             continue
         if switch is not None:
             switch.offload.reset()
         meter = SavedBytes(model) if count_saved else None
         timer = SpanTimer(device)
+        share = sum(len(docs[s]) - 1 for a in micro.groups for s in a.seqs) / max(1, routed)
         with timer.span(BUSY):  # CUDA events on the GPU: no host synchronisation inside the step
             with meter or contextlib.nullcontext(), autocast_to(device, autocast):
                 if g is None or not g.seqs:
+                    step = moe.begin(model, None, share)
                     loss = empty_pass(model, device)
                 else:
-                    loss = group_pass(model, pool, g, docs, kernel, device, timer, meter)
+                    loss, step = group_pass(model, pool, g, docs, kernel, device, timer, meter, moe_share=share)
+            if step is not None:  # the load-balancing loss over the micro-step's tokens on every rank (collective)
+                moe.finish(step)
+                stats.aux_loss = stats.aux_loss + (step.aux if step.aux is not None else 0.0)
             (loss / global_tokens).backward()
         stats.loss_sum += loss.detach().double()
         timers.append(timer if g is not None and g.seqs else None)
         stats.saved_bytes.append(meter.bytes if meter is not None else 0)
         stats.offloaded_bytes.append(switch.offload.bytes if switch is not None else 0)
+    moe.end(model)
     if switch is not None:
         switch.set("")  # back to the model's own mode for anything run outside a plan
     if sync is not None:
@@ -139,13 +150,17 @@ def group_pass(
     device: torch.device,
     timer: SpanTimer | None = None,
     meter: SavedBytes | None = None,
-) -> torch.Tensor:
+    moe_share: float | None = None,
+) -> Any:
     """This rank's loss sum of group ``g``; ``meter`` also counts the micro-step's derived device tables (RoPE's
-    cos/sin, shared by every layer and held by the SP context outside autograd's saves)."""
-    per_token, weights, ctx = group_losses(model, pool, g, docs, kernel, device, timer)
+    cos/sin, shared by every layer and held by the SP context outside autograd's saves). With ``moe_share``
+    (the micro-step's share of the step's tokens) the MoE routers' statistics are opened for the aux loss and
+    ``(loss, MoEStep or None)`` is returned."""
+    per_token, weights, ctx = group_losses(model, pool, g, docs, kernel, device, timer, moe_share)
     if meter is not None:
         meter.hold(ctx.tables.derived())
-    return (per_token * weights).sum()
+    loss = (per_token * weights).sum()
+    return loss if moe_share is None else (loss, moe.current(model))
 
 
 def group_losses(
@@ -156,6 +171,7 @@ def group_losses(
     kernel: str,
     device: torch.device,
     timer: SpanTimer | None = None,
+    moe_share: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """This rank's per-token losses of group ``g``'s sequences (fp32, local tokens), their weights (0 on
     padding and masked targets) and the SP context (whose layout maps local rows to packed positions)."""
@@ -170,6 +186,8 @@ def group_losses(
     both = upload(pair.T.contiguous(), device)  # [local, 2] -T-> [2, local]
     tok, lab = both[0].clone(), both[1].clone()  # storages of their own (what autograd saves is counted by storage)
     valid = upload(shard(weights, ctx.layout, ctx.rank), device)  # 0 on padding and on masked targets
+    if moe_share is not None:  # the routers record this micro-step's statistics for the aux loss (real rows only)
+        moe.begin(model, ctx.tables.valid_rows, moe_share)
     params = SPPackedSeqParams(qkv_format="sbhd", sp_ctx=ctx)
     # [tokens] -unsqueeze-> [1, tokens]: Megatron's batch dim; returns the per-token loss [1, tokens]
     per_token = model(tok[None], None, None, labels=lab[None], packed_seq_params=params)

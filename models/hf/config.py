@@ -1,10 +1,11 @@
 """Hugging Face ``config.json`` <-> :class:`planner.types.ModelShape` (plain JSON: no torch, no transformers).
 
-Reads LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM and Qwen3ForCausalLM (per-head q/k RMSNorm,
-``head_dim`` independent of the hidden size) configs in both layouts: transformers 4
-(top-level ``rope_theta`` + ``rope_scaling``) and transformers 5 (``rope_parameters``). Anything this model
-cannot represent exactly (sliding windows, MoE, biases other than Qwen2's q/k/v, another activation, partial
-rotary, an unknown rope type) is a clear error naming the file and the field, never a silent approximation.
+Reads LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM (per-head q/k RMSNorm,
+``head_dim`` independent of the hidden size), Qwen3MoeForCausalLM and MixtralForCausalLM configs in both
+layouts: transformers 4 (top-level ``rope_theta`` + ``rope_scaling``) and transformers 5 (``rope_parameters``).
+Anything this model cannot represent exactly (sliding windows, attention sinks, linear-attention layers, shared
+experts, router noise, biases other than Qwen2's q/k/v, another activation, partial rotary, an unknown rope
+type) is a clear error naming the file and the field, never a silent approximation.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any
 from planner.types import ROPE_KEYS, ModelShape, check_rope_scaling
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
-                 "Qwen3ForCausalLM": "qwen3"}  # fmt: skip
+                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                 "MixtralForCausalLM": "mixtral"}  # fmt: skip
+MOE = ("qwen3_moe", "mixtral")
 SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "swiglu", "rms_norm_eps",
-                "tie_embeddings", "qkv_bias", "qk_norm", "max_position_embeddings")  # fmt: skip
+                "tie_embeddings", "qkv_bias", "qk_norm", "max_position_embeddings", "experts", "experts_per_token",
+                "expert_ffn", "moe_every", "dense_layers", "norm_topk_prob", "router_aux_loss_coef")  # fmt: skip
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -61,11 +65,15 @@ def _refuse(cfg: dict[str, Any], where: str) -> None:
     if arch not in ARCHITECTURES:
         raise ValueError(f"{where}: architectures={cfg.get('architectures')!r} is not supported; valid: "
                          f"{sorted(ARCHITECTURES)}")  # fmt: skip
+    arch = ARCHITECTURES[arch]
     bad = {
         "sliding_window": cfg.get("sliding_window") is not None
-        and (arch == "mistral" or cfg.get("use_sliding_window")),
+        and (arch in ("mistral", "mixtral") or cfg.get("use_sliding_window")),
         "use_sliding_window": bool(cfg.get("use_sliding_window")),
-        "num_experts": bool(cfg.get("num_experts") or cfg.get("num_local_experts")),
+        "num_experts": bool(cfg.get("num_experts") or cfg.get("num_local_experts")) and arch not in MOE,
+        "shared_expert_intermediate_size": bool(cfg.get("shared_expert_intermediate_size")),
+        "router_jitter_noise": bool(cfg.get("router_jitter_noise")),
+        "attention_sink_bias": bool(cfg.get("attention_sink_bias") or cfg.get("sinks")),
         "attention_bias": bool(cfg.get("attention_bias")) and arch != "qwen2",
         "mlp_bias": bool(cfg.get("mlp_bias")),
         "hidden_act": cfg.get("hidden_act", "silu") != "silu",
@@ -73,8 +81,9 @@ def _refuse(cfg: dict[str, Any], where: str) -> None:
     }
     for name, is_bad in bad.items():
         if is_bad:
-            raise ValueError(f"{where}: {name}={cfg.get(name)!r} is not supported by this model "
-                             "(full causal attention, SwiGLU, no MoE, no o/MLP biases)")  # fmt: skip
+            raise ValueError(f"{where}: {name}={cfg.get(name)!r} is not supported by this model (full causal "
+                             "attention, SwiGLU, MoE only as Qwen3-MoE or Mixtral without shared experts or router "
+                             "noise, no o/MLP biases)")  # fmt: skip
 
 
 def shape_fields(folder: str | Path) -> dict[str, Any]:
@@ -97,13 +106,37 @@ def shape_fields(folder: str | Path) -> dict[str, Any]:
         "ffn": cfg["intermediate_size"],
         "vocab": cfg["vocab_size"],
         "swiglu": True,
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6 if arch in ("qwen2", "qwen3") else 1e-5)),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6 if arch in ("qwen2", "qwen3", "qwen3_moe") else 1e-5)),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "qkv_bias": arch == "qwen2",
-        "qk_norm": arch == "qwen3",
+        "qk_norm": arch in ("qwen3", "qwen3_moe"),
         "max_position_embeddings": int(cfg.get("max_position_embeddings") or 0),
         "rope_theta": theta,
         "rope_scaling": scaling,
+        **_moe_fields(cfg, arch, where),
+    }
+
+
+def _moe_fields(cfg: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
+    """The MoE fields: Qwen3-MoE (num_experts, moe_intermediate_size, decoder_sparse_step, mlp_only_layers,
+    norm_topk_prob) or Mixtral (num_local_experts, every layer MoE with intermediate_size experts, top-k
+    renormalised); the aux loss coefficient of either."""
+    if arch not in MOE:
+        return {"experts": 0, "experts_per_token": 0, "expert_ffn": 0, "moe_every": 1, "dense_layers": (),
+                "norm_topk_prob": True, "router_aux_loss_coef": 0.0}  # fmt: skip
+    qwen = arch == "qwen3_moe"
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # transformers 5 writes the second for both
+    for key, v in (("num_experts", experts), ("num_experts_per_tok", cfg.get("num_experts_per_tok"))):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}: {key} is missing or not a positive integer (got {v!r})")
+    return {
+        "experts": experts,
+        "experts_per_token": cfg["num_experts_per_tok"],
+        "expert_ffn": cfg["moe_intermediate_size"] if qwen else cfg["intermediate_size"],
+        "moe_every": int(cfg.get("decoder_sparse_step", 1)) if qwen else 1,
+        "dense_layers": tuple(cfg.get("mlp_only_layers") or ()) if qwen else (),
+        "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)) if qwen else True,
+        "router_aux_loss_coef": float(cfg.get("router_aux_loss_coef", 0.001)),
     }
 
 
@@ -130,7 +163,7 @@ def to_hf_config(
 ) -> dict[str, Any]:
     """config.json for ``shape`` (transformers-4 layout, which transformers 4 and 5 both read), on top of
     the source model's config when there is one (keeps token ids and other fields)."""
-    arch = "Qwen3ForCausalLM" if shape.qk_norm else "Qwen2ForCausalLM" if shape.qkv_bias else "LlamaForCausalLM"
+    arch = hf_architecture(shape)
     if shape.qk_norm and shape.qkv_bias:
         raise ValueError("model.qk_norm with model.qkv_bias has no Hugging Face architecture (Qwen3's attention_bias "
                          "also biases o_proj); valid: one of them")  # fmt: skip
@@ -144,11 +177,35 @@ def to_hf_config(
         or default_max_positions or 131072,
         "rope_theta": shape.theta, "rope_scaling": dict(shape.rope_scaling) if shape.rope_scaling else None,
     })  # fmt: skip
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"):
         cfg.update({"attention_bias": False, "mlp_bias": False})
+    if arch == "Qwen3MoeForCausalLM":
+        cfg.update({"num_experts": shape.experts, "num_experts_per_tok": shape.experts_per_token,
+                    "moe_intermediate_size": shape.expert_ffn, "decoder_sparse_step": shape.moe_every,
+                    "mlp_only_layers": list(shape.dense_layers), "norm_topk_prob": shape.norm_topk_prob,
+                    "router_aux_loss_coef": shape.router_aux_loss_coef, "use_sliding_window": False,
+                    "sliding_window": None})  # fmt: skip
+    if arch == "MixtralForCausalLM":
+        cfg.update({"num_local_experts": shape.experts, "num_experts_per_tok": shape.experts_per_token,
+                    "intermediate_size": shape.expert_ffn, "router_aux_loss_coef": shape.router_aux_loss_coef,
+                    "sliding_window": None, "router_jitter_noise": 0.0})  # fmt: skip
     else:
         cfg.update({"use_sliding_window": False, "sliding_window": None})
     return cfg
+
+
+def hf_architecture(shape: ModelShape) -> str:
+    """The Hugging Face architecture of a shape (refusing shapes none represents exactly)."""
+    if shape.experts:
+        if shape.qk_norm:
+            return "Qwen3MoeForCausalLM"
+        if shape.moe_every != 1 or shape.dense_layers or not shape.norm_topk_prob or shape.d_ffn != shape.expert_ffn:
+            raise ValueError("an MoE model without q/k norms exports as Mixtral, which has every layer MoE, "
+                             "renormalised top-k and ffn == expert_ffn; this model has moe_every="
+                             f"{shape.moe_every}, dense_layers={list(shape.dense_layers)}, norm_topk_prob="
+                             f"{shape.norm_topk_prob}, ffn={shape.d_ffn}, expert_ffn={shape.expert_ffn}")  # fmt: skip
+        return "MixtralForCausalLM"
+    return "Qwen3ForCausalLM" if shape.qk_norm else "Qwen2ForCausalLM" if shape.qkv_bias else "LlamaForCausalLM"
 
 
 def shape_of(fields: dict[str, Any]) -> ModelShape:

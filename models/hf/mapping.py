@@ -66,7 +66,32 @@ def parts(name: str, shape: ModelShape) -> list[Part]:
     if rest == "mlp.linear_fc1.weight":
         f = shape.d_ffn
         return [Part(f"{hf}mlp.gate_proj.weight", 0, 0, f), Part(f"{hf}mlp.up_proj.weight", 0, f, f)]
+    names = moe_names(shape)
+    if rest == "mlp.router.weight":
+        return [Part(hf + names["router"], 0, 0, shape.experts)]
+    if rest.startswith(EXPERT):
+        e, kind = rest[len(EXPERT) :].split(".", 1)
+        f = shape.expert_ffn
+        if kind == "linear_fc1.weight":  # [gate; up] of expert e
+            return [Part(hf + names["gate"].format(e=e), 0, 0, f), Part(hf + names["up"].format(e=e), 0, f, f)]
+        if kind == "linear_fc2.weight":
+            return [Part(hf + names["down"].format(e=e), 0, 0, shape.hidden)]
     raise ValueError(f"parameter {name!r} has no Hugging Face counterpart")
+
+
+EXPERT = "mlp.experts.local_experts."  # megatron-core SequentialMLP: local_experts.{e}.linear_fc1/fc2
+
+
+def moe_names(shape: ModelShape) -> dict[str, str]:
+    """Hugging Face names of an MoE layer's router and expert e's gate/up/down projections: Qwen3-MoE's
+    (``mlp.gate``, ``mlp.experts.{e}.gate_proj``...) with q/k norms, else Mixtral's (``block_sparse_moe.gate``,
+    ``experts.{e}.w1`` gate, ``w3`` up, ``w2`` down)."""
+    if shape.qk_norm:
+        return {"router": "mlp.gate.weight", "gate": "mlp.experts.{e}.gate_proj.weight",
+                "up": "mlp.experts.{e}.up_proj.weight", "down": "mlp.experts.{e}.down_proj.weight"}  # fmt: skip
+    moe = "block_sparse_moe."
+    return {"router": moe + "gate.weight", "gate": moe + "experts.{e}.w1.weight", "up": moe + "experts.{e}.w3.weight",
+            "down": moe + "experts.{e}.w2.weight"}  # fmt: skip
 
 
 def _rows(key: str, shape: ModelShape) -> int:
@@ -83,13 +108,27 @@ def hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h), "model.norm.weight": (h,)}
     if not shape.tie_embeddings:
         out["lm_head.weight"] = (shape.vocab, h)
+    moe, names, fe = set(shape.moe_layers()), moe_names(shape), shape.expert_ffn
     for i in range(shape.layers):
         p = f"{HF_PREFIX}{i}."
-        out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                    p + "self_attn.q_proj.weight": (shape.heads * d, h), p + "self_attn.k_proj.weight": (hk * d, h),
-                    p + "self_attn.v_proj.weight": (hk * d, h), p + "self_attn.o_proj.weight": (h, shape.heads * d),
-                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                    p + "mlp.down_proj.weight": (h, f)})  # fmt: skip
+        out.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (shape.heads * d, h),
+                p + "self_attn.k_proj.weight": (hk * d, h),
+                p + "self_attn.v_proj.weight": (hk * d, h),
+                p + "self_attn.o_proj.weight": (h, shape.heads * d),
+            }
+        )
+        if i in moe:
+            out[p + names["router"]] = (shape.experts, h)
+            for e in range(shape.experts):
+                out.update({p + names["gate"].format(e=e): (fe, h), p + names["up"].format(e=e): (fe, h),
+                            p + names["down"].format(e=e): (h, fe)})  # fmt: skip
+        else:
+            out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                        p + "mlp.down_proj.weight": (h, f)})  # fmt: skip
         if shape.qk_norm:
             out.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
         if shape.qkv_bias:
