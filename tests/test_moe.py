@@ -347,3 +347,52 @@ def test_moe_saved_bytes_equal_the_memory_model():
     (rows,) = run_distributed(_memory_worker, 1, timeout=300)
     for *case, measured, predicted in rows:
         assert measured == predicted, (case, measured, predicted)
+
+
+PUBLISHED = {  # config.json fields as published (transformers 4 layout); parameters in billions
+    "Qwen2.5-7B": ({"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 28, "hidden_size": 3584,
+                    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
+                    "vocab_size": 152064, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                    "use_sliding_window": False, "sliding_window": 131072}, 7.62),
+    "Mistral-7B-v0.3": ({"architectures": ["MistralForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                         "vocab_size": 32768, "rope_theta": 1e6, "sliding_window": None}, 7.25),
+    "Qwen3-8B": ({"architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": 36, "hidden_size": 4096,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
+                  "vocab_size": 151936, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                  "use_sliding_window": False, "sliding_window": None}, 8.19),
+    "Qwen3-30B-A3B": ({"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 48, "hidden_size": 2048,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+                       "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                       "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                       "rope_theta": 1e6, "rms_norm_eps": 1e-6, "router_aux_loss_coef": 0.001,
+                       "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": None}, 30.53),
+    "Mixtral-8x7B": ({"architectures": ["MixtralForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                      "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "rope_theta": 1e6,
+                      "router_aux_loss_coef": 0.02, "sliding_window": None}, 46.70),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_sp_plan_from_a_published_config_json_alone(name, tmp_path):
+    """A dry run from config.json alone (no weights): the parameter count matches the published one, and the
+    plan's JSON breaks the step's FLOPs, the states and the memory down by term."""
+    import subprocess
+    import sys
+
+    from tests.test_hf_interop import _shape
+
+    cfg, billions = PUBLISHED[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert abs(_shape(tmp_path).params / 1e9 - billions) < 0.01, (name, _shape(tmp_path).params)
+    res = subprocess.run([sys.executable, "-m", "cli.plan", "model=hf", f"model.hf_path={tmp_path}", "cluster=h100x64",
+                          "cluster.nodes=2", "lengths.fixed=[131072]", "output.format=json", "output.baselines=false"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = json.loads(res.stdout)["summary"]
+    assert s["planned_step_s"] > 0 and s["parameters"]["total"] == _shape(tmp_path).params
+    flops = s["flops_per_step"]
+    assert abs(sum(v for k, v in flops.items() if k != "total") - flops["total"]) < 1e-6 * flops["total"]
+    assert (flops["routed_experts"] > 0) == (name in ("Qwen3-30B-A3B", "Mixtral-8x7B"))
+    assert abs(s["states_gib"]["total"] - s["memory_gib"]["states"]) < 1e-9
