@@ -3,9 +3,11 @@
 For a sequence of L tokens on a group of P = u x r GPUs (per training step, forward + backward):
 
 - **Compute.** With fitted constants (FlexSP form, ms): ``t_c = (alpha1 L^2 + alpha2 L) / P``. Otherwise from
-  FLOPs: linear ``6 N_lin L`` + logits ``6 V h L`` + attention ``6 c n_layers L^2 H d_head`` (c = 1/2 causal),
-  times 4/3 where activation checkpointing runs the forward again (everything under ``full``, the attention
-  core under ``selective``), divided by ``P * peak * mfu``. Fitted constants hold for the model's own mode;
+  the standard FLOPs count: linear ``6 N_lin L`` + logits ``6 V h L`` at ``peak * mfu`` (the GEMMs), attention
+  ``12 c n_layers L^2 H d_head`` (c = 1/2 causal; forward 4, backward 8) at the assumed kernel's stated forward
+  and backward speeds (``cluster.attention_tflops[cluster.attention_kernel]``), else at ``peak * mfu``;
+  activation checkpointing runs the forward again (everything under ``full``, the attention core under
+  ``selective``); divided by ``P``. Fitted constants hold for the model's own mode;
   :meth:`CostModel.with_checkpointing` rescales them (alpha1: attention, alpha2: the rest) for another.
 - **Ulysses all-to-all** (u > 1): q, k, v, o per layer and pass (fwd, bwd, + recompute fwd under full
   checkpointing); per GPU ``(L / P) (2 H + 2 max(H_kv, u)) d_head bytes (u - 1) / u`` (kv heads replicate past
@@ -138,7 +140,7 @@ class CostModel:
         cl = self.cluster
         if cl.alpha1_ms is not None and cl.alpha2_ms is not None:
             return self
-        a1 = float(self.attention_flops(1.0)) / self._flops_per_s * 1e3
+        a1 = float(self._attention_time(1.0)) * 1e3
         a2 = self._linear_flops_per_token() / self._flops_per_s * 1e3
         return replace(self, cluster=replace(cl, alpha1_ms=a1, alpha2_ms=a2))
 
@@ -158,10 +160,35 @@ class CostModel:
         return RECOMPUTE[self.model.checkpointing][1]
 
     def attention_flops(self, length: np.ndarray | float, recompute: bool = True) -> np.ndarray | float:
-        """Attention-core FLOPs (fwd + bwd), with the checkpointing recompute unless ``recompute=False``."""
+        """Attention-core FLOPs of a sequence, the standard count (Megatron-LM's, PaLM's): forward ``4 c L^2 H_q
+        d`` per layer (c = 1/2 causal; GQA does not change it; ``H_q d`` is the attention width, not the hidden
+        size), backward twice that, ``12 c L^2 H_q d`` in all; with the checkpointing recompute (one more
+        forward: x 4/3) unless ``recompute=False`` (what MFU counts)."""
+        return 3.0 * self._attention_fwd_flops(length) * (self._recompute if recompute else 1.0)
+
+    def _attention_fwd_flops(self, length: np.ndarray | float) -> np.ndarray | float:
         m = self.model
         c = 0.5 if self.causal else 1.0
-        return 6.0 * c * m.layers * np.square(length) * m.heads * m.d_head * (self._recompute if recompute else 1.0)
+        return 4.0 * c * m.layers * np.square(length) * m.heads * m.d_head
+
+    @property
+    def attention_rates(self) -> tuple[float, float] | None:
+        """The assumed kernel's achieved (forward, backward) FLOP/s, or None: attention at the GEMMs' mfu."""
+        cl = self.cluster
+        if not cl.attention_kernel:
+            return None
+        r = cl.attention_tflops[cl.attention_kernel]
+        return float(r["fwd"]) * 1e12, float(r["bwd"]) * 1e12
+
+    def _attention_time(self, length: np.ndarray | float) -> np.ndarray | float:
+        """Seconds of a sequence's attention core on one GPU (divide by the group size): at the kernel's stated
+        forward and backward speeds (the recompute runs the forward again), else at the cluster's mfu."""
+        rates = self.attention_rates
+        if rates is None:
+            return self.attention_flops(length) / self._flops_per_s
+        fwd = self._attention_fwd_flops(length)
+        again = 2.0 if self._recompute > 1.0 else 1.0
+        return again * fwd / rates[0] + 2.0 * fwd / rates[1]
 
     def _technique_flops_per_token(self) -> float:
         """Extra FLOPs per token: the chunked loss recomputes the logits in backward (2 V h), the tiled MLP
@@ -219,14 +246,14 @@ class CostModel:
         cl = self.cluster
         if cl.alpha1_ms is not None and cl.alpha2_ms is not None:
             return (cl.alpha1_ms * np.square(length) + cl.alpha2_ms * length) / size / 1e3
-        return (self._linear_flops_per_token() * length + self.attention_flops(length)) / size / self._flops_per_s
+        return (self._linear_flops_per_token() * length / self._flops_per_s + self._attention_time(length)) / size
 
     def attention_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
         """The attention share of :meth:`compute_s` (what ring communication can hide behind)."""
         cl = self.cluster
         if cl.alpha1_ms is not None:
             return cl.alpha1_ms * np.square(length) / size / 1e3
-        return self.attention_flops(length) / size / self._flops_per_s
+        return self._attention_time(length) / size
 
     # ---- communication ----
     @property

@@ -53,9 +53,9 @@ class PlannerConfig:
     max_buckets: int = 24
     strategies: tuple[str, ...] = STRATEGIES
     use_milp: bool = True
-    checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick (e.g. selective, full); () = the model's
-    loss_chunk_tokens: tuple[int, ...] = ()  # loss chunks a micro-step may pick (0 = off); () = the model's
-    mlp_tile_tokens: tuple[int, ...] = ()  # MLP tiles a micro-step may pick (0 = off); () = the model's
+    checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick besides the model's (e.g. offload)
+    loss_chunk_tokens: tuple[int, ...] = ()  # loss chunks a micro-step may pick besides the model's (0 = off)
+    mlp_tile_tokens: tuple[int, ...] = ()  # MLP tiles a micro-step may pick besides the model's (0 = off)
     max_extra_micro_steps: int = 8  # the split search tries up to this many micro-steps over the memory floor
     exact_max_pairs: int = 1500  # micro-steps with at most this many (sequence, group instance) pairs solve exactly
     recalibrate_every: int = 10  # sp-train re-fits the cost model's time constants every N steps (0 = never)
@@ -69,7 +69,7 @@ class PlannerConfig:
 
 def memory_modes(model: ModelShape, config: PlannerConfig) -> tuple[MemoryMode, ...]:
     """Every memory mode a micro-step may run with: the product of the planner's checkpointing, loss-chunk
-    and MLP-tile choices (each defaulting to the model's own setting), in the order given."""
+    and MLP-tile choices, each the model's own setting first and then the ones listed, in the order given."""
     bad = [m for m in config.checkpointing if m not in CHECKPOINTING]
     if bad:
         raise ValueError(f"planner.checkpointing={list(config.checkpointing)}; valid modes: {CHECKPOINTING}")
@@ -79,9 +79,9 @@ def memory_modes(model: ModelShape, config: PlannerConfig) -> tuple[MemoryMode, 
     own = MemoryMode.of(model)
     modes = [
         MemoryMode(c, n, t)
-        for c in config.checkpointing or (own.checkpointing,)
-        for n in config.loss_chunk_tokens or (own.loss_chunk_tokens,)
-        for t in config.mlp_tile_tokens or (own.mlp_tile_tokens,)
+        for c in dict.fromkeys((own.checkpointing, *config.checkpointing))
+        for n in dict.fromkeys((own.loss_chunk_tokens, *config.loss_chunk_tokens))
+        for t in dict.fromkeys((own.mlp_tile_tokens, *config.mlp_tile_tokens))
     ]
     return tuple(dict.fromkeys(modes))
 
@@ -100,12 +100,22 @@ class Planner:
         self.method = "milp" if self.config.use_milp else "greedy"
 
     # ---- public ----
+    def check_fits(self, lengths: list[int] | np.ndarray) -> None:
+        """Raise, naming what each memory-technique set would hold and what would hold the longest sequence,
+        when no mode the planner may use holds it."""
+        longest = int(np.max(lengths)) if len(lengths) else 0
+        if longest > max(self.roomiest.tokens_capacity(s.size) for s in self.shapes):
+            from planner.capacity import refusal
+
+            raise ValueError(refusal(longest, self.cost, self.shapes, self.modes))
+
     def plan(self, lengths: list[int] | np.ndarray) -> StepPlan:
         """Plan one step within ``time_limit_s`` (the whole step): the split search gets the first half, the
         MILP refinement of the chosen split's micro-steps the rest. Past the deadline only fast greedy plans
         are made (a plan is always returned)."""
         t0 = time.perf_counter()
         deadline = t0 + self.config.time_limit_s
+        self.check_fits(lengths)
         arr = check_lengths(lengths, self.roomiest, self.shapes)
         fulls = {m: self.instance(arr, mode=m) for m in self.modes}
         # the bound and the split see the relaxation over modes: fastest times, roomiest capacities

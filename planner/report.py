@@ -54,6 +54,8 @@ def summarise(
         "fsdp_comm_s_per_micro_step": cost.fsdp_time.comm_s,  # all-gathers + reduce-scatters, before overlap
         "fsdp_exposed_s": float(np.mean([sum(m.fsdp_exposed_s for m in p.micro_steps) for p in plans])),
         "estimated_mfu": float(np.mean(flops) / (planned * peak)) if planned > 0 else 0.0,
+        "attention_kernel": _kernel(cost),
+        "constants_source": _source(cost),
         "flops_per_step": {
             k: float(np.mean([cost.flops_terms(p.lengths)[k] for p in plans]))
             for k in cost.flops_terms(plans[0].lengths)
@@ -75,6 +77,25 @@ def summarise(
                 run[name] = run_cost(times, tokens, flops, run_tokens, cl.world, cl.peak_tflops, cl.usd_per_gpu_hour)
         out["run"] = run
     return out
+
+
+def _kernel(cost: CostModel) -> str:
+    """The attention kernel the times assume, with its stated speeds."""
+    cl = cost.cluster
+    if cl.alpha1_ms is not None:
+        return "fitted constants (alpha1): the kernel of the calibrated run"
+    if not cl.attention_kernel:
+        return f"none stated: attention at the cluster's mfu ({cl.mfu:.0%} of {cl.peak_tflops:g} TFLOP/s)"
+    r = cl.attention_tflops[cl.attention_kernel]
+    return f"{cl.attention_kernel} (forward {r['fwd']:g}, backward {r['bwd']:g} TFLOP/s, standard count)"
+
+
+def _source(cost: CostModel) -> str:
+    """Where the constants come from, so that nobody reads a dry run as a measurement."""
+    cl = cost.cluster
+    if cl.calibration:
+        return f"calibration file {cl.calibration} (measured by a run)"
+    return cl.constants_source or f"cluster profile {cl.name!r} (stated, not measured here)"
 
 
 def _parameters(m: ModelShape) -> dict[str, int]:
@@ -183,6 +204,7 @@ def table(plan: StepPlan, summary: dict) -> str:
         f"({summary['memory_gib_mode']}) | estimated MFU {summary['estimated_mfu']:.1%} | FSDP "
         f"{summary['fsdp_comm_s_per_micro_step']:.3f} s per micro-step, {summary['fsdp_exposed_s']:.3f} s exposed"
     )
+    lines.append(f"attention kernel {summary['attention_kernel']} | constants: {summary['constants_source']}")
     for k, v in summary["baselines"].items():
         if k.endswith("_layout"):
             continue

@@ -74,6 +74,11 @@ class Cluster:
     fsdp_comm: bool = True  # time FSDP's collectives (false: fitted constants, e.g. FlexSP's beta, include them)
     step_ms: float = 0.0  # fixed time per step outside the micro-steps: loss all-reduce, clipping, optimizer
     calibration: str | None = None  # a calibration.json (sp-train's online fit): its constants replace these
+    # achieved attention speed by kernel, apart from the GEMMs' mfu: {kernel: {fwd: TFLOP/s, bwd: TFLOP/s}},
+    # causal, counted with the standard FLOPs (forward 4 c L^2 H d, backward twice that); empty: attention at mfu
+    attention_tflops: dict[str, Any] = field(default_factory=dict)
+    attention_kernel: str = ""  # which of attention_tflops the plan assumes ("" with none given)
+    constants_source: str = ""  # where the constants come from (public benchmarks, a calibration on a named host)
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -91,6 +96,19 @@ class Cluster:
             raise ValueError(f"cluster.comm_gib_per_group must be >= 0, got {self.comm_gib_per_group}")
         if self.usd_per_gpu_hour is not None and self.usd_per_gpu_hour < 0:
             raise ValueError(f"cluster.usd_per_gpu_hour must be >= 0 (or null), got {self.usd_per_gpu_hour}")
+        for name, rates in self.attention_tflops.items():
+            ok = (
+                isinstance(rates, dict)
+                and set(rates) == {"fwd", "bwd"}
+                and all(isinstance(v, (int, float)) and 0 < v < 10 * self.peak_tflops for v in rates.values())
+            )
+            if not ok:
+                raise ValueError(f"cluster.attention_tflops.{name}={rates!r}; valid: {{fwd: TFLOP/s, bwd: TFLOP/s}}, "
+                                 f"each > 0 and below 10 x peak_tflops ({self.peak_tflops})")  # fmt: skip
+        if self.attention_kernel and self.attention_kernel not in self.attention_tflops:
+            raise ValueError(f"cluster.attention_kernel={self.attention_kernel!r}; valid: one of "
+                             f"cluster.attention_tflops {sorted(self.attention_tflops)} (or '' for attention at "
+                             "cluster.mfu)")  # fmt: skip
 
     @property
     def world(self) -> int:
