@@ -187,6 +187,22 @@ def _speed(name: str, lens: list[int], heads: tuple[int, int], dim: int, dev: An
     return fwd, both
 
 
+def write_kernel_calibration(rows: list[dict], hardware: dict, path: Path) -> None:
+    """The measured speeds at the longest length each kernel ran, as a kernel calibration file:
+    ``sp-plan cluster.calibration=PATH`` (and a run's online fit, which starts from it) assume them."""
+    import json
+
+    from planner.calibration import kernel_file
+
+    longest: dict[str, dict] = {}
+    for r in rows:
+        if r["case"].startswith("kernel/") and r["tokens"] >= longest.get(r["kernel"], {}).get("tokens", 0):
+            longest[r["kernel"]] = r
+    rates = {k: {"fwd": r["fwd_tflops"], "bwd": r["bwd_tflops"]} for k, r in longest.items()}
+    path.write_text(json.dumps(kernel_file(rates, hardware), indent=1))
+    print(f"[sp-bench gpu] attention speeds written to {path} (sp-plan cluster.calibration={path})", flush=True)
+
+
 def installed(names: list[str] | None = None) -> dict[str, str | None]:
     """Fused CUDA kernels and why each is not usable here (None: usable): a tiny bf16 call must run."""
     import torch
@@ -312,12 +328,14 @@ def run(tokens: list[int], steps: int, out: str = "runs/gpu-check", kernels: lis
         return row
 
     status = installed(kernels)
-    yield emit({"case": "installed", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                "kernels": status})  # fmt: skip
+    hardware = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    yield emit({"case": "installed", **hardware, "kernels": status})
     for name, problem in status.items():
         if problem is None:
             for row in kernel_sweep(name, lengths):
                 yield emit(row)
+    if any(r.get("kernel") and r["case"].startswith("kernel/") for r in rows):
+        write_kernel_calibration(rows, hardware, path / "kernels.json")
     for row in training(tokens, steps):
         yield emit(row)
     print(table(rows), flush=True)

@@ -51,6 +51,8 @@ def read(path: str | Path) -> dict[str, Any]:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"cluster.calibration={str(path)!r} is not JSON: {e}") from e
+    if doc.get("kind") == KERNELS:
+        return _read_kernels(doc, path)
     missing = [k for k in ("format", "constants", "model", "hardware") if k not in doc]
     if missing:
         raise ValueError(f"calibration {path}: missing fields {missing}")
@@ -75,11 +77,44 @@ def read(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+KERNELS = "attention_kernels"  # a file of measured attention speeds (sp-bench gpu), not of a run's constants
+
+
+def kernel_file(rates: dict[str, dict[str, float]], hardware: dict[str, Any]) -> dict[str, Any]:
+    """A kernel-speed calibration: achieved forward / backward TFLOP/s per kernel (standard count), and the
+    fastest one, which plans then assume. Model-independent (measured at llama3's head shape)."""
+    best = min(rates, key=lambda k: 1.0 / rates[k]["fwd"] + 2.0 / rates[k]["bwd"])
+    return {"format": FORMAT, "kind": KERNELS, "attention_tflops": rates, "attention_kernel": best,
+            "hardware": hardware}  # fmt: skip
+
+
+def _read_kernels(doc: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    rates = doc.get("attention_tflops")
+    if not isinstance(rates, dict) or not rates:
+        raise ValueError(f"calibration {path}: attention_tflops={rates!r}; valid: {{kernel: {{fwd, bwd}}}}")
+    for name, r in rates.items():
+        if not (
+            isinstance(r, dict)
+            and set(r) == {"fwd", "bwd"}
+            and all(isinstance(v, int | float) and math.isfinite(v) and 0 < v < 1e5 for v in r.values())
+        ):
+            raise ValueError(f"calibration {path}: attention_tflops.{name}={r!r}; valid: {{fwd: TFLOP/s, bwd: "
+                             "TFLOP/s}, each > 0")  # fmt: skip
+    if doc.get("attention_kernel") not in rates:
+        raise ValueError(f"calibration {path}: attention_kernel={doc.get('attention_kernel')!r}; valid: one of "
+                         f"{sorted(rates)}")  # fmt: skip
+    return doc
+
+
 def calibrated(cluster: Cluster, model: ModelShape, causal: bool = True) -> Cluster:
-    """``cluster`` with the constants of its ``calibration`` file (unchanged without one)."""
+    """``cluster`` with the constants of its ``calibration`` file (unchanged without one): a run's fitted
+    constants, or the attention speeds ``sp-bench gpu`` measured (which replace the profile's)."""
     if not cluster.calibration:
         return cluster
     doc = read(cluster.calibration)
+    if doc.get("kind") == KERNELS:
+        rates = {**cluster.attention_tflops, **doc["attention_tflops"]}
+        return replace(cluster, attention_tflops=rates, attention_kernel=doc["attention_kernel"])
     have, want = doc["model"], model_identity(model, causal)
     diff = [f"{k}: {have[k]!r} (file) vs {want[k]!r}" for k in (*MODEL_KEYS, "causal") if have[k] != want[k]]
     if diff:
@@ -98,6 +133,10 @@ def calibrated(cluster: Cluster, model: ModelShape, causal: bool = True) -> Clus
 def describe(path: str) -> str:
     """One line naming where a calibration file was measured."""
     doc = read(path)
+    if doc.get("kind") == KERNELS:
+        h = doc["hardware"]
+        return (f"attention speeds {path}: measured by sp-bench gpu on {h.get('device', '?')} (torch "
+                f"{h.get('torch', '?')}); plans assume {doc['attention_kernel']}")  # fmt: skip
     h, s = doc["hardware"], doc.get("fitted_at_step")
     err = doc.get("error_after", {}).get("median")
     where = f"{h.get('device', '?')} x {h.get('world', '?')}" + (f" ({h['cluster']})" if h.get("cluster") else "")

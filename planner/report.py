@@ -83,7 +83,7 @@ def _kernel(cost: CostModel) -> str:
     """The attention kernel the times assume, with its stated speeds."""
     cl = cost.cluster
     if cl.alpha1_ms is not None:
-        return "fitted constants (alpha1): the kernel of the calibrated run"
+        return "fitted constants (alpha1): the kernel of the run that measured them"
     if not cl.attention_kernel:
         return f"none stated: attention at the cluster's mfu ({cl.mfu:.0%} of {cl.peak_tflops:g} TFLOP/s)"
     r = cl.attention_tflops[cl.attention_kernel]
@@ -94,7 +94,9 @@ def _source(cost: CostModel) -> str:
     """Where the constants come from, so that nobody reads a dry run as a measurement."""
     cl = cost.cluster
     if cl.calibration:
-        return f"calibration file {cl.calibration} (measured by a run)"
+        from planner.calibration import describe
+
+        return describe(cl.calibration)
     return cl.constants_source or f"cluster profile {cl.name!r} (stated, not measured here)"
 
 

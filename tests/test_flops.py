@@ -94,3 +94,33 @@ def test_nothing_fits_names_what_each_technique_set_holds():
     assert "exceeds what the cluster can hold" in err and "with the model's own settings (full)" in err
     assert "with offload [planner.checkpointing=[offload]]" in err and "MLP tile 8192" in err
     assert "nodes (" in err and "GPUs) hold it with every technique" in err
+
+
+def test_measured_kernel_speeds_replace_the_profiles(tmp_path):
+    """A kernel calibration file (what ``sp-bench gpu`` writes): plans assume its fastest kernel at its
+    measured speeds and say where they were measured."""
+    from planner.calibration import kernel_file
+
+    doc = kernel_file({"cudnn": {"fwd": 400.0, "bwd": 300.0}, "torch_flash": {"fwd": 300.0, "bwd": 250.0}},
+                      {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0"})  # fmt: skip
+    assert doc["attention_kernel"] == "cudnn"
+    (tmp_path / "kernels.json").write_text(json.dumps(doc))
+    res = _plan(
+        "cluster=h100x64",
+        "cluster.nodes=1",
+        "model=llama3-8b",
+        "lengths.fixed=[131072]",
+        f"cluster.calibration={tmp_path / 'kernels.json'}",
+        "output.format=json",
+        "output.baselines=false",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = json.loads(res.stdout)["summary"]
+    assert s["attention_kernel"].startswith("cudnn (forward 400, backward 300")
+    assert "measured by sp-bench gpu on NVIDIA H100 80GB HBM3" in s["constants_source"]
+    bad = {**doc, "attention_tflops": {"cudnn": {"fwd": -1.0, "bwd": 1.0}}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    res = _plan(
+        "cluster=h100x64", "model=llama3-8b", "lengths.fixed=[4096]", f"cluster.calibration={tmp_path}/bad.json"
+    )
+    assert res.returncode == 2 and "attention_tflops.cudnn=" in res.stderr

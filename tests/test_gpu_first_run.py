@@ -133,7 +133,7 @@ def test_nvml_not_supported_never_crashes_a_step(monkeypatch):
     assert mon.read() == {"gpu/memory_used_gib": 1.0}
 
 
-def test_gpu_benchmark_sweep_and_table_on_cpu_standins():
+def test_gpu_benchmark_sweep_and_table_on_cpu_standins(tmp_path):
     """``sp-bench gpu``'s kernel sweep (through sp.attention, against float64, with TFLOP/s) runs end to end on the
     CPU with torch's aten ops backed by stand-ins; its table has a row per case."""
     from benchmarks.gpu import kernel_sweep, split, table
@@ -149,3 +149,11 @@ def test_gpu_benchmark_sweep_and_table_on_cpu_standins():
         assert row["fwd_tflops"] > 0 and row["bwd_tflops"] > 0
     text = table(rows)
     assert len(text.splitlines()) == len(rows) + 1 and "kernel/cudnn_cpu/1K" in text
+    from benchmarks.gpu import write_kernel_calibration
+    from planner.calibration import read
+
+    write_kernel_calibration(rows, {"device": "cpu (stand-ins)", "torch": torch.__version__}, tmp_path / "k.json")
+    doc = read(tmp_path / "k.json")
+    assert set(doc["attention_tflops"]) == {"torch_flash_cpu", "cudnn_cpu"}
+    at_1k = {r["kernel"]: r["fwd_tflops"] for r in rows if r["tokens"] == 1024}
+    assert {k: v["fwd"] for k, v in doc["attention_tflops"].items()} == at_1k  # the longest length's speeds
