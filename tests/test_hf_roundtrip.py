@@ -1,5 +1,5 @@
 """Import -> train -> ``sp-export`` -> transformers, through the real trainer on 2 ranks (FSDP, fp32), for a
-Llama and a Qwen3 model (per-head q/k norms):
+Llama, a Qwen3 (per-head q/k norms) and a Qwen3-MoE model:
 bit-exact round trip of every tensor, the exported model's loss in transformers equal to our trainer's
 after 3 steps, tokenizer files carried through, staged init from a run, and the command-line errors for bad
 input (one line, exit 2, nothing written to the run folder)."""
@@ -94,7 +94,7 @@ def _worker(rank, world, hf, data, tmp):
     return out
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen3"])
+@pytest.fixture(scope="module", params=["llama3", "qwen3", "qwen3_moe"])
 def run(tmp_path_factory, request):
     from tests.hf_models import make
 
@@ -206,11 +206,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:-1]
     save_file(tensors, shard)
     cases["shape"] = ([f"model.hf_path={wrong}", f"train.init_from=hf:{wrong}"], "model.layers.0.mlp.up_proj.weight")
-    # an unsupported architecture
+    # an unsupported architecture (linear-attention layers; Mixtral is supported since Qwen3/MoE support)
     moe = tmp_path / "moe"
     moe.mkdir()
     cfg = json.loads((hf / "config.json").read_text())
-    (moe / "config.json").write_text(json.dumps({**cfg, "architectures": ["MixtralForCausalLM"]}))
+    (moe / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen3NextForCausalLM"]}))
     cases["arch"] = ([f"model.hf_path={moe}"], "architectures")
     # a tokenizer bigger than the model's vocabulary
     big = tmp_path / "big"

@@ -38,11 +38,10 @@ def test_merge_matches_softmax_over_the_union_and_handles_empty_rows():
 def test_kernel_choice_errors():
     with pytest.raises(ValueError, match="valid kernels"):
         get_kernel("xla")
-    with pytest.raises(
-        ValueError,
-        match="valid: 'torch', 'cpu_fused', 'torch_flash', 'torch_fa3', 'torch_fa4', 'cudnn', 'flash', 'ring_flash'",
-    ):
+    with pytest.raises(ValueError) as err:  # tests may register CPU stand-ins too: they come after these
         sp.SPContext(sp.GroupLayout.build([0, 5]), 0, kernel="xla")
+    assert "valid: 'torch', 'cpu_fused', 'torch_flash', 'torch_fa3', 'torch_fa4', 'cudnn', 'flash'" in str(err.value)
+    assert str(err.value).endswith("'ring_flash'")
     ctx = sp.SPContext(sp.GroupLayout.build([0, 5], 1, 1), 0, kernel="ring_flash")
     x = torch.zeros(5, 2, 8)
     with pytest.raises(ValueError, match="pure ring groups"):
