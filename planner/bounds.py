@@ -15,6 +15,7 @@ true optimality gap.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,19 @@ def fluid_bound(tmat: np.ndarray, sizes: np.ndarray, fits: np.ndarray, world: in
         return lo
     hi = max(float(finish[np.isfinite(finish)].max()), b0 + float(gpu_time.min(axis=1).sum()) / world)
     return _smallest_ok(ok, lo, hi)
+
+
+def quick_bound(sub: Any, world: int) -> float:
+    """A cheap lower bound on a micro-step's makespan (below :func:`fluid_bound`): the longest sequence alone on
+    its fastest shape that holds it, and all sequences' cheapest GPU-time spread over the cluster; inf when a
+    sequence fits no shape. Orders and prunes memory modes before the fluid bound is computed."""
+    fits = sub.lengths[:, None] <= sub.capacity[None, :]
+    if not fits.any(axis=1).all():
+        return float("inf")
+    b0 = float(sub.beta.min())
+    alone = np.where(fits, sub.tmat + sub.beta[None, :], np.inf).min(axis=1).max()
+    work = np.where(fits, sub.tmat * sub.sizes[None, :], np.inf).min(axis=1).sum() / world + b0
+    return float(max(alone, work))
 
 
 def _smallest_ok(ok: Callable[[float], bool], lo: float, hi: float) -> float:
