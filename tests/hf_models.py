@@ -58,6 +58,15 @@ def make(folder: Path, kind: str = "llama3", seed: int = 0, shard: str | None = 
     return model
 
 
+def make_folders(root: Path, kinds: list[str], sharded: str, extra: dict[str, dict] | None = None) -> dict[str, Path]:
+    """One tiny model folder per kind under ``root`` (``sharded``: saved in 40 KB shards with an index)."""
+    out = {}
+    for kind in kinds:
+        out[kind] = root / kind
+        make(out[kind], kind, shard="40KB" if kind == sharded else None, **(extra or {}).get(kind, {}))
+    return out
+
+
 def reference_losses(model: torch.nn.Module, docs: list[torch.Tensor]) -> list[torch.Tensor]:
     """transformers' per-token loss of each document on its own (targets = the next token)."""
     out = []

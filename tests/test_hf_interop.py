@@ -135,14 +135,9 @@ def _grads(rank, pool, docs, folder, plans):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from tests.hf_models import make
+    from tests.hf_models import make_folders
 
-    root = tmp_path_factory.mktemp("hf")
-    out = {}
-    for kind in KINDS:
-        out[kind] = root / kind
-        make(out[kind], kind, shard="40KB" if kind == "llama3" else None, **_extra(kind))  # llama3: sharded + index
-    return out
+    return make_folders(tmp_path_factory.mktemp("hf"), KINDS, sharded="llama3", extra={k: _extra(k) for k in KINDS})
 
 
 @pytest.fixture(scope="module")

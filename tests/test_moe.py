@@ -80,14 +80,9 @@ def _worker(rank, world, folders):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from tests.hf_models import make
+    from tests.hf_models import make_folders
 
-    root = tmp_path_factory.mktemp("moe")
-    out = {}
-    for kind in KINDS:
-        out[kind] = root / kind
-        make(out[kind], kind, shard="40KB" if kind == "qwen3_moe" else None)
-    return out
+    return make_folders(tmp_path_factory.mktemp("moe"), KINDS, sharded="qwen3_moe")
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,6 @@ class CudnnKernel(VarlenKernel):
         self._fwd = torch.ops.aten._cudnn_attention_forward.default
         self._bwd = torch.ops.aten._cudnn_attention_backward.default
 
-    def check(self, q: torch.Tensor) -> None:
-        if self.half_only:
-            super().check(q)
-
     def calls(self, nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[Call]:
         return top_left_calls(nq, nk, q_pos, k_pos, mask)
 

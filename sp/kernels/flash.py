@@ -99,13 +99,6 @@ class FlashKernel(VarlenKernel):
 
         return flash_attn_varlen_func, _flash_attn_varlen_backward
 
-    def _check(self, q: torch.Tensor) -> None:
-        if self.half_only and q.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"kernel 'flash' takes bf16/fp16 tensors, got {q.dtype}; use kernel='torch' for fp32")
-
-    def check(self, q: torch.Tensor) -> None:
-        self._check(q)
-
     def calls(self, nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[Call]:
         return bottom_right_calls(nq, nk, q_pos, k_pos, mask)
 
@@ -126,7 +119,7 @@ class FlashKernel(VarlenKernel):
         return bq, bk, bv
 
     def forward(self, q, k, v, q_pos, k_pos, mask, scale):
-        self._check(q)
+        self.check(q)
         nq, h, d = q.shape
         fn = self._func()
         out = q.new_zeros(nq, h, d, dtype=compute_dtype(q.dtype))

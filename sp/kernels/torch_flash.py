@@ -50,10 +50,6 @@ class TorchFlashKernel(VarlenKernel):
         self._fwd = torch.ops.aten._flash_attention_forward.default
         self._bwd = torch.ops.aten._flash_attention_backward.default
 
-    def check(self, q: torch.Tensor) -> None:
-        if self.half_only:
-            super().check(q)
-
     def calls(self, nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[Call]:
         return bottom_right_calls(nq, nk, q_pos, k_pos, mask)
 

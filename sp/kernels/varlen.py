@@ -13,6 +13,7 @@ copy; called without one (a kernel test, a benchmark), the kernel packs and uplo
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -118,31 +119,33 @@ class VarlenStep:
         return self
 
 
-class VarlenKernel:
+class VarlenKernel(ABC):
     """A fused varlen kernel: subclasses give the call geometry and the two op calls; this class packs ring
     steps, routes rows and gradients, and implements the block-kernel protocol on top."""
 
     tile_rows: int | None = None  # memory linear in rows: pairs go whole, never tiled
     name = "varlen"
+    half_only = True  # the CUDA ops take bf16/fp16 only (CPU stand-ins in the tests take any dtype)
 
     # -- what a subclass provides --------------------------------------------------------------------------
+    @abstractmethod
     def calls(self, nq: int, nk: int, q_pos: int, k_pos: int, mask: bool) -> list[Call]:
-        raise NotImplementedError
+        """A pair as the op's calls (its causal alignment: :func:`bottom_right_calls`, :func:`top_left_calls`)."""
 
+    @abstractmethod
     def op_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: VarlenCall,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Packed ``[n, h, d]`` in -> (out ``[n, h, d]`` in the op's dtype, lse ``[h, n]`` fp32, -inf where a
         row sees no key)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def op_backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, call: VarlenCall,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Packed gradients from the final (out, lse ``[h, n]``)."""
-        raise NotImplementedError
 
     def check(self, q: torch.Tensor) -> None:
-        if q.dtype not in (torch.bfloat16, torch.float16):
+        if self.half_only and q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"kernel {self.name!r} takes bf16/fp16 tensors, got {q.dtype}; valid kernels for "
                              "fp32: 'torch' (reference) or 'cpu_fused' (CPU)")  # fmt: skip
 
