@@ -51,30 +51,70 @@ def read(path: str | Path) -> dict[str, Any]:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"cluster.calibration={str(path)!r} is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"calibration {path}: a JSON object is expected, got {type(doc).__name__}")
     if doc.get("kind") == KERNELS:
         return _read_kernels(doc, path)
     missing = [k for k in ("format", "constants", "model", "hardware") if k not in doc]
     if missing:
-        raise ValueError(f"calibration {path}: missing fields {missing}")
+        raise ValueError(f"calibration {path}: missing fields {missing} (has {sorted(doc)}; a run folder's "
+                         "calibration.json, or sp-bench gpu's kernels.json)")  # fmt: skip
     if doc["format"] != FORMAT:
         raise ValueError(f"calibration {path}: format {doc['format']!r}; this version reads format {FORMAT}")
+    for part in ("constants", "model", "hardware"):
+        if not isinstance(doc[part], dict):
+            raise ValueError(f"calibration {path}: {part}={doc[part]!r}; valid: a JSON object")
     c = doc["constants"]
     missing = [k for k in CONSTANT_KEYS if k not in c]
     if missing:
         raise ValueError(f"calibration {path}: constants miss {missing} (has {sorted(c)})")
-    for k in ("alpha1_ms", "alpha2_ms", "beta_ms", "step_ms", "intra_latency_us", "inter_latency_us"):
-        if not (isinstance(c[k], int | float) and math.isfinite(c[k]) and c[k] >= 0):
-            raise ValueError(f"calibration {path}: {k}={c[k]!r}; valid: a finite number >= 0")
+    for k, (lo, hi, unit) in RANGES.items():
+        _number(path, f"constants.{k}", c[k], lo, hi, unit)
     for k in ("a2a_gbs", "p2p_gbs"):
+        if not isinstance(c[k], dict):
+            raise ValueError(f"calibration {path}: constants.{k}={c[k]!r}; valid: {{group size: GB/s}}")
         for size, bw in c[k].items():
-            if not (isinstance(bw, int | float) and math.isfinite(bw) and bw > 0):
-                raise ValueError(f"calibration {path}: {k}[{size}]={bw!r}; valid: a bandwidth > 0 GB/s")
-    if not 0 <= c["ring_overlap"] <= 1:
-        raise ValueError(f"calibration {path}: ring_overlap={c['ring_overlap']}; valid: 0 .. 1")
-    missing = [k for k in (*MODEL_KEYS, "checkpointing", "causal") if k not in doc["model"]]
+            if not str(size).isdigit() or int(size) < 2:
+                raise ValueError(f"calibration {path}: constants.{k} has group size {size!r}; valid: integers >= 2")
+            _number(path, f"constants.{k}[{size}]", bw, 1e-6, MAX_GBS, "GB/s", above=True)
+    m = doc["model"]
+    missing = [k for k in (*MODEL_KEYS, "checkpointing", "causal") if k not in m]
     if missing:
         raise ValueError(f"calibration {path}: model misses {missing}")
+    if m["checkpointing"] not in RECOMPUTE:
+        raise ValueError(f"calibration {path}: model.checkpointing={m['checkpointing']!r}; valid: "
+                         f"{sorted(RECOMPUTE)}")  # fmt: skip
+    for k in MODEL_KEYS:
+        if k != "swiglu" and not (isinstance(m[k], int) and not isinstance(m[k], bool) and m[k] > 0):
+            raise ValueError(f"calibration {path}: model.{k}={m[k]!r}; valid: a positive integer")
     return doc
+
+
+MAX_GBS = 5000.0  # a link faster than a few TB/s is not a measurement
+RANGES = {  # constant: (lowest, highest, unit)
+    "alpha1_ms": (0.0, 1e6, "ms per token^2"), "alpha2_ms": (0.0, 1e6, "ms per token"),
+    "beta_ms": (0.0, 1e6, "ms"), "step_ms": (0.0, 1e6, "ms"), "ring_overlap": (0.0, 1.0, "(a share)"),
+    "intra_latency_us": (0.0, 1e6, "us"), "inter_latency_us": (0.0, 1e6, "us"),
+}  # fmt: skip
+
+
+def _number(path: str | Path, field: str, v: Any, lo: float, hi: float, unit: str, above: bool = False) -> None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < lo or v > hi or (above and v <= 0):
+        raise ValueError(f"calibration {path}: {field}={v!r}; valid: a number in [{lo:g}, {hi:g}] {unit}")
+
+
+def _magnitude(path: str, cluster: Cluster, model: ModelShape, a1: float, a2: float) -> None:
+    """A fitted constant further than 1000x from what the FLOPs model gives on the profile's hardware is not a
+    measurement of this model (a unit slip, a corrupted file)."""
+    from planner.cost import CostModel
+
+    ref = CostModel(replace(cluster, calibration=None, alpha1_ms=None, alpha2_ms=None), model).fitted_form()
+    for name, got, want in (("alpha1_ms", a1, ref.cluster.alpha1_ms), ("alpha2_ms", a2, ref.cluster.alpha2_ms)):
+        if want and got and not want / 1e3 <= got <= want * 1e3:
+            raise ValueError(f"calibration {path}: constants.{name}={got:g} is more than 1000x from what the FLOPs "
+                             f"model gives for {model.name!r} on cluster {cluster.name!r} ({want:.3g}); valid: "
+                             f"{want / 1e3:.3g} to {want * 1e3:.3g}")  # fmt: skip
 
 
 KERNELS = "attention_kernels"  # a file of measured attention speeds (sp-bench gpu), not of a run's constants
@@ -122,6 +162,7 @@ def calibrated(cluster: Cluster, model: ModelShape, causal: bool = True) -> Clus
                          f"({have.get('name')!r}): {'; '.join(diff)}. Calibrate this model (sp-train with "
                          "planner.recalibrate_every) or drop cluster.calibration")  # fmt: skip
     c = doc["constants"]
+    _magnitude(str(cluster.calibration), cluster, model, c["alpha1_ms"], c["alpha2_ms"])
     (a0, l0), (a1, l1) = RECOMPUTE[have["checkpointing"]], RECOMPUTE[model.checkpointing]
     return replace(cluster, alpha1_ms=c["alpha1_ms"] * a1 / a0, alpha2_ms=c["alpha2_ms"] * l1 / l0,
                    beta_ms=c["beta_ms"], step_ms=c["step_ms"], ring_overlap=c["ring_overlap"],

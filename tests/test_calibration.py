@@ -198,6 +198,23 @@ def test_bad_calibration_files_are_clear_errors(tmp_path):
     assert "another model" in msg and "hidden: 512 (file) vs 1024" in msg
     assert "bytes_per_value: 2 (file) vs 4" in load(good, replace(MODEL, bytes_per_value=4))
     assert "format 7" in load({**good, "format": 7})
+    # every malformed field is named with the file, never a traceback from deep inside (issue 35's probes)
+    consts = good["constants"]
+    for doc, field in (({**good, "constants": {**consts, "alpha1_ms": 1e300}}, "constants.alpha1_ms=1e+300"),
+                       ({**good, "constants": {**consts, "ring_overlap": "0.5"}}, "constants.ring_overlap='0.5'"),
+                       ({**good, "constants": {**consts, "a2a_gbs": [1.0]}}, "constants.a2a_gbs=[1.0]"),
+                       ({**good, "constants": {**consts, "p2p_gbs": {"4": 1e9}}}, "constants.p2p_gbs[4]=1000000000.0"),
+                       ({**good, "constants": {**consts, "p2p_gbs": {"two": 1.0}}}, "group size 'two'"),
+                       ({**good, "model": {**good["model"], "checkpointing": "bogus"}}, "model.checkpointing='bogus'"),
+                       ({"two": 1}, "missing fields ['format', 'constants', 'model', 'hardware']"),
+                       ([1, 2], "a JSON object is expected"),
+                       ({**good, "constants": {**consts, "alpha1_ms": consts["alpha1_ms"] * 1e5}},
+                        "constants.alpha1_ms=")):  # fmt: skip
+        msg = load(doc)
+        assert str(path) in msg and field in msg, (field, msg)
+    assert "more than 1000x from what the FLOPs model gives" in load(
+        {**good, "constants": {**consts, "alpha1_ms": consts["alpha1_ms"] * 1e5}}
+    )
 
 
 # ---- in the trainer: 4 gloo ranks, real measured steps ----

@@ -7,6 +7,7 @@ gradients per strategy; the FSDP-sharded load bit-exact; config parsing in both 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,39 @@ def test_sp_plan_reads_a_folder_without_weights(tmp_path):
     assert out["model"] == "hf" and out["summary"]["planned_step_s"] > 0
     shape = _shape(tmp_path)
     assert 8.0e9 < shape.params < 8.1e9 and shape.theta == 5e5  # Llama-3-8B: 8.03B parameters
+
+
+def test_weights_must_match_the_architecture_exactly(tmp_path):
+    """Missing, unexpected (an o_proj bias Llama has no place for), wrong-shape and non-floating tensors are
+    refused, each named; unexpected ones load with train.allow_unexpected_weights; RoPE buffers some
+    checkpoints carry are not weights and pass."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models.hf.load import check
+    from tests.hf_models import make
+
+    make(tmp_path / "hf", "llama3")
+    shape = _shape(tmp_path / "hf")
+    base = load_file(tmp_path / "hf" / "model.safetensors")
+    cases = {
+        "extra": ({**base, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)},
+                  "unexpected tensors the model would not use ['model.layers.0.self_attn.o_proj.bias']"),
+        "missing": ({k: v for k, v in base.items() if k != "model.layers.1.mlp.up_proj.weight"},
+                    "missing tensors ['model.layers.1.mlp.up_proj.weight']"),
+        "shape": ({**base, "model.norm.weight": torch.ones(65)}, "'model.norm.weight' has shape [65], needs [64]"),
+        "dtype": ({**base, "model.norm.weight": torch.ones(64, dtype=torch.int8)}, "'model.norm.weight' is I8"),
+    }  # fmt: skip
+    for name, (tensors, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+        save_file(tensors, folder / "model.safetensors")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check(folder, shape)
+    check(tmp_path / "extra", shape, allow_unexpected=True)  # the setting: load without the extra tensor
+    buffers = tmp_path / "buffers"
+    buffers.mkdir()
+    (buffers / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file({**base, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}, buffers / "model.safetensors")
+    check(buffers, shape)

@@ -155,6 +155,7 @@ class TrainConfig:
     async_checkpoint: bool = False  # torch DCP async save: the step loop goes on while a checkpoint is written
     preempt_warning_s: float = 90.0  # seconds of warning a stop signal gives (sbatch --signal=B:USR1@N): N
     kernel: str = "auto"  # attention kernel: auto (CPU: cpu_fused; CUDA: the fastest exact fused one) or a name
+    allow_unexpected_weights: bool = False  # hf:DIR may hold tensors the model does not use (ignored, not loaded)
 
     def __post_init__(self) -> None:
         valid = ("adaptive", "ulysses", "ring", "hybrid", "none")

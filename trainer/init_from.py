@@ -33,8 +33,9 @@ class Source:
         return "random initialisation" if self.kind == "random" else f"{self.kind} weights from {self.path}"
 
 
-def source(init_from: str | None, shape: ModelShape) -> Source:
-    """The validated source (errors name the folder, the file and the field)."""
+def source(init_from: str | None, shape: ModelShape, allow_unexpected: bool = False) -> Source:
+    """The validated source (errors name the folder, the file and the field; a Hugging Face folder's tensors
+    must match the model exactly, extra ones only with ``allow_unexpected``)."""
     if init_from is None:
         return Source("random")
     if init_from.startswith("hf:"):
@@ -43,7 +44,7 @@ def source(init_from: str | None, shape: ModelShape) -> Source:
         folder = Path(init_from[3:])
         if not folder.is_dir():
             raise ValueError(f"train.init_from={init_from!r}: {folder} is not a folder")
-        check(folder, shape)
+        check(folder, shape, allow_unexpected)
         return Source("hf", folder)
     folder = Path(init_from)
     ck = _run_checkpoint(folder)

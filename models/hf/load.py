@@ -60,14 +60,21 @@ class Checkpoint:
             raise ValueError(f"{self.folder}: tensor {name!r} is in no safetensors file of the folder")
         return self.file_of[name]
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """From the file's header (kept open: headers only, no tensor bytes are touched)."""
+    def _header(self, name: str) -> Any:
         from safetensors import safe_open
 
         path = self._path(name)
         if path not in self._open:
             self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
-        return tuple(self._open[path].get_slice(name).get_shape())
+        return self._open[path].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file's header (kept open: headers only, no tensor bytes are touched)."""
+        return tuple(self._header(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code of tensor ``name`` (``BF16``, ``F32``, ...), from the header."""
+        return str(self._header(name).get_dtype())
 
     def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows ``[lo, hi)`` of tensor ``name``: only those bytes are read, and the file's mapping is dropped
@@ -78,15 +85,35 @@ class Checkpoint:
             return f.get_slice(name)[lo:hi].clone()  # type: ignore[no-any-return]
 
 
-def check(folder: str | Path, shape: ModelShape) -> None:
-    """Every tensor ``shape`` needs is in the folder with the right shape (headers only)."""
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # what a weight may be stored as (cast to the run's dtype on load)
+IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry that no model here has as a weight
+
+
+def check(folder: str | Path, shape: ModelShape, allow_unexpected: bool = False) -> None:
+    """The folder's tensors match the architecture exactly (headers only): every tensor the model needs is
+    there with its shape and a floating dtype, and there is no tensor the model would not use (refused unless
+    ``allow_unexpected``: ``train.allow_unexpected_weights``). Every offending tensor is named."""
+    want = hf_shapes(shape)
     with Checkpoint(folder) as ck:
-        for name, want in hf_shapes(shape).items():
-            got = ck.shape(name)
-            if got != want:
-                raise ValueError(f"{ck.file_of[name]}: tensor {name!r} has shape {list(got)}; the run's model "
-                                 f"(model.name={shape.name!r}, model.hf_path={shape.hf_path!r}) needs "
-                                 f"{list(want)}")  # fmt: skip
+        missing = sorted(n for n in want if n not in ck.file_of)
+        wrong = [f"{n!r} has shape {list(ck.shape(n))}, needs {list(s)}" for n, s in want.items()
+                 if n in ck.file_of and ck.shape(n) != s]  # fmt: skip
+        dtypes = [f"{n!r} is {ck.dtype(n)}" for n in want if n in ck.file_of and ck.dtype(n) not in FLOAT_DTYPES]
+        extra = sorted(n for n in ck.file_of if n not in want and not n.endswith(IGNORED)
+                       and not (n == "lm_head.weight" and shape.tie_embeddings))  # fmt: skip
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:8]))
+    if dtypes:
+        problems.append(f"non-floating tensors (valid: {', '.join(FLOAT_DTYPES)}): " + "; ".join(dtypes[:8]))
+    if extra and not allow_unexpected:
+        problems.append(f"unexpected tensors the model would not use {extra[:8]}{' ...' if len(extra) > 8 else ''} "
+                        f"({len(extra)}; train.allow_unexpected_weights=true loads the folder without them)")
+    if problems:
+        raise ValueError(f"{folder}: the weights do not match the run's model (model.name={shape.name!r}, "
+                         f"architecture from {shape.hf_path or 'the run config'}): " + " | ".join(problems))
 
 
 @torch.no_grad()
