@@ -12,6 +12,7 @@ sp-bench hf-load [--gb 1.0] [--world 4]       # peak host memory per rank loadin
 sp-bench capacity [--gpus 8 16 32 64]          # longest sequence per technique (llama3-8b on H100s)
 sp-bench checkpoint [--gb 2.0] [--world 4]    # integrity share of save and resume: rank-0 sha256 vs parallel xxh3
 sp-bench data [--tree before=PATH] [--steps 30]  # make train's steps/s: other code trees vs this one
+sp-bench content-hash [--gb 1.0]               # start-up cost of hashing a data source's bytes (first, cached)
 sp-bench published                              # sp-plan beside the published 1M-token Qwen3-8B run
 sp-bench gpu [--tokens 16384] [--out DIR]       # one CUDA GPU: every kernel vs fp64 and its TFLOP/s, training
 """
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     dp.add_argument("--steps", type=int, default=30)
     dp.add_argument("--warmup", type=int, default=3)
     dp.add_argument("--workdir", default="runs/data-bench")
+    hp = sub.add_parser("content-hash", help="start-up cost of the data fingerprint's content hash (first, cached)")
+    hp.add_argument("--gb", type=float, default=1.0)
+    hp.add_argument("--workdir", default="runs/content-hash-bench")
     sub.add_parser("published", help="sp-plan beside the published 1M-token Qwen3-8B run, term by term")
     cp = sub.add_parser("capacity", help="longest single sequence the planner places on N H100s, per technique")
     cp.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -125,6 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.data_path import run as run_data
 
         for row in run_data(args.tree, args.steps, args.warmup, args.workdir):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "content-hash":
+        from benchmarks.content_hash import run as run_content_hash
+
+        for row in run_content_hash(args.gb, args.workdir):
             print(json.dumps(row), flush=True)
     elif args.cmd == "published":
         from benchmarks.published import run as run_published

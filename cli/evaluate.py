@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -60,19 +61,41 @@ def run(args: argparse.Namespace) -> dict | None:
     from trainer.loop import Trainer
 
     tr = Trainer(job)
+    try:
+        body = _evaluate(tr, args, run_dir, ck, step, docs, env.rank)
+    finally:
+        if tr.board is not None:
+            tr.board.close()
+        if tr.lock is not None:
+            tr.lock.release()
+        dist.destroy_process_group()
+    return body
+
+
+def _evaluate(tr: Any, args: argparse.Namespace, run_dir: Path, ck: Path, step: int, docs: list | None,
+              rank: int) -> dict | None:  # fmt: skip
+    from trainer import checkpoint
+    from trainer.data.fingerprint import fingerprint_changes
+
+    stored = checkpoint.stored_data(ck)
+    changed = fingerprint_changes(stored, tr.data_fingerprint) if docs is None and stored is not None else []
+    if changed and not args.data_changed_ok:
+        raise ValueError(f"{run_dir}: the training data changed since {ck.name}, so its held-out documents may "
+                         "not be the ones the run held out (they may have been trained on). Differences:\n  "
+                         + "\n  ".join(changed) + "\nRestore the data, or pass --data-changed-ok to evaluate "
+                         "anyway (the result then lists the differences under data_changed)")  # fmt: skip
     tr.step = step
     result = tr.evaluate(docs)
-    body = None
-    if env.rank == 0:
-        body = {"run_dir": str(run_dir), "checkpoint": str(ck), "step": step, "loss": result.loss,
-                "tokens": result.tokens, "by_position": result.by_position, "by_length": result.by_length,
-                "sets": {k: {"loss": v.loss, "tokens": v.tokens} for k, v in tr.last_eval_parts.items()}}  # fmt: skip
-        (run_dir / "eval" / f"offline_step_{step:06d}.json").write_text(json.dumps(body, indent=1))
-    if tr.board is not None:
-        tr.board.close()
-    if tr.lock is not None:
-        tr.lock.release()
-    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    body = {"run_dir": str(run_dir), "checkpoint": str(ck), "step": step, "loss": result.loss,
+            "tokens": result.tokens, "by_position": result.by_position, "by_length": result.by_length,
+            "sets": {k: {"loss": v.loss, "tokens": v.tokens} for k, v in tr.last_eval_parts.items()},
+            **({"data_changed": changed} if changed else {})}  # fmt: skip
+    if changed:
+        print(f"sp-eval: WARNING: the training data changed since {ck.name} (--data-changed-ok): "
+              + "; ".join(changed), file=sys.stderr)  # fmt: skip
+    (run_dir / "eval" / f"offline_step_{step:06d}.json").write_text(json.dumps(body, indent=1))
     return body
 
 
@@ -83,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-path", default=None, help="evaluate these documents instead of the held-out ones")
     ap.add_argument("--data-source", default="jsonl", help="stdlib | pydoc | glob | jsonl | indexed (with --data-path)")
     ap.add_argument("--max-docs", type=int, default=0, help="documents to evaluate (default: the run's eval.max_docs)")
+    ap.add_argument("--data-changed-ok", action="store_true",
+                    help="evaluate the held-out documents even if the training data changed since the checkpoint "
+                         "(refused by default: they may not be the documents the run held out)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         body = run(args)

@@ -114,8 +114,14 @@ def test_sp_eval_on_a_checkpoint_equals_the_evaluation_during_training(tmp_path)
     env["OMP_NUM_THREADS"] = "1"
     run = tmp_path / "run"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    rng = np.random.default_rng(0)
+    data = tmp_path / "docs.jsonl"
+    letters = np.frombuffer(b"abcdefghij klmnop", dtype=np.uint8)
+    data.write_text("".join(json.dumps({"text": rng.choice(letters, int(n)).tobytes().decode()}) + "\n"
+                            for n in rng.integers(100, 1500, 300)))  # fmt: skip
     train = subprocess.run([*launch, "cli.train", f"train.out_dir={run}", "train.steps=2", "train.progress=false",
-                            "data.tokens_per_step=4096", "eval.every=2", "eval.holdout=0.002", "eval.max_docs=4"],
+                            "data.source=jsonl", f"data.path={data}", "data.tokens_per_step=4096", "eval.every=2",
+                            "eval.holdout=0.02", "eval.max_docs=4"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     logged = re.search(r"eval at step 2: loss (\S+) over (\d+) tokens", train.stdout)
@@ -128,6 +134,16 @@ def test_sp_eval_on_a_checkpoint_equals_the_evaluation_during_training(tmp_path)
     assert body["step"] == 2 and body["tokens"] == int(logged.group(2))
     assert body["loss"] == pytest.approx(float(logged.group(1)), abs=1e-4)  # the log prints 4 decimals
     assert json.loads((run / "eval" / "offline_step_000002.json").read_text())["loss"] == body["loss"]
+    data.write_bytes(data.read_bytes().replace(b"a", b"b"))  # sed -i 's/a/b/g': same lengths, other documents
+    single = [sys.executable, "-m", "cli.evaluate", str(run)]
+    changed = subprocess.run(single, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert changed.returncode == 2 and "training data changed" in changed.stderr, changed.stderr[-3000:]
+    assert "content_xxh3_128" in changed.stderr and "Traceback" not in changed.stderr
+    anyway = subprocess.run([*single, "--data-changed-ok"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240)  # fmt: skip
+    assert anyway.returncode == 0, anyway.stderr[-3000:]
+    flagged = json.loads(anyway.stdout.strip().splitlines()[-1])
+    assert "content_xxh3_128" in flagged["data_changed"][0] and "WARNING" in anyway.stderr
     bare = tmp_path / "bare"  # a run with nothing held out: its config says eval.holdout=0
     ck = bare / "checkpoints" / "step_000001"
     ck.mkdir(parents=True)

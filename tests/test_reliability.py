@@ -103,14 +103,22 @@ def _changed_data(rank, tmp):
     job = _job(f"{tmp}/data", "adaptive", 1, use_milp=False, resume=True)
     job = replace(job, data=replace(job.data, source="glob", path=str(docs / "*.txt"), tokens_per_step=1500))
     Trainer(job).run()
-    if rank == 0:
-        (docs / "3.txt").write_bytes(b"one more document")
-    dist.barrier()
-    try:
-        Trainer(replace(job, train=replace(job.train, steps=2)))
-        return None
-    except ValueError as e:
-        return str(e)
+    refusals = []
+    for change in ("edit", "add"):
+        if rank == 0 and change == "edit":  # same lengths, other bytes (sed -i 's/a/b/g'): only the content differs
+            original = (docs / "0.txt").read_bytes()
+            (docs / "0.txt").write_bytes(original.replace(b"a", b"b") if b"a" in original else b"a" + original[1:])
+        if rank == 0 and change == "add":
+            (docs / "0.txt").write_bytes(original)
+            (docs / "3.txt").write_bytes(b"one more document")
+        dist.barrier()
+        try:
+            Trainer(replace(job, train=replace(job.train, steps=2)))
+            refusals.append(None)
+        except ValueError as e:
+            refusals.append(str(e))
+        dist.barrier()
+    return refusals
 
 
 def _start_up_phases(rank, tmp):
@@ -175,9 +183,11 @@ def test_orphaned_workers_checkpoint_and_stop(results):
 
 def test_resume_on_changed_data_is_refused_with_the_difference(results):
     for r in results:
-        msg = r["data"]
-        assert msg is not None and "trained on other data" in msg
-        assert "documents 3 -> 4" in msg and "sizes_xxh3_128" in msg and "tokens 2100 -> 2117" in msg
+        edited, added = r["data"]
+        assert edited is not None and "trained on other data" in edited, edited
+        assert "content_xxh3_128" in edited and "sizes_xxh3_128" not in edited and "documents" not in edited
+        assert added is not None and "trained on other data" in added
+        assert "documents 3 -> 4" in added and "sizes_xxh3_128" in added and "tokens 2100 -> 2117" in added
 
 
 def test_stop_at_each_start_up_phase_stops_every_rank_and_frees_the_folder(results):

@@ -116,7 +116,8 @@ class Trainer:
         # verifies the run's checkpoint once, every rank gets the verdict), the tokenizer against the vocab
         self.lock: RunLock | None = None  # taken later, by _claim_folder
         self.source: init_from.Source = self._agree(
-            lambda: init_from.source(t.init_from, job.model, t.allow_unexpected_weights))
+            lambda: init_from.source(t.init_from, job.model, t.allow_unexpected_weights)
+        )
         if job.data.tokenizer:
             tokenizer.load(job.data.tokenizer, job.model.vocab)
         self.shape = None if t.strategy == "adaptive" else static_shape(job, self.world)

@@ -109,11 +109,15 @@ def check(folder: str | Path, shape: ModelShape, allow_unexpected: bool = False)
     if dtypes:
         problems.append(f"non-floating tensors (valid: {', '.join(FLOAT_DTYPES)}): " + "; ".join(dtypes[:8]))
     if extra and not allow_unexpected:
-        problems.append(f"unexpected tensors the model would not use {extra[:8]}{' ...' if len(extra) > 8 else ''} "
-                        f"({len(extra)}; train.allow_unexpected_weights=true loads the folder without them)")
+        problems.append(
+            f"unexpected tensors the model would not use {extra[:8]}{' ...' if len(extra) > 8 else ''} "
+            f"({len(extra)}; train.allow_unexpected_weights=true loads the folder without them)"
+        )
     if problems:
-        raise ValueError(f"{folder}: the weights do not match the run's model (model.name={shape.name!r}, "
-                         f"architecture from {shape.hf_path or 'the run config'}): " + " | ".join(problems))
+        raise ValueError(
+            f"{folder}: the weights do not match the run's model (model.name={shape.name!r}, "
+            f"architecture from {shape.hf_path or 'the run config'}): " + " | ".join(problems)
+        )
 
 
 @torch.no_grad()

@@ -207,6 +207,16 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.sizes)
 
+    def files(self) -> list[str]:
+        """The files whose bytes this source reads (none for stdlib and pydoc: part of the Python install)."""
+        if self.src.source in ("stdlib", "pydoc"):
+            return []
+        if self._indexed is not None:
+            prefix = self.src.path or ""
+            twins = [prefix, prefix + MASK_SUFFIX] if self._masks is not None else [prefix]
+            return [p + ext for p in twins for ext in (".idx", ".bin")]
+        return [self.src.path or ""] if self.src.source == "jsonl" else list(self._files)
+
     def doc(self, i: int) -> np.ndarray:
         if self._indexed is not None:
             tokens = np.asarray(self._indexed[i], dtype=np.int64)

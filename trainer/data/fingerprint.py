@@ -1,8 +1,8 @@
 """What a checkpoint records of its training data, and the differences a resume refuses.
 
 Per source: its name, kind, path, weight and length bounds, document count, total tokens, a hash of the
-size table (the same content under the same tokenizer gives the same fingerprint), and the trained targets
-where loss masks exist.
+size table, a hash of the bytes of every file it reads (:mod:`.content_hash`: edited documents of unchanged
+length are caught too), and the trained targets where loss masks exist.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.data.content_hash import content_hash
 from trainer.data.corpus import Corpus
 
 
@@ -27,12 +28,14 @@ def fingerprint(corpora: list[Corpus]) -> dict:
             "name": s.name, "source": s.source, "path": path, "weight": s.weight, "min_len": s.min_len,
             "max_len": s.max_len, "documents": len(c), "tokens": int(c.sizes.sum()),
             "sizes_xxh3_128": xxhash.xxh3_128(sizes).hexdigest(),
+            **({"content_xxh3_128": content_hash(files)} if (files := c.files()) else {}),
             **({"trained_targets": c.trained} if c.trained is not None else {}),
         })  # fmt: skip
     return {"sources": out}
 
 
-NEW_FIELDS = ("name", "weight", "min_len", "max_len")  # added with mixtures: an older checkpoint lacks them
+# added since the first fingerprints (mixtures; content hashes): an older checkpoint lacks them
+NEW_FIELDS = ("name", "weight", "min_len", "max_len", "content_xxh3_128")
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
