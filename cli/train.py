@@ -48,8 +48,12 @@ def run(cfg, preempt: Any = None) -> None:  # cfg: TrainJobSchema after OmegaCon
     if env.rank == 0:
         out = Path(job.train.out_dir).resolve()
         state = "stopped on request" if trainer.stopped else "done"
-        print(f"[sp-train] {state} at step {trainer.step} (launcher {env.launcher}, {env.world} ranks); "
-              f"last loss {losses[-1] if losses else float('nan'):.4f}")  # fmt: skip
+        if losses:
+            print(f"[sp-train] {state} at step {trainer.step} (launcher {env.launcher}, {env.world} ranks); "
+                  f"last loss {losses[-1]:.4f}")  # fmt: skip
+        else:
+            print(f"[sp-train] {state} at step {trainer.step}: no step was trained (train.steps="
+                  f"{job.train.steps}; a finished run continues with a larger train.steps)")  # fmt: skip
         print(f"[sp-train] TensorBoard: tensorboard --logdir {out / 'tb'}")
         print(f"[sp-train] checkpoints: {out / 'checkpoints'}")
     dist.destroy_process_group()

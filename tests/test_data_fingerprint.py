@@ -76,3 +76,25 @@ def test_every_file_a_source_reads_is_covered(tmp_path, cache):
     globbed = Corpus(SourceConfig(name="g", source="glob", path=str(tmp_path / "g" / "*.txt")))
     assert globbed.files() == [str(tmp_path / "g" / f"{i}.txt") for i in range(3)]
     assert Corpus(SourceConfig(name="s", source="stdlib")).files() == []
+
+
+def test_a_damaged_indexed_dataset_is_refused_before_it_is_used(tmp_path, cache):
+    """A .bin shorter than its index describes, or an unreadable .idx, is a ValueError naming the files."""
+    from trainer.data.corpus import Corpus
+    from trainer.data.prepare import PrepareConfig, prepare
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": "abc" * (5 + i)}) + "\n" for i in range(20)))
+    prefix = str(tmp_path / "t")
+    prepare(PrepareConfig(inputs=(str(tmp_path / "t.jsonl"),), output=prefix, workers=1), progress=False)
+    src = SourceConfig(name="t", source="indexed", path=prefix)
+    assert len(Corpus(src)) == 20
+    raw = (tmp_path / "t.bin").read_bytes()
+    (tmp_path / "t.bin").write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match=f"{prefix}.bin holds {len(raw) - 10} bytes but {prefix}.idx describes "
+                       f"{len(raw)}"):  # fmt: skip
+        Corpus(src)
+    (tmp_path / "t.bin").write_bytes(raw)
+    idx = (tmp_path / "t.idx").read_bytes()
+    (tmp_path / "t.idx").write_bytes(idx[:20])
+    with pytest.raises(ValueError, match=f"{prefix}.idx is damaged"):
+        Corpus(src)

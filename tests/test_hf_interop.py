@@ -346,3 +346,40 @@ def test_weights_must_match_the_architecture_exactly(tmp_path):
     (buffers / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     save_file({**base, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}, buffers / "model.safetensors")
     check(buffers, shape)
+
+
+def test_damaged_weights_are_refused_naming_the_file(tmp_path):
+    """A truncated or header-damaged safetensors file and a tensor holding NaN are ValueErrors that name the
+    file (and the tensor): one `sp-train: error:` line, not a traceback or a loss blamed on the learning rate."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models.hf.load import check
+
+    make_dir = tmp_path / "hf"
+    from tests.hf_models import make
+
+    make(make_dir, "llama3")
+    shape = _shape(make_dir)
+    raw = (make_dir / "model.safetensors").read_bytes()
+    for name, damaged in {"truncated": raw[: len(raw) // 2], "header": b"\0" * 8 + raw[8:]}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((make_dir / "config.json").read_text())
+        (folder / "model.safetensors").write_bytes(damaged)
+        with pytest.raises(ValueError, match=re.escape(f"{folder / 'model.safetensors'}: damaged safetensors file")):
+            check(folder, shape)
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    (nan / "config.json").write_text((make_dir / "config.json").read_text())
+    tensors = load_file(make_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = torch.nan
+    save_file(tensors, nan / "model.safetensors")
+    check(nan, shape)  # headers are fine; the rows load_into reads are checked
+    from models.hf.load import Checkpoint
+
+    with Checkpoint(nan) as ck:
+        ck.rows("model.layers.1.mlp.down_proj.weight", 0, 3)  # the rows before the NaN load
+        with pytest.raises(ValueError, match=r"nan/model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' "
+                           r"holds NaN/inf in rows \[0, 8\)"):  # fmt: skip
+            ck.rows("model.layers.1.mlp.down_proj.weight", 0, 8)

@@ -52,8 +52,9 @@ def test_prompt_and_explicit_masks_mark_the_trained_targets(tmp_path):
 def test_split_pieces_cut_tokens_and_mask_together(tmp_path):
     rows = [{"prompt": "p" * 50, "completion": "c" * 70}]
     cfg = DataConfig(source="jsonl", path=_jsonl(tmp_path / "a.jsonl", rows), max_len=30, tokens_per_step=119)
-    docs = Mixture([Corpus(s) for s in cfg.mixture()], cfg).next_step()
-    assert sum(len(d) - 1 for d in docs) == 119 and len(docs) == 4
+    mixture = Mixture([Corpus(s) for s in cfg.mixture()], cfg)
+    docs = mixture.next_step()  # pieces of 30, 30, 30, 29 targets; the first is all prompt and is dropped
+    assert [len(d) - 1 for d in docs] == [30, 30, 29] and mixture.untrained == {"jsonl": [50]}
     for d in docs:  # every piece's mask matches its own bytes: 'c' is trained, 'p' is not
         assert d.token_mask.tolist() == [b == ord("c") for b in d.tolist()]
     assert trained_targets(docs) == 70
@@ -129,3 +130,41 @@ def test_masked_gradients_equal_a_single_process_computation_that_drops_masked_t
     scale = max(g.abs().max().item() for g in ref.values())
     for name, g in grads.items():
         assert (g - ref[name]).abs().max().item() <= 1e-5 * scale, name
+
+
+def _skipping_run(rank, world, path, tmp, share):
+    """The trainer on prompts longer than max_len: (losses, tokens trained, skipped steps) or the error."""
+    from dataclasses import replace
+
+    from tests.test_trainer import _job
+    from trainer.loop import Trainer
+
+    job = _job(f"{tmp}/skip{share}", "adaptive", use_milp=False)
+    job = replace(job, data=replace(job.data, source="jsonl", path=path, max_len=128, tokens_per_step=300),
+                  train=replace(job.train, steps=6, max_skipped_share=share, checkpoint_every=0),
+                  eval=replace(job.eval, every=0))  # fmt: skip
+    try:
+        tr = Trainer(job)
+        losses = tr.run()
+    except ValueError as e:
+        return str(e)
+    return losses, tr.tokens_trained, tr.skipped_steps
+
+
+def test_a_step_with_nothing_to_learn_is_skipped_and_too_many_stop_the_run(tmp_path):
+    """Prompts of 400 tokens at max_len=128: their first pieces are all prompt. The trainer skips exactly the
+    steps a separate draw of the same mixture finds empty, counts only the kept pieces' tokens, and stops with
+    the source and prompt lengths once skipped steps exceed train.max_skipped_share."""
+    rows = [{"prompt": "p" * 400, "completion": "c" * 12}] * 8  # alike: the draw order cannot matter
+    path = _jsonl(tmp_path / "long_prompts.jsonl", rows)
+    cfg = DataConfig(source="jsonl", path=path, max_len=128, tokens_per_step=300)
+    mixture = Mixture([Corpus(s) for s in cfg.mixture()], cfg)
+    steps = [mixture.next_step() for _ in range(6)]
+    empty = sum(not docs for docs in steps)
+    assert 0 < empty < 6  # the data makes both kinds of step
+    losses, tokens, skipped = run_distributed(_skipping_run, 1, path, str(tmp_path), 0.5, timeout=300)[0]
+    assert skipped == empty and len(losses) == 6 - empty and all(np.isfinite(losses))
+    assert tokens == sum(len(d) - 1 for docs in steps for d in docs)  # dropped pieces are not counted
+    error = run_distributed(_skipping_run, 1, path, str(tmp_path), 0.0, timeout=300)[0]
+    assert isinstance(error, str) and "train.max_skipped_share=0.0" in error, error
+    assert "source 'jsonl': prompts of [400] tokens" in error and "data.max_len=128" in error

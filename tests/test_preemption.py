@@ -48,13 +48,15 @@ def runs(tmp_path_factory):
     out["save"] = _launch(tmp, "save", "save")  # USR1 while step 2's checkpoint is being written
     out["after_save"] = _checkpoints(tmp / "save")
     # asynchronous saves: step 2's write overlaps step 3; the step-4 write is killed half way on rank 1; a
-    # restart gets USR1 on rank 1 alone while loading; the next one resumes from step 2
+    # restart gets TERM on rank 1 alone while loading; the next one resumes from step 2, and one more finds the
+    # run finished
     chain = ("train.async_checkpoint=true",)
     out["kill"] = _launch(tmp, "chain", "save:KILL@1#2", *chain)
     out["after_kill"] = _checkpoints(tmp / "chain")
-    out["load"] = _launch(tmp, "chain", "load@1", *chain)
+    out["load"] = _launch(tmp, "chain", "load:TERM@1", *chain)
     out["after_load"] = _checkpoints(tmp / "chain")
     out["resume"] = _launch(tmp, "chain", None, *chain)
+    out["again"] = _launch(tmp, "chain", None, *chain)
     return out
 
 
@@ -86,7 +88,7 @@ def test_signal_during_a_checkpoint_write_finishes_the_write_then_stops(runs):
 def test_signal_to_one_rank_while_loading_stops_every_rank(runs):
     r = runs["load"]
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "during start-up (phase 'load')" in r.stdout
+    assert "resumed from" in r.stdout and "SIGTERM during start-up (phase 'load')" in r.stdout  # rank 0 names it
     assert not _losses(r.stdout) and runs["after_load"] == ["step_000002", "step_000004.tmp"]
 
 
@@ -107,3 +109,9 @@ def test_resumed_losses_equal_the_unbroken_run(runs):
     assert {s: full[s] for s in (1, 2)} == _losses(runs["save"].stdout)
     assert {s: full[s] for s in (1, 2, 3, 4)} == _losses(runs["kill"].stdout)  # async saves change no number
     assert (runs["tmp"] / "chain" / "COMPLETE").exists()
+
+
+def test_rerunning_a_finished_run_says_so(runs):
+    r = runs["again"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no step was trained (train.steps=4" in r.stdout and "nan" not in r.stdout

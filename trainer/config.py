@@ -144,6 +144,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     resume: bool = True
     max_bad_steps: int = 3  # stop after this many non-finite losses in a row
+    max_skipped_share: float = 0.05  # stop once steps with no trained target exceed this share of train.steps
     bucket_mb: float = 4.0
     collective_timeout_s: float = 1800.0  # NCCL/gloo timeout: long enough for a million-token micro-step
     progress: bool = True
@@ -199,6 +200,8 @@ class TrainConfig:
                                      "collective_timeout_s": (0, None), "preempt_warning_s": (0, None)},
                      strict=("grad_clip", "lr", "bucket_mb", "preempt_warning_s", "collective_timeout_s",
                              "eps"))  # fmt: skip
+        if not 0 <= self.max_skipped_share < 1:
+            raise ValueError(f"train.max_skipped_share={self.max_skipped_share}; valid: a share in [0, 1)")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}; valid: 0 <= min_lr <= lr")
         if self.sp_size and self.sp_size & (self.sp_size - 1):

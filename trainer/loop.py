@@ -157,6 +157,7 @@ class Trainer:
         self.step = 0
         self.tokens_trained = 0  # targets trained on, over the whole run (kept in checkpoints)
         self.bad_in_row = 0
+        self.skipped_steps = 0  # steps with no trained target (this process's run)
         self.stopped = False
         self.heartbeat = Heartbeat(self.rank, self.world)
         self._parent = os.getppid()  # the launcher (torchrun's agent, srun, mpiexec, the spawn harness)
@@ -351,6 +352,8 @@ class Trainer:
     def _train_step(self, fut: Future | None, docs: list[np.ndarray], losses: list[float], bar: Any) -> tuple:
         """One optimizer step; returns (the next step's plan future, its documents, whether to stop). Each
         collective phase reports to the heartbeat first."""
+        if not docs:
+            return self._skip_step(bar)
         t = self.job.train
         t0 = time.perf_counter()
         hb = self.heartbeat
@@ -402,6 +405,40 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
+        return self._end_step(loader_state, fut, nxt, docs)
+
+    def _skip_step(self, bar: Any) -> tuple:
+        """A step whose pieces all lack a trained target: no forward, no optimizer step, no tokens counted;
+        logged as skipped, and the run stops once such steps exceed ``train.max_skipped_share`` of its steps."""
+        t = self.job.train
+        self.skipped_steps += 1
+        report = self.loader.untrained_report()
+        if self.rank == 0:
+            print(f"[sp-train] step {self.step}: skipped, no piece has a trained target ({report}; "
+                  f"{self.skipped_steps} skipped so far)")  # fmt: skip
+        if self.skipped_steps > t.max_skipped_share * t.steps:
+            raise ValueError(
+                f"{self.skipped_steps} of the {self.step + 1} steps so far had no trained target (limit "
+                f"train.max_skipped_share={t.max_skipped_share} of train.steps={t.steps}): {report}, each longer "
+                f"than data.max_len={self.job.data.max_len_at(self.step)} so its pieces are all prompt. Raise "
+                "data.max_len, set data.long_docs=reject, or shorten those prompts"
+            )  # fmt: skip
+        if self.board is not None:
+            self.board.scalars(self.step, {"train/skipped_steps": float(self.skipped_steps)})
+        loader_state = self.loader.state()
+        nxt = self.loader.next_step() if self.step + 1 < t.steps else None
+        self._data_events()
+        fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
+        self.step += 1
+        if bar is not None:
+            bar.update(1)
+        return self._end_step(loader_state, fut, nxt, [])
+
+    def _end_step(self, loader_state: dict, fut: Future | None, nxt: list | None, docs: list) -> tuple:
+        """After a step: the launcher and stop checks, evaluation and checkpoints; (next plan future, next
+        documents, whether to stop)."""
+        t = self.job.train
+        hb = self.heartbeat
         if os.getppid() != self._parent and not self.preempt.requested:  # the launcher died (e.g. torchrun's
             # agent killed by a signal it does not forward): checkpoint and stop instead of training orphaned
             print(f"[sp-train] rank {self.rank}: launcher (pid {self._parent}) is gone; checkpointing and stopping")
@@ -491,7 +528,7 @@ class Trainer:
         losses: list[float] = []
         docs = self.loader.next_step()
         self._data_events()
-        fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in docs]) if self.pool_exec else None
+        fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in docs]) if (self.pool_exec and docs) else None
         bar = None
         if self.rank == 0 and t.progress:
             from tqdm import tqdm

@@ -41,6 +41,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed_signum: int | None = None  # the stop signal any rank received, once agreed
         self.phase = "start"
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
 
@@ -85,17 +86,18 @@ class Preemption:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        flag = torch.tensor([float(self.signum or 0)], device=device)  # the signal number: every rank names it
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.agreed_signum = int(flag.item()) or None
+        return self.agreed_signum is not None
 
     def checkpoint(self, phase: str, rank: int, device: Any = None) -> None:
         """A start-up safe point (collective): enter ``phase``; raise :class:`StopBeforeStart` when any rank
         has a stop request."""
         self.enter(phase, rank)
         if self.agreed(device):
-            raise StopBeforeStart(phase, self.signum or signal.SIGUSR1)
+            raise StopBeforeStart(phase, self.agreed_signum)
 
 
 def _parse_fault(spec: str) -> tuple[str, int, int | None, int] | None:

@@ -25,6 +25,7 @@ from typing import IO, Any
 SAFE_TO_CHANGE = (
     "train.steps", "train.log_every", "train.picture_every", "train.checkpoint_every", "train.progress",
     "train.memory_every", "train.plan_timeout_s", "train.collective_timeout_s", "train.max_bad_steps",
+    "train.max_skipped_share",
     "train.out_dir", "train.resume", "train.bucket_mb", "train.async_checkpoint", "train.preempt_warning_s",
     "eval.every", "eval.max_docs", "eval.tokens_per_step",
     "planner.", "cluster.",

@@ -24,6 +24,16 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+def open_file(path: Path) -> Any:
+    """``safe_open(path)``; a damaged file (truncated, bad header) is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: damaged safetensors file ({e}); download or export it again") from None
+
+
 class Checkpoint:
     """The tensors of a Hugging Face folder: ``model.safetensors`` or shards listed in the index."""
 
@@ -37,9 +47,7 @@ class Checkpoint:
                 raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
             self.file_of = {k: self.folder / v for k, v in weight_map.items()}
         elif (self.folder / SINGLE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.folder / SINGLE, framework="pt") as f:
+            with open_file(self.folder / SINGLE) as f:
                 self.file_of = dict.fromkeys(f.keys(), self.folder / SINGLE)
         else:
             raise ValueError(f"{self.folder}: no {SINGLE} and no {INDEX} (the folder holds no Hugging Face weights)")
@@ -61,11 +69,9 @@ class Checkpoint:
         return self.file_of[name]
 
     def _header(self, name: str) -> Any:
-        from safetensors import safe_open
-
         path = self._path(name)
         if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+            self._open[path] = self._stack.enter_context(open_file(path))
         return self._open[path].get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -79,10 +85,12 @@ class Checkpoint:
     def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows ``[lo, hi)`` of tensor ``name``: only those bytes are read, and the file's mapping is dropped
         right after, so the pages read do not accumulate in this process's resident memory."""
-        from safetensors import safe_open
-
-        with safe_open(self._path(name), framework="pt") as f:
-            return f.get_slice(name)[lo:hi].clone()  # type: ignore[no-any-return]
+        with open_file(self._path(name)) as f:
+            rows = f.get_slice(name)[lo:hi].clone()
+        if rows.is_floating_point() and not torch.isfinite(rows).all():
+            raise ValueError(f"{self._path(name)}: tensor {name!r} holds NaN/inf in rows [{lo}, {hi}): the "
+                             "checkpoint is damaged (download or export it again)")  # fmt: skip
+        return rows  # type: ignore[no-any-return]
 
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")  # what a weight may be stored as (cast to the run's dtype on load)

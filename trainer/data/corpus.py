@@ -188,13 +188,11 @@ class Corpus:
         return docs
 
     def _open_indexed(self, prefix: str, where: str) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
             raise ValueError(f"{where}: no indexed dataset (expected {prefix}.bin and {prefix}.idx)")
-        self._indexed = IndexedDataset(prefix)
+        self._indexed = open_indexed(prefix, where)
         if Path(prefix + MASK_SUFFIX + ".idx").is_file():
-            self._masks = IndexedDataset(prefix + MASK_SUFFIX)
+            self._masks = open_indexed(prefix + MASK_SUFFIX, where)
             if not np.array_equal(self._masks.sequence_lengths, self._indexed.sequence_lengths):
                 raise ValueError(f"{where}: {prefix}{MASK_SUFFIX} does not match {prefix} document by document "
                                  "(re-run sp-data prepare)")  # fmt: skip
@@ -227,6 +225,28 @@ class Corpus:
         if self._bytes:
             return np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
         return self._encode(raw.decode("utf-8", errors="replace"))
+
+
+def open_indexed(prefix: str, where: str) -> Any:
+    """megatron-core's IndexedDataset of ``prefix``, checked before use: an index that cannot be read, or a
+    ``.bin`` whose size is not the one the index describes (truncated, or from another dataset), is a
+    ValueError naming the files."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        ds = IndexedDataset(prefix)
+    except Exception as e:  # struct/assertion/numpy errors from a damaged index, whatever their kind
+        raise ValueError(f"{where}: {prefix}.idx is damaged ({type(e).__name__}: {e}); re-run sp-data "
+                         "prepare") from None  # fmt: skip
+    ix = ds.index
+    need = (
+        int(ix.sequence_pointers[-1]) + int(ix.sequence_lengths[-1]) * ix.dtype_size if len(ix.sequence_lengths) else 0
+    )
+    have = Path(prefix + ".bin").stat().st_size
+    if have != need:
+        raise ValueError(f"{where}: {prefix}.bin holds {have} bytes but {prefix}.idx describes {need} (truncated, "
+                         "or the two files come from different datasets); re-run sp-data prepare")  # fmt: skip
+    return ds
 
 
 def _mask_targets(path: str, lengths: np.ndarray) -> int:

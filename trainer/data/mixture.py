@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.config import DataConfig, SourceConfig
-from trainer.data.corpus import Corpus, Piece, cut, name_key
+from trainer.data.corpus import Corpus, Piece, cut, name_key, target_weights
 
 STATE_FORMAT = 2
 COUNTERS = ("epoch", "cursor", "documents", "tokens", "split", "rejected")  # a stream's state besides ``rest``
@@ -98,8 +98,16 @@ class Stream:
         self._order = self._perm()
 
 
+def prompt_length(doc: np.ndarray) -> int:
+    """Tokens before the first trained target of a document (all of it when none is trained)."""
+    trained = np.flatnonzero(target_weights(doc))
+    return int(trained[0]) + 1 if len(trained) else len(doc)
+
+
 class Mixture:
-    """``next_step()``: the token arrays of the next step's pieces (each >= 2 tokens)."""
+    """``next_step()``: the token arrays of the next step's pieces (each >= 2 tokens, each with a trained
+    target: a piece that is all prompt is dropped, its tokens still counted against the step's budget, so a
+    step can come back empty)."""
 
     def __init__(self, corpora: list[Corpus], cfg: DataConfig, exclude: list[np.ndarray] | None = None) -> None:
         self.cfg = cfg
@@ -121,6 +129,8 @@ class Mixture:
         self.weights = w / w.sum()
         self.step = 0  # the step the next call draws
         self.events: list[str] = []  # what changed (epochs, the length limit), for rank 0 to log
+        self.untrained: dict[str, list[int]] = {}  # per source: prompt lengths of dropped pieces (the last few)
+        self.untrained_pieces = 0  # pieces drawn with no trained target, dropped (over this process's run)
 
     def next_step(self) -> list[np.ndarray]:
         max_len = self.cfg.max_len_at(self.step)
@@ -134,15 +144,25 @@ class Mixture:
             behind = [self.streams[i].tokens / self.weights[i] for i in live]
             stream = self.streams[int(live[int(np.argmin(behind))])]
             p = stream.peek(max_len, self.cfg.long_docs)
-            if docs and used + p.length > self.cfg.tokens_per_step:
+            if used and used + p.length > self.cfg.tokens_per_step:
                 break
-            docs.append(stream.take(p))
+            piece = stream.take(p)
             used += p.length
+            if target_weights(piece).any():
+                docs.append(piece)
+            else:  # all prompt (a masked prompt longer than max_len): nothing to learn, dropped before planning
+                self.untrained_pieces += 1
+                seen = self.untrained.setdefault(stream.src.name, [])
+                seen[:] = [*seen[-7:], prompt_length(stream.corpus.doc(p.doc))]
         for s in self.streams:
             self.events += [f"{e} at step {self.step}" for e in s.events]
             s.events.clear()
         self.step += 1
         return docs
+
+    def untrained_report(self) -> str:
+        """The sources of dropped pieces with no trained target and their documents' prompt lengths."""
+        return "; ".join(f"source {n!r}: prompts of {sorted(set(v))} tokens" for n, v in self.untrained.items())
 
     def describe(self, held_out: list[int]) -> list[str]:
         """One line per source (kind, path, documents, tokens, weight, held-out and skipped counts), and the
