@@ -359,10 +359,7 @@ class Trainer:
         hb = self.heartbeat
         hb.beat("plan broadcast", self.step)
         plan = self.last_plan = self._broadcast(fut, [len(d) - 1 for d in docs])
-        loader_state = self.loader.state()
-        nxt = self.loader.next_step() if self.step + 1 < t.steps else None
-        self._data_events()
-        fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
+        loader_state, nxt, fut = self._draw_next()
         count = bool(t.memory_every) and self.step % t.memory_every == 0
         stats = run_plan(
             self.model, self.pool, plan, docs, self.rank, self.sync, kernel=self.kernel.name, autocast=self.autocast,
@@ -407,6 +404,18 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / step_s:.0f}")
         return self._end_step(loader_state, fut, nxt, docs)
 
+    def _draw_next(self) -> tuple[dict, list[np.ndarray] | None, Future | None]:
+        """The loader's position before the next step's documents, those documents (None after the last step),
+        and their plan, started in the background."""
+        loader_state = self.loader.state()
+        nxt = self.loader.next_step() if self.step + 1 < self.job.train.steps else None
+        self._data_events()
+        return loader_state, nxt, self._plan_ahead(nxt)
+
+    def _plan_ahead(self, docs: list[np.ndarray] | None) -> Future | None:
+        """The plan of ``docs`` on the planner thread (rank 0); None elsewhere or for a step with no documents."""
+        return self.pool_exec.submit(self._plan, [len(d) - 1 for d in docs]) if (self.pool_exec and docs) else None
+
     def _skip_step(self, bar: Any) -> tuple:
         """A step whose pieces all lack a trained target: no forward, no optimizer step, no tokens counted;
         logged as skipped, and the run stops once such steps exceed ``train.max_skipped_share`` of its steps."""
@@ -425,10 +434,7 @@ class Trainer:
             )  # fmt: skip
         if self.board is not None:
             self.board.scalars(self.step, {"train/skipped_steps": float(self.skipped_steps)})
-        loader_state = self.loader.state()
-        nxt = self.loader.next_step() if self.step + 1 < t.steps else None
-        self._data_events()
-        fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in nxt]) if (self.pool_exec and nxt) else None
+        loader_state, nxt, fut = self._draw_next()
         self.step += 1
         if bar is not None:
             bar.update(1)
@@ -528,7 +534,7 @@ class Trainer:
         losses: list[float] = []
         docs = self.loader.next_step()
         self._data_events()
-        fut = self.pool_exec.submit(self._plan, [len(d) - 1 for d in docs]) if (self.pool_exec and docs) else None
+        fut = self._plan_ahead(docs)
         bar = None
         if self.rank == 0 and t.progress:
             from tqdm import tqdm

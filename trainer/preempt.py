@@ -41,7 +41,6 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.agreed_signum: int | None = None  # the stop signal any rank received, once agreed
         self.phase = "start"
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
 
@@ -81,23 +80,27 @@ class Preemption:
             while self.signum is None and time.monotonic() < end:
                 time.sleep(0.001)
 
-    def agreed(self, device: Any = None) -> bool:
-        """Collective: True on every rank when any rank has a stop request."""
+    def agreed_signal(self, device: Any = None) -> int | None:
+        """Collective: the stop signal any rank received (the largest number when several), None when no rank
+        has a stop request."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([float(self.signum or 0)], device=device)  # the signal number: every rank names it
+        flag = torch.tensor([float(self.signum or 0)], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.agreed_signum = int(flag.item()) or None
-        return self.agreed_signum is not None
+        return int(flag.item()) or None
+
+    def agreed(self, device: Any = None) -> bool:
+        """Collective: True on every rank when any rank has a stop request."""
+        return self.agreed_signal(device) is not None
 
     def checkpoint(self, phase: str, rank: int, device: Any = None) -> None:
         """A start-up safe point (collective): enter ``phase``; raise :class:`StopBeforeStart` when any rank
         has a stop request."""
         self.enter(phase, rank)
-        if self.agreed(device):
-            raise StopBeforeStart(phase, self.agreed_signum)
+        if (signum := self.agreed_signal(device)) is not None:
+            raise StopBeforeStart(phase, signum)
 
 
 def _parse_fault(spec: str) -> tuple[str, int, int | None, int] | None:

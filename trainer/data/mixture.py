@@ -130,7 +130,6 @@ class Mixture:
         self.step = 0  # the step the next call draws
         self.events: list[str] = []  # what changed (epochs, the length limit), for rank 0 to log
         self.untrained: dict[str, list[int]] = {}  # per source: prompt lengths of dropped pieces (the last few)
-        self.untrained_pieces = 0  # pieces drawn with no trained target, dropped (over this process's run)
 
     def next_step(self) -> list[np.ndarray]:
         max_len = self.cfg.max_len_at(self.step)
@@ -151,7 +150,6 @@ class Mixture:
             if target_weights(piece).any():
                 docs.append(piece)
             else:  # all prompt (a masked prompt longer than max_len): nothing to learn, dropped before planning
-                self.untrained_pieces += 1
                 seen = self.untrained.setdefault(stream.src.name, [])
                 seen[:] = [*seen[-7:], prompt_length(stream.corpus.doc(p.doc))]
         for s in self.streams:
