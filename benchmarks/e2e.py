@@ -203,6 +203,9 @@ class _SoloPool:
     def __init__(self, pool) -> None:
         self.pool = pool
 
+    def prepare(self, groups) -> int:
+        return 0
+
     def context(self, ranks, u, r, cu, **kw):
         from sp.context import SPContext
         from sp.layout import GroupLayout

@@ -1,6 +1,7 @@
 """Baselines, through the same cost model and the same micro-step split as the planner.
 
-- **Static layouts**: one (u, r) shape, N / P identical groups (data parallel across them), sequences
+- **Static layouts**: one (u, r) shape, as many identical groups as fit (data parallel across them; a size
+  that does not divide the world leaves GPUs idle, as a fixed-layout system would run it), sequences
   longest-first to the group that finishes first (a strong balancer, never a round-robin strawman), on the
   planner's micro-step split (the layout's own searched split where a part does not fit it).
   :func:`all_baselines` times every layout on one batch; :func:`planner.report.summarise` then forms
@@ -47,14 +48,19 @@ def parse_layout(key: str) -> GroupShape:
 def static_step_s(
     planner: Planner, lengths: np.ndarray, shape: GroupShape, parts: list[np.ndarray] | None = None
 ) -> float | None:
-    """Step time of one static layout, or None when its groups cannot hold the longest sequence."""
-    cost = planner.cost
-    if cost.cluster.world % shape.size or lengths.max() > cost.tokens_capacity(shape.size):
-        return None
-    try:
-        return static_plan(cost, lengths, shape, parts).time_s
-    except ValueError:
-        return None
+    """Step time of one static layout, or None when its groups cannot hold the longest sequence. The layout
+    runs with the first memory mode the planner may use (the model's own settings first) that holds the
+    batch's longest sequence on its groups: a static system is configured with the least technique its
+    sequences need."""
+    for mode in planner.modes:
+        cost = planner.costs[mode]
+        if lengths.max() > cost.tokens_capacity(shape.size):
+            continue
+        try:
+            return static_plan(cost, lengths, shape, parts).time_s
+        except ValueError:
+            continue
+    return None
 
 
 def all_baselines(
@@ -67,6 +73,7 @@ def all_baselines(
     arr = check_lengths(lengths, planner.roomiest, planner.shapes)  # the roomiest mode the planner may use
     parts = [np.array(sorted(s for g in m.groups for s in g.seqs)) for m in plan.micro_steps] if plan else None
     out: dict = {"layouts": {layout_key(s): static_step_s(planner, arr, s, parts) for s in planner.shapes}}
+    out["capacity"] = {layout_key(s): planner.roomiest.tokens_capacity(s.size) for s in planner.shapes}
     uly = [s for s in planner.shapes if s.ring == 1]
     try:  # Ulysses alone may not reach a group large enough for the longest sequence (heads cap u)
         out["ulysses_hetero"] = Planner(cost, config, uly).plan(arr).time_s
@@ -86,11 +93,12 @@ def run_static(
     best: tuple[str, list[float]] | None = None
     for key in per_batch[0]["layouts"] if per_batch else []:
         shape = parse_layout(key)
-        if not FAMILIES[family](shape) or cost.tokens_capacity(shape.size) < max_len:
+        capacity = per_batch[0].get("capacity", {}).get(key, cost.tokens_capacity(shape.size))  # roomiest mode's
+        if not FAMILIES[family](shape) or capacity < max_len:
             continue
         times = [b["layouts"].get(key) for b in per_batch]
         if any(t is None for t in times):
-            continue  # cannot run some batch (does not divide the world, or out of memory)
+            continue  # cannot run some batch (out of memory)
         if best is None or np.mean(times) < np.mean(best[1]):
             best = (key, [float(t) for t in times])
     return best

@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from planner.topology import Topology
 from planner.types import SHARDINGS, Cluster, FsdpTime, GroupShape, MemoryMode, MicroStep, ModelShape
 
 GIB = 2.0**30
@@ -83,15 +84,11 @@ RECOMPUTE = {
 LAYER_RECOMPUTE = ("full", "offload")  # modes that run each layer's forward again in backward
 
 
-def communicators_per_rank(world: int) -> int:
-    """Process groups one rank belongs to in ``sp.groups.GroupPool`` (world a power of two): one aligned
-    range per size 2..N, log2(P) - 1 strided ring sub-groups per aligned range of size P >= 4, and the
-    default group."""
-    count, size = 1, 2
-    while size <= world:
-        count += 1 + max(0, int(math.log2(size)) - 1)
-        size *= 2
-    return count
+def communicators_per_rank(cluster: Cluster) -> int:
+    """Communicators one rank holds: the default group, plus the groups the trainer's ``sp.groups.GroupPool``
+    keeps (at most ``cluster.max_communicators``, fewer where the topology has fewer a rank can be in)."""
+    lists = Topology(cluster.nodes, cluster.gpus_per_node).lists_per_rank()
+    return 1 + min(cluster.max_communicators, lists)
 
 
 @dataclass(frozen=True)
@@ -545,9 +542,9 @@ class CostModel:
         return self._states_gib
 
     def comm_gib(self) -> float:
-        """NCCL buffers: every communicator of the trainer's GroupPool this rank belongs to (created and
-        warmed at start-up) plus the default group, times ``cluster.comm_gib_per_group``."""
-        return communicators_per_rank(self.cluster.world) * self.cluster.comm_gib_per_group
+        """NCCL buffers: the communicators one rank holds (:func:`communicators_per_rank`) times
+        ``cluster.comm_gib_per_group``."""
+        return communicators_per_rank(self.cluster) * self.cluster.comm_gib_per_group
 
     def reserved_gib(self) -> float:
         """Memory that does not depend on the tokens: states, communicators, FSDP's unsharded parameters and

@@ -4,18 +4,21 @@ For a target makespan T, decide how many groups of each candidate shape to build
 many sequences of each length bucket each shape runs (``x_bk``, integer), such that:
 
     find x, n (no objective: the first feasible point ends the solve)
-    s.t. sum_k P_k n_k <= N                                   the groups fit the cluster
+    s.t. sum_k P_k n_k <= N                                   the groups fit the cluster (and, where the group
+                                                               sizes need it, the nodes: see ``placement``)
          sum_k x_bk = c_b                                    every sequence assigned once
          sum_b tbar_bk x_bk <= (T - beta_k) n_k               shape k's work fits in its n_k groups by T
          sum_b Lmax_b x_bk <= C_k n_k                         memory: tokens fit the groups' capacity
          x_bk = 0 where tmax_bk > T - beta_k or Lmax_b > C_k  a sequence is never split across groups
-         n_k <= N / P_k,  x, n integer
+         n_k <= groups of size P_k that fit,  x, n integer
 
 (beta_k: shape k's fixed cost per group, CostModel.group_overhead_s). T is feasible when such a point exists
-(leftover GPUs join as extra groups). Small micro-steps use the exact model instead (:func:`solve_instances`:
-one binary per (sequence, group instance)), for which infeasibility at T proves that no plan reaches T. The
-planner searches T between the fluid lower bound and the greedy plan (bisection), packs each feasible solution
-into concrete groups, and keeps the best packed plan. Fixing T makes the model linear (``n_k * T`` would be bilinear).
+(leftover GPUs join as extra groups). ``placement`` (:meth:`planner.topology.Topology.node_rows`) adds one
+integer column per node filling and the rows that make the groups' sizes packable into the nodes. Small
+micro-steps use the exact model instead (:func:`solve_instances`: one binary per (sequence, group instance)),
+for which infeasibility at T proves that no plan reaches T. The planner searches T between the fluid lower
+bound and the greedy plan (bisection), packs each feasible solution into concrete groups, and keeps the best
+packed plan. Fixing T makes the model linear (``n_k * T`` would be bilinear).
 """
 
 from __future__ import annotations
@@ -121,6 +124,49 @@ def proven_infeasible(result: object) -> bool:
 
 
 INF = highspy.kHighsInf
+Placement = tuple[np.ndarray, np.ndarray, np.ndarray] | None  # Topology.node_rows: A [R, K], B [R, P], hi [R]
+
+
+def _placement(
+    placement: Placement, group_cols: list[tuple[int, int]], first_row: int, first_col: int, nodes: int
+) -> tuple[list[int], list[int], list[float], np.ndarray, np.ndarray]:
+    """The node rows over group columns ``(column, shape k)`` and pattern columns from ``first_col``:
+    (rows, cols, vals, row_hi [R], pattern col_hi [P]); nothing when ``placement`` is None."""
+    if placement is None:
+        return [], [], [], np.zeros(0), np.zeros(0)
+    a, b, hi = placement
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for col, k in group_cols:
+        for r in np.nonzero(a[:, k])[0].tolist():
+            rows.append(first_row + r)
+            cols.append(col)
+            vals.append(float(a[r, k]))
+    for p in range(b.shape[1]):
+        for r in np.nonzero(b[:, p])[0].tolist():
+            rows.append(first_row + r)
+            cols.append(first_col + p)
+            vals.append(float(b[r, p]))
+    return rows, cols, vals, hi, np.full(b.shape[1], float(nodes))
+
+
+def solve_patterns(patterns: np.ndarray, demand: np.ndarray, nodes: int, time_limit_s: float = 1.0):
+    """Nodes per filling ``y [P]`` with ``patterns.T y >= demand`` and ``sum y <= nodes``: a point,
+    ``INFEASIBLE``, or None (time out). Places groups where first fit fails (planner.topology)."""
+    p_n, s_n = patterns.shape
+    rows, cols, vals = [], [], []
+    for p in range(p_n):
+        for s in np.nonzero(patterns[p])[0].tolist():
+            rows.append(s)
+            cols.append(p)
+            vals.append(float(patterns[p, s]))
+        rows.append(s_n)
+        cols.append(p)
+        vals.append(1.0)
+    row_lo = np.concatenate([demand, [-INF]])
+    row_hi = np.concatenate([np.full(s_n, INF), [nodes]])
+    return _solve(p_n, rows, cols, vals, row_lo, row_hi, np.full(p_n, float(nodes)), time_limit_s)
 
 
 def solve_counts(
@@ -133,6 +179,9 @@ def solve_counts(
     world: int,
     budget_s: np.ndarray,  # [K] T minus each shape's fixed overhead
     time_limit_s: float,
+    placement: Placement = None,
+    nodes: int = 1,
+    max_groups: np.ndarray | None = None,  # [K] groups of each shape that fit at once (default N / P_k)
 ) -> MilpResult:
     """Aggregated model: ``n_k`` groups per shape share shape k's work (see the module docstring)."""
     b_n, k_n = tbar.shape
@@ -152,15 +201,18 @@ def solve_counts(
         rows += [b_n + k, b_n + k_n + k, b_n + 2 * k_n]
         cols += [nx + k] * 3
         vals += [-float(budget_s[k]), -float(capacity[k]), float(sizes[k])]
-    row_lo = np.concatenate([counts, np.full(2 * k_n + 1, -INF)])
-    row_hi = np.concatenate([counts, np.zeros(2 * k_n), [world]])
-    col_hi = np.concatenate([counts[bi], world // sizes])
-    sol = _solve(nx + k_n, rows, cols, vals, row_lo, row_hi, col_hi, time_limit_s)
+    n_rows = b_n + 2 * k_n + 1
+    pr, pc, pv, p_hi, y_hi = _placement(placement, [(nx + k, k) for k in range(k_n)], n_rows, nx + k_n, nodes)
+    rows, cols, vals = rows + pr, cols + pc, vals + pv
+    row_lo = np.concatenate([counts, np.full(2 * k_n + 1 + len(p_hi), -INF)])
+    row_hi = np.concatenate([counts, np.zeros(2 * k_n), [world], p_hi])
+    col_hi = np.concatenate([counts[bi], world // sizes if max_groups is None else max_groups, y_hi])
+    sol = _solve(nx + k_n + len(y_hi), rows, cols, vals, row_lo, row_hi, col_hi, time_limit_s)
     if sol is None or sol is INFEASIBLE:
         return empty
     x = np.zeros((b_n, k_n), dtype=np.int64)
     x[bi, ki] = sol[:nx]
-    n = sol[nx:]
+    n = sol[nx : nx + k_n]
     return MilpResult(True, int((n * sizes).sum()), n, x, 0.0)
 
 
@@ -172,6 +224,9 @@ def solve_instances(
     world: int,
     budget_s: np.ndarray,  # [K]
     time_limit_s: float,
+    placement: Placement = None,
+    nodes: int = 1,
+    max_groups: np.ndarray | None = None,  # [K] groups of each shape that fit at once (default N / P_k)
 ) -> list[tuple[int, list[int]]] | np.ndarray | None:
     """Exact model for small micro-steps: one binary per candidate group instance, one per (sequence, instance).
 
@@ -180,7 +235,8 @@ def solve_instances(
     when the solver proved there is none; None when it ran out of time.
     """
     s_n, k_n = tmat.shape
-    inst = [(k, i) for k in range(k_n) for i in range(min(world // int(sizes[k]), s_n))]
+    most = world // sizes if max_groups is None else max_groups
+    inst = [(k, i) for k in range(k_n) for i in range(min(int(most[k]), s_n))]
     ok = (tmat <= budget_s[None, :]) & (lengths[:, None] <= capacity[None, :])
     if not ok.any(axis=1).all():
         return INFEASIBLE
@@ -203,10 +259,13 @@ def solve_instances(
             cols += [j - 1, j]
             vals += [1.0, -1.0]
             sym += 1
-    row_lo = np.concatenate([np.ones(s_n), np.full(2 * nz + 1, -INF), np.zeros(sym)])
-    row_hi = np.concatenate([np.ones(s_n), np.zeros(2 * nz), [world], np.full(sym, INF)])
-    col_hi = np.ones(nz + len(pairs))
-    sol = _solve(nz + len(pairs), rows, cols, vals, row_lo, row_hi, col_hi, time_limit_s)
+    n_rows, n_cols = s_n + 2 * nz + 1 + sym, nz + len(pairs)
+    pr, pc, pv, p_hi, y_hi = _placement(placement, [(j, k) for j, (k, _) in enumerate(inst)], n_rows, n_cols, nodes)
+    rows, cols, vals = rows + pr, cols + pc, vals + pv
+    row_lo = np.concatenate([np.ones(s_n), np.full(2 * nz + 1, -INF), np.zeros(sym), np.full(len(p_hi), -INF)])
+    row_hi = np.concatenate([np.ones(s_n), np.zeros(2 * nz), [world], np.full(sym, INF), p_hi])
+    col_hi = np.concatenate([np.ones(n_cols), y_hi])
+    sol = _solve(n_cols + len(y_hi), rows, cols, vals, row_lo, row_hi, col_hi, time_limit_s)
     if sol is None or sol is INFEASIBLE:
         return sol
     groups: dict[int, list[int]] = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cost import CostModel
+from planner.topology import Topology
 from planner.types import Assignment, GroupShape, MemoryMode, MicroStep
 
 
@@ -35,8 +36,16 @@ class Instance:
     sizes: np.ndarray
     capacity: np.ndarray
     beta: np.ndarray  # [K] fixed seconds of one group's micro-step per shape (CostModel.group_overhead_s)
-    world: int
+    topology: Topology  # where groups may sit (nodes x GPUs per node)
     mode: MemoryMode | None = None  # the memory mode these times and capacities assume (None: the model's)
+
+    @property
+    def world(self) -> int:
+        return self.topology.world
+
+    def fits(self, counts: np.ndarray) -> bool:
+        """Whether ``counts`` [K] groups of each shape can be placed at once."""
+        return self.topology.fits(np.repeat(self.sizes, np.asarray(counts, dtype=np.int64)).tolist())
 
     def cheapest_work(self) -> np.ndarray:
         """[S] each sequence's GPU-seconds on its cheapest memory-feasible shape (balances micro-step splits)."""
@@ -47,7 +56,7 @@ class Instance:
         """The instance of a subset of the sequences (rows of ``tmat``; shapes unchanged)."""
         rows = self.tmat[ids]  # [len(ids), K]
         return Instance(
-            self.lengths[ids], rows, self.shapes, self.sizes, self.capacity, self.beta, self.world, self.mode
+            self.lengths[ids], rows, self.shapes, self.sizes, self.capacity, self.beta, self.topology, self.mode
         )
 
     def time(self, b: Bin) -> float:
@@ -178,21 +187,21 @@ def improve(inst: Instance, bins: list[Bin], max_rounds: int = 400, deadline: fl
 
 
 def to_micro_step(inst: Instance, bins: list[Bin], seq_ids: np.ndarray, cost: CostModel, bound: float) -> MicroStep:
-    """Place bins on aligned rank ranges (largest first) and map local sequence indices to batch indices."""
+    """Place the used bins on rank ranges (planner.topology: groups spanning nodes on whole nodes, the others
+    packed into nodes) and map local sequence indices to batch indices."""
     used = sorted((b for b in bins if b.seqs), key=lambda b: -int(inst.sizes[b.k]))
-    groups, first = [], 0
-    for b in used:
-        size = int(inst.sizes[b.k])
-        groups.append(
-            Assignment(
-                first_rank=first,
-                shape=inst.shapes[b.k],
-                seqs=tuple(int(seq_ids[s]) for s in sorted(b.seqs)),
-                time_s=inst.time(b),
-                memory_gib=cost.memory_gib(b.tokens, size),
-            )
+    firsts = inst.topology.place([int(inst.sizes[b.k]) for b in used])
+    if firsts is None:
+        raise AssertionError(f"groups of sizes {[int(inst.sizes[b.k]) for b in used]} do not fit {inst.topology}")
+    groups = [
+        Assignment(
+            first_rank=first,
+            shape=inst.shapes[b.k],
+            seqs=tuple(int(seq_ids[s]) for s in sorted(b.seqs)),
+            time_s=inst.time(b),
+            memory_gib=cost.memory_gib(b.tokens, int(inst.sizes[b.k])),
         )
-        first += size
-    if first > inst.world:
-        raise AssertionError(f"placed {first} GPUs on a world of {inst.world}")
+        for b, first in zip(used, firsts)
+    ]
+    groups.sort(key=lambda g: g.first_rank)
     return MicroStep(tuple(groups), bound, inst.mode, cost.fsdp_time)

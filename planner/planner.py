@@ -41,6 +41,7 @@ from planner.packing import (
     makespan,
     to_micro_step,
 )
+from planner.topology import GROUP_SIZES, Topology
 from planner.types import CHECKPOINTING, GroupShape, MemoryMode, MicroStep, ModelShape, StepPlan
 
 
@@ -52,6 +53,7 @@ class PlannerConfig:
     max_probes: int = 8
     max_buckets: int = 24
     strategies: tuple[str, ...] = STRATEGIES
+    group_sizes: str = "any"  # any: every size up to a node and every multiple of one; powers_of_two: those only
     use_milp: bool = True
     checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick besides the model's (e.g. offload)
     loss_chunk_tokens: tuple[int, ...] = ()  # loss chunks a micro-step may pick besides the model's (0 = off)
@@ -62,6 +64,8 @@ class PlannerConfig:
     recalibrate_window: int = 30  # ... on the last N steps (planner.fit; the last quarter is held out)
 
     def __post_init__(self) -> None:
+        if self.group_sizes not in GROUP_SIZES:
+            raise ValueError(f"planner.group_sizes={self.group_sizes!r}; valid: {list(GROUP_SIZES)}")
         if self.recalibrate_every < 0 or self.recalibrate_window < 2:
             raise ValueError(f"planner.recalibrate_every={self.recalibrate_every} (valid: >= 0, 0 = off), "
                              f"planner.recalibrate_window={self.recalibrate_window} (valid: >= 2 steps)")  # fmt: skip
@@ -99,7 +103,8 @@ class Planner:
         self.costs = {m: cost.with_mode(m) for m in self.modes}
         self.roomiest = max(self.costs.values(), key=lambda c: c.tokens_capacity(1))
         self.world = cost.cluster.world
-        self.shapes = shapes or candidate_shapes(cost.model, self.world, self.config.strategies)
+        self.topology = Topology(cost.cluster.nodes, cost.cluster.gpus_per_node, self.config.group_sizes)
+        self.shapes = shapes or candidate_shapes(cost.model, self.topology, self.config.strategies)
         self.method = "milp" if self.config.use_milp else "greedy"
 
     # ---- public ----
@@ -164,7 +169,7 @@ class Planner:
         cap = np.array([cost.tokens_capacity(sh.size) for sh in shapes])
         beta = np.array([cost.group_overhead_s(sh) for sh in shapes])
         label = mode if len(self.modes) > 1 else None
-        return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.world, label)
+        return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.topology, label)
 
     def plan_micro(self, all_lengths: np.ndarray, ids: np.ndarray, search: bool = True) -> MicroStep | None:
         """Plan one micro-step over sequences ``ids`` on its own (greedy, then the MILP search when
@@ -279,17 +284,16 @@ class Planner:
         return fluid_bound(sub.tmat, sub.sizes.astype(float), fits, self.world, sub.beta)
 
     def _best_static(self, full: Instance, ids: np.ndarray, bound: float, beat: float) -> MicroStep | None:
-        """The best single-shape layout (N / P identical groups, longest first) of this micro-step if it
+        """The best single-shape layout (as many identical groups as fit, longest first) of this micro-step if it
         beats ``beat``. Shapes whose simple bound (longest sequence, or their work over their groups)
         cannot beat it are skipped without scheduling."""
         best, best_t = None, beat
         seqs = list(range(len(full.lengths)))
         fits = full.lengths.max() <= full.capacity
         for k in np.argsort(full.tmat.sum(axis=0) * full.sizes):
-            size = int(full.sizes[k])
-            n = self.world // size
+            n = self.topology.max_groups(int(full.sizes[k]))  # a size that does not divide the world leaves GPUs idle
             quick = full.beta[k] + max(full.tmat[:, k].max(), full.tmat[:, k].sum() / n)
-            if self.world % size or not fits[k] or quick >= best_t:
+            if not fits[k] or quick >= best_t:
                 continue
             bins = identical_schedule(full, int(k), n, seqs)
             if bins is not None and makespan(full, bins) < best_t:
@@ -298,7 +302,7 @@ class Planner:
 
     def _exact_size(self, inst: Instance) -> int:
         n = len(inst.lengths)
-        return n * sum(min(self.world // int(p), n) for p in inst.sizes)
+        return n * sum(min(self.topology.max_groups(int(p)), n) for p in inst.sizes)
 
     def _search_exact(
         self, inst: Instance, bound: float, best: list[Bin] | None, deadline: float
@@ -312,7 +316,14 @@ class Planner:
             target = 0.5 * (lo + hi)
             left = max(1e-3, min(self.config.milp_time_limit_s, deadline - time.perf_counter()))
             res = solve_instances(
-                inst.lengths, inst.tmat, inst.sizes, inst.capacity, self.world, target - inst.beta, left
+                inst.lengths,
+                inst.tmat,
+                inst.sizes,
+                inst.capacity,
+                self.world,
+                target - inst.beta,
+                left,
+                *self._placement(inst),
             )
             if res is None:
                 break  # out of time: keep what we have
@@ -344,7 +355,7 @@ class Planner:
             inst.sizes[keep_a],
             inst.capacity[keep_a],
             inst.beta[keep_a],
-            inst.world,
+            inst.topology,
             inst.mode,
         )
 
@@ -363,7 +374,7 @@ class Planner:
             choice = np.argmin(gpu_time, axis=1)
             load = np.bincount(choice, weights=inst.tmat[np.arange(len(choice)), choice], minlength=len(inst.sizes))
             n = np.where(load > 0, np.maximum(1, np.round(load / budget)), 0).astype(int)
-            if (n * inst.sizes).sum() <= self.world:
+            if (n * inst.sizes).sum() <= self.world and inst.fits(n):
                 break
             target *= 1.05
         else:
@@ -377,24 +388,37 @@ class Planner:
 
     def _fill(self, inst: Instance, n: np.ndarray, load: np.ndarray) -> list[Bin]:
         """Extra groups on the GPUs the counts ``n`` leave free: one more group of the used shape whose groups
-        are busiest (``load / n``) while one fits, else the fastest shape of the largest size that fits."""
-        n = n.astype(float).copy()
-        free = self.world - int((n * inst.sizes).sum())
+        are busiest (``load / n``) while one can be placed, else the fastest shape of the largest size that
+        can (planner.topology: a free GPU may sit in a node too full for a larger group)."""
+        n = n.astype(np.int64).copy()
         extra: list[Bin] = []
-        while free > 0:
-            used = np.nonzero((load > 0) & (inst.sizes <= free))[0]
+        while (n * inst.sizes).sum() < self.world:
+            room = np.array([self._fits_one_more(inst, n, k) for k in range(len(n))])
+            used = np.nonzero((load > 0) & room)[0]
             if len(used):
                 k = int(used[np.argmax(load[used] / np.maximum(n[used], 1))])
             else:
-                ks = np.nonzero(inst.sizes <= free)[0]
+                ks = np.nonzero(room)[0]
                 if len(ks) == 0:
                     break
                 ks = ks[inst.sizes[ks] == inst.sizes[ks].max()]
                 k = int(ks[np.argmin(inst.tmat[:, ks].mean(axis=0))])
             extra.append(Bin(k))
             n[k] += 1
-            free -= int(inst.sizes[k])
         return extra
+
+    def _fits_one_more(self, inst: Instance, n: np.ndarray, k: int) -> bool:
+        if (n * inst.sizes).sum() + inst.sizes[k] > self.world:
+            return False
+        more = n.copy()
+        more[k] += 1
+        return inst.fits(more)
+
+    def _placement(self, inst: Instance) -> tuple:
+        """The MILPs' placement arguments: node rows (None where the GPU count decides), nodes, groups per shape."""
+        sizes = inst.sizes
+        most = np.array([self.topology.max_groups(int(p)) for p in sizes])
+        return self.topology.node_rows(sizes), self.topology.nodes, most
 
     def _search(self, inst: Instance, bound: float, best: list[Bin] | None, deadline: float) -> list[Bin] | None:
         buckets = bucketize(inst.lengths, self.config.max_buckets)
@@ -416,7 +440,16 @@ class Planner:
             target = lo + (hi - lo) * (0.25 if probe == 0 else 0.5)
             left = max(1e-3, min(self.config.milp_time_limit_s, deadline - time.perf_counter()))
             res = solve_counts(
-                counts, tbar, tmax, lmax, inst.sizes, inst.capacity, self.world, target - inst.beta, left
+                counts,
+                tbar,
+                tmax,
+                lmax,
+                inst.sizes,
+                inst.capacity,
+                self.world,
+                target - inst.beta,
+                left,
+                *self._placement(inst),
             )
             if not res.feasible:
                 lo = target

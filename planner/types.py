@@ -65,6 +65,7 @@ class Cluster:
     beta_ms: float = 0.0  # fixed cost of one group's micro-step (launch, optimizer share, ...)
     act_bytes_per_token: float | None = None  # measured activation bytes per token per layer stack
     comm_gib_per_group: float = 0.0  # NCCL buffers per communicator a rank belongs to (CostModel.comm_gib)
+    max_communicators: int = 12  # process groups the trainer keeps per rank (least recently used destroyed past it)
     usd_per_gpu_hour: float | None = None  # price, for sp-plan's run-cost estimate
     fsdp_prefetch_layers: int = 1  # layers FSDP2 all-gathers ahead (implicit backward prefetch on CUDA)
     host_gbps: float = 25.0  # host <-> GPU copy bandwidth per GPU (activation offload; PCIe Gen5 x16 shared)
@@ -92,6 +93,9 @@ class Cluster:
                 raise ValueError(f"cluster.{name}={getattr(self, name)}; valid: 0 (never hidden) .. 1 (fully hidden)")
         if self.step_ms < 0 or self.beta_ms < 0:
             raise ValueError(f"cluster.step_ms={self.step_ms}, beta_ms={self.beta_ms}; valid: >= 0")
+        if self.max_communicators < 3:
+            raise ValueError(f"cluster.max_communicators={self.max_communicators}; valid: >= 3 (a micro-step's SP "
+                             "group and its Ulysses and ring sub-groups)")  # fmt: skip
         if self.comm_gib_per_group < 0:
             raise ValueError(f"cluster.comm_gib_per_group must be >= 0, got {self.comm_gib_per_group}")
         if self.usd_per_gpu_hour is not None and self.usd_per_gpu_hour < 0:
@@ -245,13 +249,10 @@ class ModelShape:
         return sum(math.prod(s) for s in self.param_shapes())
 
     def ulysses_degrees(self, limit: int) -> list[int]:
-        """Ulysses degrees (powers of two <= limit) the heads allow (kv heads replicate past their count)."""
-        out, u = [], 1
-        while u <= limit:
-            if self.heads % u == 0 and (self.n_kv_heads % u == 0 or u % self.n_kv_heads == 0):
-                out.append(u)
-            u *= 2
-        return out
+        """Ulysses degrees u <= limit the heads allow: u divides the q heads and divides the kv heads or is a
+        multiple of them (kv heads replicate past their count)."""
+        return [u for u in range(1, limit + 1)
+                if self.heads % u == 0 and (self.n_kv_heads % u == 0 or u % self.n_kv_heads == 0)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,8 @@ class GroupShape:
 
 @dataclass(frozen=True)
 class Assignment:
-    """One SP group of a micro-step: its aligned rank range, shape, and the sequences (indices) it runs."""
+    """One SP group of a micro-step: its contiguous rank range (planner.topology), shape, and the sequences
+    (indices) it runs."""
 
     first_rank: int
     shape: GroupShape

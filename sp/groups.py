@@ -1,18 +1,28 @@
-"""GroupPool: every process group a plan may use, created once at start-up.
+"""GroupPool: the process groups a plan uses, created when a micro-step first needs them, cached, bounded.
 
-``new_group`` is collective (every rank must call it, in the same order), so groups cannot be made per
-step. The pool creates, for a world of N ranks:
+``new_group`` is collective over the whole world (every rank calls it, in the same order) and each NCCL
+communicator holds GPU memory, so the pool creates neither every range a planner could choose up front (a
+24-GPU world with groups of every size has thousands) nor groups per step. Instead every rank calls
+:meth:`GroupPool.prepare` with the micro-step's groups ``(ranks, u)`` from the broadcast plan, in plan order.
+The pool then, identically on every rank:
 
-- every *aligned power-of-two range* ``[k * 2^m, (k + 1) * 2^m)`` with 2 <= 2^m <= N: N/2 + N/4 + ... + 1
-  = N - 1 groups (N a power of two). These are the SP groups and the Ulysses sub-groups of hybrids;
-- for every such range of size P >= 4 and every Ulysses degree u in {2, 4, ..., P/2}, the u strided ring
-  sub-groups ``{base + j + t * u}``: (N / P) * (P - 2) per P, at most N * log2(N) in all.
+- lists the rank lists the groups need: the SP group, its u Ulysses sub-groups (u consecutive ranks) and its
+  u strided ring sub-groups (:func:`ring_subgroups`), a list shared by two roles kept once;
+- creates the missing ones, one comm split per kind (SP groups, Ulysses sub-groups, ring sub-groups: the lists of
+  a kind are disjoint within a micro-step) with torch's ``split_group`` (``ncclCommSplit`` from the default
+  communicator) where the backend supports it, else one ``new_group`` per list;
+- marks them used, and past ``max_per_rank`` communicators held by any rank destroys the least recently used
+  groups holding an over-full rank (every rank tracks every group, so all ranks destroy the same ones).
 
-So N = 8 makes 7 + 10 = 17 groups, N = 64 makes 63 + 258 = 321. Any multiset of power-of-two group sizes
-that sums to <= N can be placed as aligned ranges (largest first), so the planner only chooses sizes.
+A rank therefore holds at most ``max_per_rank`` communicators besides the default group; the cost model counts
+that many (``cluster.max_communicators`` x ``cluster.comm_gib_per_group``, :meth:`planner.cost.CostModel.comm_gib`).
 """
 
 from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,14 +31,7 @@ from sp.context import SPContext
 from sp.layout import GroupLayout
 from sp.timing import SpanTimer
 
-
-def aligned_ranges(world: int) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = []
-    size = 2
-    while size <= world:
-        out.extend(tuple(range(b, b + size)) for b in range(0, world - size + 1, size))
-        size *= 2
-    return out
+MIN_PER_RANK = 3  # one micro-step needs up to three groups per rank: SP group, Ulysses and ring sub-groups
 
 
 def ring_subgroups(ranks: tuple[int, ...], u: int) -> list[tuple[int, ...]]:
@@ -36,47 +39,88 @@ def ring_subgroups(ranks: tuple[int, ...], u: int) -> list[tuple[int, ...]]:
     return [tuple(ranks[j + t * u] for t in range(len(ranks) // u)) for j in range(u)]
 
 
-def pool_rank_lists(world: int) -> list[tuple[int, ...]]:
-    """Every rank list the pool creates, in creation order (the same on every rank)."""
-    lists = aligned_ranges(world)
-    for ranks in list(lists):
-        u = 2
-        while u <= len(ranks) // 2:
-            lists.extend(ring_subgroups(ranks, u))
-            u *= 2
-    return lists
+def ulysses_subgroups(ranks: tuple[int, ...], u: int) -> list[tuple[int, ...]]:
+    """The r groups of u consecutive ranks of a group laid out as (ring index, Ulysses index)."""
+    return [ranks[i : i + u] for i in range(0, len(ranks), u)]
+
+
+def needed_lists(groups: Iterable[tuple[tuple[int, ...], int]]) -> list[list[tuple[int, ...]]]:
+    """The rank lists of groups ``(ranks, u)`` by kind (SP groups, Ulysses sub-groups, ring sub-groups), each
+    list of two ranks or more, each kept once (its first kind)."""
+    kinds: list[list[tuple[int, ...]]] = [[], [], []]
+    seen: set[tuple[int, ...]] = set()
+    for ranks, u in groups:
+        ranks = tuple(ranks)
+        if len(ranks) % u:
+            raise ValueError(f"group {ranks} cannot run Ulysses degree {u}: {u} does not divide {len(ranks)} ranks")
+        for kind, lists in enumerate(([ranks], ulysses_subgroups(ranks, u), ring_subgroups(ranks, u))):
+            for r in lists:
+                if len(r) > 1 and r not in seen:
+                    seen.add(r)
+                    kinds[kind].append(r)
+    return kinds
 
 
 class GroupPool:
-    def __init__(self, world: int | None = None, rank: int | None = None) -> None:
+    def __init__(self, world: int | None = None, rank: int | None = None, max_per_rank: int = 16) -> None:
+        if max_per_rank < MIN_PER_RANK:
+            raise ValueError(f"max_per_rank={max_per_rank}; valid: >= {MIN_PER_RANK} (one micro-step's SP group, "
+                             "Ulysses and ring sub-groups)")  # fmt: skip
         self.world = dist.get_world_size() if world is None else world
         self.rank = dist.get_rank() if rank is None else rank
-        self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
-        for ranks in pool_rank_lists(self.world):
-            if ranks not in self._groups:
-                self._groups[ranks] = dist.new_group(list(ranks))
+        self.max_per_rank = max_per_rank
+        self._groups: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # least recently used first
+        self._held: Counter[int] = Counter()  # communicators per rank
+        self.created = 0
+        self.destroyed = 0
 
     def __len__(self) -> int:
         return len(self._groups)
 
-    def warm(self, device: torch.device | None = None) -> None:
-        """One tiny all-reduce on every group this rank belongs to, in creation order (the same on every
-        rank, so no two ranks wait on each other in opposite orders). NCCL creates communicators lazily at
-        a group's first collective; warming at start-up keeps that out of the first training step."""
-        dev = device or _device_of(None)
-        for ranks, group in self._groups.items():
-            if self.rank in ranks:
-                dist.all_reduce(torch.ones(1, device=dev), group=group)
+    def held(self, rank: int | None = None) -> int:
+        """Communicators ``rank`` (default: this one) belongs to, the default group aside."""
+        return self._held[self.rank if rank is None else rank]
+
+    def prepare(self, groups: Iterable[tuple[tuple[int, ...], int]]) -> int:
+        """Make the groups ``(ranks, u)`` of one micro-step and their sub-groups ready; call on every rank with
+        the same groups in the same order. Returns how many were created."""
+        kinds = needed_lists(groups)
+        bad = [r for lists in kinds for r in lists if min(r) < 0 or max(r) >= self.world]
+        if bad:
+            raise ValueError(f"groups {bad} name ranks outside the world of {self.world}")
+        made = 0
+        for lists in kinds:
+            missing = [r for r in lists if r not in self._groups]
+            for r, g in zip(missing, _create(missing, self.rank)):
+                self._groups[r] = g
+                self._held.update(r)
+            made += len(missing)
+        needed = {r for lists in kinds for r in lists}
+        for r in (r for lists in kinds for r in lists):
+            self._groups.move_to_end(r)
+        self._evict(needed)
+        self.created += made
+        return made
+
+    def _evict(self, keep: set[tuple[int, ...]]) -> None:
+        while True:
+            over = {r for r, n in self._held.items() if n > self.max_per_rank}
+            victim = next((k for k in self._groups if k not in keep and over.intersection(k)), None)
+            if victim is None:
+                return
+            group = self._groups.pop(victim)
+            self._held.subtract(victim)
+            if self.rank in victim and group is not None:
+                dist.destroy_process_group(group)
+            self.destroyed += 1
 
     def group(self, ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
         ranks = tuple(ranks)
         if len(ranks) == 1:
             return None
         if ranks not in self._groups:
-            raise ValueError(
-                f"ranks {ranks} are not a pooled group; groups are aligned power-of-two ranges "
-                f"(and their strided ring sub-groups) of a world of {self.world}"
-            )
+            raise ValueError(f"ranks {ranks} have no process group: call GroupPool.prepare with the micro-step's "
+                             f"groups (on every rank) first; prepared: {len(self._groups)} groups")  # fmt: skip
         return self._groups[ranks]
 
     def context(
@@ -94,7 +138,8 @@ class GroupPool:
         check: bool = True,
         timer: SpanTimer | None = None,
     ) -> SPContext:
-        """The SPContext of this rank inside SP group ``ranks`` of shape ``u x r``.
+        """The SPContext of this rank inside SP group ``ranks`` of shape ``u x r`` (prepared with
+        :meth:`prepare` first, except a group of the whole world, prepared here).
 
         With ``check`` the group agrees on the layout first (one small all-reduce), so a rank holding a
         different ``cu_seqlens`` or shape makes every rank raise instead of hanging later.
@@ -102,13 +147,15 @@ class GroupPool:
         ranks = tuple(ranks)
         if u * r != len(ranks):
             raise ValueError(f"group of {len(ranks)} ranks cannot run u={u} x r={r}; need u * r == {len(ranks)}")
+        if ranks == tuple(range(self.world)):  # every rank is in it, so every rank is here: safe to prepare
+            self.prepare([(ranks, u)])
         if self.rank not in ranks:
             raise ValueError(f"rank {self.rank} is not in group {ranks}")
         layout = GroupLayout.build(cu_seqlens, u, r)
         me = ranks.index(self.rank)
         i, j = divmod(me, u)
         ring = ring_subgroups(ranks, u)[j]
-        ulysses = ranks[i * u : (i + 1) * u]
+        ulysses = ulysses_subgroups(ranks, u)[i]
         if check and len(ranks) > 1:
             _agree(layout, self.group(ranks))
         return SPContext(
@@ -124,6 +171,49 @@ class GroupPool:
             device=str(device),
             timer=timer,
         )
+
+
+def _create(lists: list[tuple[int, ...]], rank: int) -> list[Any]:
+    """Process groups for disjoint rank ``lists`` (collective: every rank calls with the same lists): this
+    rank's group for the list holding it, None for the others."""
+    if not lists:
+        return []
+    if _can_split():
+        mine: dict[tuple[int, ...], Any] = {}
+        for batch in _disjoint_batches(lists):  # ncclCommSplit: one colour per rank and call
+            g = dist.split_group(split_ranks=[list(r) for r in batch])
+            mine.update({r: g for r in batch if rank in r})
+        return [mine.get(r) for r in lists]
+    out = []
+    for r in lists:
+        g = dist.new_group(list(r))
+        out.append(g if rank in r else None)
+    return out
+
+
+def _disjoint_batches(lists: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+    """``lists`` in batches of disjoint lists (first fit, order kept): one comm split each."""
+    batches: list[tuple[set[int], list[tuple[int, ...]]]] = []
+    for r in lists:
+        home = next((b for b in batches if not b[0].intersection(r)), None)
+        if home is None:
+            home = (set(), [])
+            batches.append(home)
+        home[0].update(r)
+        home[1].append(r)
+    return [b[1] for b in batches]
+
+
+def _can_split() -> bool:
+    """Whether torch's ``split_group`` works here: the default group bound to a device with a backend that
+    splits (NCCL); gloo does not."""
+    if not hasattr(dist, "split_group"):
+        return False
+    default = dist.distributed_c10d._get_default_group()
+    if default.bound_device_id is None or not torch.cuda.is_available():
+        return False
+    backend = default._get_backend(torch.device("cuda", torch.cuda.current_device()))
+    return bool(getattr(backend, "supports_splitting", False))
 
 
 def _device_of(group: dist.ProcessGroup | None) -> torch.device:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tests.dist import prepared_pool
+
 
 def reference_attention(q, k, v, cu_seqlens, causal=True, scale=None):
     """q [T, H, D], k/v [T, Hk, D] packed; attention computed separately for each sequence."""
@@ -37,7 +39,7 @@ def long_segments_worker(rank, world, kernel, shapes, setup=None):
 
     if setup is not None:
         setup()
-    pool = sp.GroupPool()
+    pool = prepared_pool(world)
     q, k, v, do = _long_inputs()
     out = {}
     for u, r in shapes:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import run_distributed
+from tests.dist import prepared_pool, run_distributed
 
 KINDS = ["theta", "linear", "llama3", "yarn", "qwen2", "qwen3"]
 GRAD_KINDS = ["llama3", "qwen3"]
@@ -75,10 +75,8 @@ def _worker(rank, world, folders, plans):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    import sp
-
     parallel_state.initialize_model_parallel(1, 1)
-    pool = sp.GroupPool()
+    pool = prepared_pool(world, tuple((tuple(g[0]), g[1]) for g in plans))
     docs = _docs()
     results = {}
     for kind in KINDS:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import run_distributed
+from tests.dist import prepared_pool, run_distributed
 from tests.test_hf_interop import LENGTHS, SHAPES, _docs, _group_losses, _plain_model
 
 KINDS = ["qwen3_moe", "mixtral"]
@@ -34,7 +34,7 @@ def _worker(rank, world, folders):
     from models.attention import SPPackedSeqParams
 
     parallel_state.initialize_model_parallel(1, 1)
-    pool = sp.GroupPool()
+    pool = prepared_pool(world)
     docs = _docs()
     n = sum(len(d) - 1 for d in docs)
     out = {}

@@ -107,7 +107,8 @@ def check_invariants(plan: StepPlan, cost=COST):
         ranks = [r for g in m.groups for r in g.ranks]
         assert len(ranks) == len(set(ranks)) and max(ranks) < cost.cluster.world
         for g in m.groups:
-            assert g.first_rank % g.shape.size == 0, "aligned rank range"
+            gpn, first, last = cost.cluster.gpus_per_node, g.first_rank, g.first_rank + g.shape.size - 1
+            assert first // gpn == last // gpn or (first % gpn == 0 and g.shape.size % gpn == 0), "in a node or whole nodes"
             tokens = sum(plan.lengths[s] for s in g.seqs)
             assert tokens <= cost.tokens_capacity(g.shape.size) + 1e-6, "memory respected"
             assert g.memory_gib <= cost.cluster.memory_gib + 1e-9

@@ -17,7 +17,7 @@ from planner.planner import Planner, PlannerConfig
 from planner.report import summarise
 from planner.run_cost import run_cost
 from planner.types import Cluster, GroupShape, ModelShape
-from sp.groups import pool_rank_lists
+from sp.groups import needed_lists
 from tests.test_planner import EXACT, MODEL, brute_force, check_invariants
 
 SMALL = CostModel(
@@ -159,11 +159,23 @@ def test_run_cost_arithmetic_by_hand():
         run_cost([1.0], [1.0], [1.0], tokens=0, world=1, peak_tflops=1, usd_per_gpu_hour=None)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 8, 16, 64])
-def test_communicator_count_matches_the_group_pool(world):
-    lists = set(pool_rank_lists(world))
-    for rank in range(world):
-        assert communicators_per_rank(world) == 1 + sum(rank in r for r in lists)  # + the default group
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (1, 2), (1, 3), (2, 3), (1, 8), (3, 8)])
+def test_communicator_count_matches_the_group_pool(nodes, gpus):
+    """The cost model's count: the default group plus what the pool may hold, at most max_communicators; the
+    groups a rank can be in counted here from sp.groups' own sub-group lists over every contiguous placement."""
+    world = nodes * gpus
+    groups = []
+    for size in [*range(1, gpus + 1), *(k * gpus for k in range(2, nodes + 1))]:
+        firsts = ([n * gpus + o for n in range(nodes) for o in range(gpus - size + 1)] if size <= gpus
+                  else [n * gpus for n in range(nodes - size // gpus + 1)])  # fmt: skip
+        for f in firsts:
+            groups += [(tuple(range(f, f + size)), u) for u in range(1, size + 1)
+                       if size % u == 0 and (size <= gpus or gpus % u == 0 or u % gpus == 0)]  # fmt: skip
+    lists = {r for kind in needed_lists(groups) for r in kind}
+    most = max((sum(rank in r for r in lists) for rank in range(world)), default=0)
+    for bound in (3, 12, 1000):
+        cluster = Cluster(name="c", nodes=nodes, gpus_per_node=gpus, max_communicators=bound)
+        assert communicators_per_rank(cluster) == 1 + min(bound, most)  # + the default group
 
 
 def test_communicator_memory_is_counted_and_lowers_capacity():
@@ -171,12 +183,12 @@ def test_communicator_memory_is_counted_and_lowers_capacity():
     model = ModelShape(name="m", layers=4, hidden=1024, heads=8)
     free = CostModel(base, model)
     paid = CostModel(Cluster(**{**base.__dict__, "comm_gib_per_group": 0.25}), model)
-    assert paid.comm_gib() == pytest.approx(22 * 0.25)
-    assert paid.memory_gib(1000, 1) - free.memory_gib(1000, 1) == pytest.approx(5.5)
+    assert paid.comm_gib() == pytest.approx(13 * 0.25)  # the default group + 12 kept by the pool
+    assert paid.memory_gib(1000, 1) - free.memory_gib(1000, 1) == pytest.approx(3.25)
     assert paid.tokens_capacity(1) < free.tokens_capacity(1)
     br = paid.memory_breakdown_gib(10000)
     assert br["total"] == pytest.approx(paid.memory_gib(10000, 1))
-    assert br["communicators"] == pytest.approx(5.5)
+    assert br["communicators"] == pytest.approx(3.25)
 
 
 @pytest.mark.slow

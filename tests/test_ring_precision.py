@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist import run_distributed
+from tests.dist import prepared_pool, run_distributed
 from tests.reference import reference_attention
 
 RINGS = (1, 2, 4, 8)
@@ -34,7 +34,7 @@ def _cu():
 def _worker(rank, world):
     import sp
 
-    pool = sp.GroupPool()
+    pool = prepared_pool(world)
     q, k, v, do = _inputs()
     out = {}
     for r in RINGS:

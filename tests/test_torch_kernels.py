@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist import run_distributed
+from tests.dist import prepared_pool, run_distributed
 from tests.reference import reference_attention
 from tests.test_sp_attention import HEADS, _inputs
 
@@ -25,7 +25,7 @@ def _worker(rank, world):
     from tests import aten_standins
 
     aten_standins.register()
-    pool = sp.GroupPool()
+    pool = prepared_pool(world)
     results = {}
     for case in CASES:
         kernel, u, r, batch, causal, heads, dtype = case

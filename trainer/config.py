@@ -125,7 +125,7 @@ def _check_range(section: str, cfg: object, bounds: dict[str, tuple[float, float
 class TrainConfig:
     steps: int = 20
     strategy: str = "adaptive"  # adaptive | ulysses | ring | hybrid | none (static, one group shape)
-    sp_size: int = 0  # static strategies: GPUs per group (0 = the whole world)
+    sp_size: int = 0  # static strategies: GPUs per group (0 = the whole world; any size up to a node or whole nodes)
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 2
@@ -204,8 +204,6 @@ class TrainConfig:
             raise ValueError(f"train.max_skipped_share={self.max_skipped_share}; valid: a share in [0, 1)")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}; valid: 0 <= min_lr <= lr")
-        if self.sp_size and self.sp_size & (self.sp_size - 1):
-            raise ValueError(f"train.sp_size={self.sp_size}; valid: 0 (the whole world) or a power of two")
         if self.strategy == "hybrid" and 0 < self.sp_size < 4:
             raise ValueError(
                 f"train.strategy='hybrid' needs train.sp_size >= 4 (u=2 x r>=2), got {self.sp_size}; "

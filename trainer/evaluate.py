@@ -101,11 +101,12 @@ def eval_steps(docs: list[np.ndarray], tokens_per_step: int) -> list[list[np.nda
 def sums_of_plan(model: torch.nn.Module, pool: Any, plan: StepPlan, docs: list[np.ndarray], rank: int,
                  kernel: str) -> torch.Tensor:  # fmt: skip
     """This rank's [2 kinds, 5 buckets, (loss sum, tokens)] over one planned step (collective under FSDP)."""
-    from trainer.step import empty_pass, group_losses, my_group
+    from trainer.step import empty_pass, group_losses, my_group, prepare_groups
 
     device = next(model.parameters()).device
     sums = torch.zeros(2, len(EDGES), 2, dtype=torch.float64)
     for micro in plan.micro_steps:
+        prepare_groups(pool, micro)
         g = my_group(micro.groups, rank)
         if g is None or not g.seqs:
             empty_pass(model, device)

@@ -21,6 +21,7 @@ from planner.calibration import calibrated
 from planner.cost import CostModel
 from planner.planner import Planner, PlannerConfig, memory_modes
 from planner.static import static_plan
+from planner.topology import Topology
 from planner.types import Cluster, GroupShape, ModelShape, StepPlan
 from sp.groups import GroupPool
 from trainer import checkpoint
@@ -32,6 +33,8 @@ from trainer.data.mixture import Mixture
 from trainer.grad_sync import GradSync
 from trainer.kernel_choice import KernelChoice
 from trainer.kernel_choice import choose as choose_kernel
+from trainer.launch_topology import describe as describe_topology
+from trainer.launch_topology import from_hosts, gathered_hosts, launch_cluster, read_launch
 from trainer.memory import peak_bytes, state_bytes
 from trainer.observe import Board, GpuMonitor
 from trainer.optim import lr_at, schedule_change
@@ -55,10 +58,15 @@ class TrainJob:
 
 
 def static_shape(job: TrainJob, world: int) -> GroupShape:
-    t, m = job.train, job.model
+    """The one layout of a static strategy: ``train.sp_size`` GPUs per group (0: the whole world), any size
+    the topology places (up to a node, or whole nodes); a size that does not divide the world leaves ranks idle."""
+    t, m, cl = job.train, job.model, job.cluster
     p = t.sp_size or world
-    if world % p:
-        raise ValueError(f"train.sp_size={p} does not divide the world of {world} ranks")
+    sizes = Topology(cl.nodes, cl.gpus_per_node).sizes
+    if p > world or p not in sizes:
+        valid = [s for s in sizes if s <= world]
+        raise ValueError(f"train.sp_size={p} on {cl.nodes} node(s) x {cl.gpus_per_node} GPUs; valid: {valid} "
+                         "(a group stays inside a node or spans whole nodes)")  # fmt: skip
     if t.strategy == "hybrid" and p < 4:
         raise ValueError(
             f"strategy 'hybrid' needs groups of >= 4 GPUs (u=2 x r>=2), got {p} (train.sp_size={t.sp_size}, "
@@ -67,10 +75,11 @@ def static_shape(job: TrainJob, world: int) -> GroupShape:
     u = {"ulysses": p, "ring": 1, "hybrid": 2, "none": 1}[t.strategy]
     if t.strategy == "none":
         p = 1
-    if u not in m.ulysses_degrees(p):
+    if u not in m.ulysses_degrees(p) or p % u or not (p <= cl.gpus_per_node or cl.gpus_per_node % u == 0):
         raise ValueError(
             f"strategy {t.strategy!r} on {p} GPUs needs Ulysses degree {u}, which the model's heads "
-            f"(q heads={m.heads}, kv heads={m.n_kv_heads}) do not allow; valid Ulysses degrees: {m.ulysses_degrees(p)}"
+            f"(q heads={m.heads}, kv heads={m.n_kv_heads}) or the nodes ({cl.gpus_per_node} GPUs) do not allow; "
+            f"valid Ulysses degrees: {[d for d in m.ulysses_degrees(p) if p % d == 0]}"
         )
     return GroupShape(u, p // u)
 
@@ -86,9 +95,12 @@ class Trainer:
         self.job = job
         self.preempt = preempt or Preemption()  # the entry point installs the signal handlers on it
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if job.cluster.world != self.world:
-            job = replace(job, cluster=replace(job.cluster, nodes=1, gpus_per_node=self.world))
-            self.job = job
+        launch = read_launch(os.environ, self.world) or from_hosts(gathered_hosts())
+        profile = job.cluster
+        job = replace(job, cluster=launch_cluster(profile, launch))  # the planner plans for the launched nodes
+        self.job = job
+        if self.rank == 0:
+            print(f"[sp-train] {describe_topology(profile, job.cluster, launch)}", flush=True)
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(1, 1)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -136,8 +148,7 @@ class Trainer:
         )
         if self.rank == 0:
             print(f"[sp-train] attention kernel: {self.kernel.why}", flush=True)
-        self.pool = GroupPool()
-        self.pool.warm(self.device)  # every communicator created now, in a fixed order
+        self.pool = GroupPool(max_per_rank=job.cluster.max_communicators)  # groups made as micro-steps need them
         self.sync = GradSync(list(self.model.parameters()), t.bucket_mb) if t.sharding == "replicate" else None
         self.optim = self._optimizer()
         self.saver = checkpoint.Saver(t.out_dir, t.async_checkpoint)

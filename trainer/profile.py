@@ -44,8 +44,8 @@ def measure(rank: int, world: int, mbytes: float) -> dict:
     out["attention_tflops"] = 2 * 2048**2 * 4 * 64 / t_attn / 1e12
     numel = int(mbytes * 2**20 / 4)
     a2a, p2p = {}, {}
-    size = 2
-    while size <= world:
+    for size in (s for s in range(2, world + 1) if world % s == 0):
+        pool.prepare([(tuple(range(b, b + size)), size) for b in range(0, world, size)])  # every rank, same order
         ranks = tuple(range((rank // size) * size, (rank // size) * size + size))
         g = pool.group(ranks)
         x = torch.randn(numel // size * size)
@@ -56,7 +56,6 @@ def measure(rank: int, world: int, mbytes: float) -> dict:
         dist.barrier()
         t = best_time(lambda g=g, ranks=ranks, x=x: ring_exchange(x, ranks, ranks.index(rank), g).wait())
         p2p[size] = x.numel() * 4 / t / 1e9
-        size *= 2
     tiny = torch.zeros(world)
     dist.barrier()
     out["latency_us"] = 1e6 * best_time(lambda: dist.all_to_all_single(torch.empty_like(tiny), tiny), reps=20)

@@ -22,7 +22,7 @@ import torch
 from models import loss as chunked_loss
 from models import moe, tiled_mlp
 from models.attention import SPPackedSeqParams
-from planner.types import Assignment, StepPlan
+from planner.types import Assignment, MicroStep, StepPlan
 from sp.groups import GroupPool
 from sp.layout import shard
 from sp.step_tables import upload
@@ -55,6 +55,11 @@ def my_group(groups: tuple[Assignment, ...], rank: int) -> Assignment | None:
         if g.first_rank <= rank < g.first_rank + g.shape.size:
             return g
     return None
+
+
+def prepare_groups(pool: GroupPool, micro: MicroStep) -> None:
+    """The micro-step's process groups ready on every rank (collective: sp.groups.GroupPool.prepare)."""
+    pool.prepare([(g.ranks, g.shape.ulysses) for g in micro.groups])
 
 
 def synchronize(device: torch.device) -> None:
@@ -96,6 +101,7 @@ def run_plan(
         tiled_mlp.set_tile(model, micro.memory.mlp_tile_tokens if micro.memory is not None else None)
         if sync is not None and i == len(plan.micro_steps) - 1:
             sync.arm()
+        prepare_groups(pool, micro)
         g = my_group(micro.groups, rank)
         if heartbeat is not None:
             where = f"{g.shape} on ranks {g.ranks[0]}-{g.ranks[-1]}" if g is not None and g.seqs else "idle"
