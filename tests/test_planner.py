@@ -108,7 +108,8 @@ def check_invariants(plan: StepPlan, cost=COST):
         assert len(ranks) == len(set(ranks)) and max(ranks) < cost.cluster.world
         for g in m.groups:
             gpn, first, last = cost.cluster.gpus_per_node, g.first_rank, g.first_rank + g.shape.size - 1
-            assert first // gpn == last // gpn or (first % gpn == 0 and g.shape.size % gpn == 0), "in a node or whole nodes"
+            whole_nodes = first % gpn == 0 and g.shape.size % gpn == 0
+            assert first // gpn == last // gpn or whole_nodes, "inside a node or on whole nodes"
             tokens = sum(plan.lengths[s] for s in g.seqs)
             assert tokens <= cost.tokens_capacity(g.shape.size) + 1e-6, "memory respected"
             assert g.memory_gib <= cost.cluster.memory_gib + 1e-9
