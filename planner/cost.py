@@ -271,9 +271,19 @@ class CostModel:
         return copy + (m.layers - 1) * np.maximum(0.0, copy - hidden_by)
 
     def _bw(self, table: dict[int, float], n: int, spans_nodes: bool) -> float:
+        """Bytes/s per GPU among ``n`` peers: the measured figure; for a size not measured (a group of 3, 6,
+        24 ...), linear between the measured sizes around it on the same side of the node boundary, the
+        nearest one outside them, ``inter_gbs`` / ``intra_gbs`` with none measured on its side."""
         if n in table:
             return table[n] * 1e9
-        return (self.cluster.inter_gbs if spans_nodes else self.cluster.intra_gbs) * 1e9
+        side = sorted(k for k in table if (k > self.cluster.gpus_per_node) == spans_nodes)
+        if not side:
+            return (self.cluster.inter_gbs if spans_nodes else self.cluster.intra_gbs) * 1e9
+        below, above = [k for k in side if k < n], [k for k in side if k > n]
+        if below and above:
+            a, b = below[-1], above[0]
+            return (table[a] + (table[b] - table[a]) * (n - a) / (b - a)) * 1e9
+        return table[below[-1] if below else above[0]] * 1e9
 
     def a2a_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
         u = shape.ulysses

@@ -63,7 +63,48 @@ def _attention_worker(rank, world):
                         o.backward(sp.shard(do, ctx.layout, ctx.rank))
                         key = (rounds, i, batch, causal, heads)
                         out[key] = (ranks, ctx.rank, [x.detach() for x in (o, ql.grad, kl.grad, vl.grad)])
+    if world == 6:
+        out["split"] = _comm_split_standin(rank)
     return out, held, pool.created, pool.destroyed
+
+
+SPLIT_STEPS = ([((0, 1, 2), 1, 3), ((3, 4, 5), 3, 1)], [(tuple(range(6)), 2, 3)])
+
+
+def _comm_split_standin(rank):
+    """The NCCL path: torch's split_group (ncclCommSplit) replaced by a stand-in with its contract (every
+    rank calls it with the same disjoint lists; this rank's group back, None outside them), built on gloo
+    new_group. The pool must make one split per kind and micro-step, and attention on its groups stays exact."""
+    import torch.distributed as dist
+
+    import sp
+    import sp.groups
+
+    calls = []
+
+    def split_group(parent_pg=None, split_ranks=None, **kw):
+        flat = [r for ranks in split_ranks for r in ranks]
+        assert len(flat) == len(set(flat)), f"split lists overlap: {split_ranks}"
+        calls.append([tuple(r) for r in split_ranks])
+        made = [dist.new_group(list(r)) for r in split_ranks]
+        return next((g for g, r in zip(made, split_ranks) if rank in r), None)
+
+    saved = (sp.groups._can_split, getattr(dist, "split_group", None))
+    sp.groups._can_split, dist.split_group = (lambda: True), split_group
+    try:
+        pool = sp.GroupPool(max_per_rank=3)
+        errors = []
+        for groups in SPLIT_STEPS:
+            pool.prepare([(ranks, u) for ranks, u, _ in groups])
+            ranks, u, r = next(g for g in groups if rank in g[0])
+            cu, (q, k, v, do) = _inputs("odd", "mha")
+            ctx = pool.context(ranks, u, r, cu)
+            ql, kl, vl = (sp.shard(x, ctx.layout, ctx.rank).requires_grad_() for x in (q, k, v))
+            o = sp.attention(ql, kl, vl, ctx)
+            errors.append(o.detach())
+        return calls, errors
+    finally:
+        sp.groups._can_split, dist.split_group = saved[0], saved[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +118,7 @@ def test_attention_on_groups_of_any_size_equals_float64(attention_runs, world):
     from sp.layout import GroupLayout
 
     res = attention_runs[world]
-    keys = {key for part in res for key in part[0]}
+    keys = {key for part in res for key in part[0] if key != "split"}
     assert {k[1] for k in keys} == set(range(len(WORLDS[world]))), "every micro-step ran"
     for key in sorted(keys, key=str):
         _, i, batch, causal, heads = key
@@ -104,6 +145,26 @@ def test_pool_stays_within_its_bound(attention_runs, world):
     assert len(set(created)) == 1, "every rank made the same groups"
     if world in (6, 12):
         assert attention_runs[world][0][3] > 0, "least recently used groups were destroyed"
+
+
+def test_comm_split_path_makes_one_split_per_kind(attention_runs):
+    import sp
+    from sp.layout import GroupLayout
+
+    res = attention_runs[6]
+    calls, _ = res[0][0]["split"]
+    assert calls == [
+        [(0, 1, 2), (3, 4, 5)],  # micro-step 1: both SP groups in one split (their sub-groups are themselves)
+        [(0, 1, 2, 3, 4, 5)],  # micro-step 2: the SP group, its Ulysses pairs, its rings of 3
+        [(0, 1), (2, 3), (4, 5)],
+        [(0, 2, 4), (1, 3, 5)],
+    ]
+    cu, (q, k, v, _) = _inputs("odd", "mha")
+    ref = reference_attention(q, k, v, cu, True)
+    for i, groups in enumerate(SPLIT_STEPS):
+        for ranks, u, r in groups:
+            got = sp.unshard([res[g][0]["split"][1][i] for g in ranks], GroupLayout.build(cu, u, r))
+            assert (got - ref.detach()).abs().max().item() <= 1e-10
 
 
 STEPS = 3

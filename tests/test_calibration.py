@@ -25,7 +25,9 @@ MODEL = ModelShape(name="m", layers=4, hidden=512, heads=8, kv_heads=8, ffn=1024
 # that ring transfers are not hidden entirely behind attention and a ring slowdown shows in them
 YAML = Cluster(name="y", nodes=1, gpus_per_node=8, peak_tflops=20, mfu=1.0, memory_gib=4.0, intra_gbs=5.0,
                inter_gbs=1.0, beta_ms=5.0)  # fmt: skip
-PLAN = PlannerConfig(time_limit_s=10.0, use_milp=False)  # a cap only: the greedy search ends far sooner
+# a cap only: the greedy search ends far sooner. Power-of-two groups: the fits below learn one bandwidth per ring
+# degree from 16 steps, and with every group size the same steps spread over twice as many degrees
+PLAN = PlannerConfig(time_limit_s=10.0, use_milp=False, group_sizes="powers_of_two")
 
 
 def timing(truth: CostModel, step: int, plan, rng: np.random.Generator | None = None, noise: float = 0.0):

@@ -146,3 +146,15 @@ def test_powers_of_two_restriction():
     lengths = np.minimum(np.random.default_rng(0).lognormal(8.5, 1.2, size=40).astype(int) + 1, 120000)
     plan = Planner(CostModel(cluster, MODEL), PlannerConfig(group_sizes="powers_of_two")).plan(lengths)
     assert all(g.shape.size & (g.shape.size - 1) == 0 for m in plan.micro_steps for g in m.groups)
+
+
+def test_unmeasured_group_sizes_interpolate_on_their_side_of_the_node_boundary():
+    """FlexSP's measured all-to-all table (8-GPU nodes): 6 ranks lie between 4 and 8 inside a node, 24 between
+    16 and 32 across nodes; 3 ranks below the smallest measured size take it; a side with none takes its link."""
+    table = {2: 119.5, 4: 104.1, 8: 96.5, 16: 10.3, 32: 5.9, 64: 4.9}
+    cl = Cluster(name="c", nodes=8, gpus_per_node=8, a2a_gbs=table, intra_gbs=150.0, inter_gbs=12.5)
+    cost = CostModel(cl, MODEL)
+    assert cost._bw(table, 6, False) == pytest.approx((104.1 + (96.5 - 104.1) * 2 / 4) * 1e9)
+    assert cost._bw(table, 24, True) == pytest.approx((10.3 + (5.9 - 10.3) * 8 / 16) * 1e9)
+    assert cost._bw(table, 1, False) == pytest.approx(119.5e9) and cost._bw(table, 96, True) == pytest.approx(4.9e9)
+    assert cost._bw({2: 100.0}, 24, True) == pytest.approx(12.5e9)  # nothing measured across nodes
