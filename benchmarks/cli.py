@@ -58,6 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-seqs", type=int, default=4096)
     p.add_argument("--scale-nodes", type=int, default=128)
     p.add_argument("--scale-steps", type=int, default=3)
+    p.add_argument(
+        "--worlds",
+        type=int,
+        nargs="*",
+        default=[24, 48, 64, 96],
+        help="worlds of 8-GPU nodes vs power-of-two groups and the powers of two around them ([]: skip)",
+    )
+    p.add_argument("--only-worlds", action="store_true", help="only the --worlds measurement")
     m = sub.add_parser("memory", help="measured vs predicted per-rank activation and state bytes (FSDP)")
     m.add_argument("--world", type=int, nargs="+", default=[1, 2, 4, 8])
     m.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
@@ -208,8 +216,14 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,  # fmt: skip
         )
     else:
-        from benchmarks.planner_bench import quality, scale
+        from benchmarks.planner_bench import quality, scale, worlds
 
+        if args.worlds:
+            for row in worlds(args.lengths[0], tuple(args.worlds), args.steps, args.global_batch, args.max_len,
+                              args.seed):  # fmt: skip
+                print(json.dumps(row), flush=True)
+        if args.only_worlds:
+            return
         for path in args.lengths:
             print(json.dumps(quality(path, args.steps, args.global_batch, args.max_len, args.seed)), flush=True)
         for path in args.lengths:

@@ -96,3 +96,45 @@ def scale(
             "steps": steps, "time_limit_s": time_limit_s, "planned_step_s": float(np.mean(planned)),
             "solve_s_p50": float(np.median(solve)), "solve_s_max": float(np.max(solve)),
             "gap_mean": float(np.mean(gaps))}  # fmt: skip
+
+
+def worlds(path: str, sizes: tuple[int, ...], steps: int, global_batch: int, max_len: int, seed: int) -> list[dict]:
+    """Worlds that are not a power of two (8-GPU nodes): the planned step on N GPUs with every group size,
+    against the best plan restricted to power-of-two groups on the same N and against the next powers of two
+    below and above N (the default planner there), on the same sampled batches; solve time per world. Then
+    the long-sequence batch (one 262,144-token sequence and four of 4,096) on 16 and on 24 GPUs."""
+    batches = sample_steps(read_lengths(path), global_batch, steps, max_len, seed, clip=True)
+    cfg = replace(CONFIG, **TECHNIQUES)  # configs/planner/default.yaml
+
+    def run(n: int, group_sizes: str = "any", lengths: list[np.ndarray] = batches) -> tuple[list[float], list[float]]:
+        cluster = Cluster(**{**A100X64_FLEXSP.__dict__, "name": f"a100x{n}", "nodes": n // 8})
+        planner = Planner(CostModel(cluster, GPT_7B), replace(cfg, group_sizes=group_sizes))
+        plans = [planner.plan(b) for b in lengths]
+        return [p.time_s for p in plans], [p.solve_s for p in plans]
+
+    rows = []
+    for n in sizes:
+        below, above = 1 << (n.bit_length() - 1), 1 << n.bit_length()
+        if below == n:
+            below = above = n
+        t_any, solve = run(n)
+        t_pow2, _ = run(n, "powers_of_two")
+        t_below, _ = run(below) if below != n else (t_any, solve)
+        t_above, _ = run(above) if above != n else (t_any, solve)
+        mean, pow2, lo, hi = (float(np.mean(t)) for t in (t_any, t_pow2, t_below, t_above))
+        rows.append({
+            "bench": "planner_worlds", "corpus": Path(path).name, "gpus": n, "steps": steps,
+            "sequences": global_batch, "planned_step_s": mean, "solve_s_p50": float(np.median(solve)),
+            "solve_s_max": float(np.max(solve)), "powers_of_two_groups_step_s": pow2,
+            "vs_powers_of_two_groups": pow2 / mean, "gpus_below": below, "step_below_s": lo,
+            "speedup_vs_below": lo / mean, "gpus_above": above, "step_above_s": hi, "slowdown_vs_above": mean / hi,
+            "per_gpu_efficiency_vs_below": lo * below / (mean * n),
+        })  # fmt: skip
+    long = [np.array([262144, 4096, 4096, 4096, 4096])]
+    t16, _ = run(16, lengths=long)
+    t24, _ = run(24, lengths=long)
+    t24_pow2, _ = run(24, "powers_of_two", lengths=long)
+    rows.append({"bench": "planner_worlds_long", "lengths": long[0].tolist(), "step_16_gpus_s": t16[0],
+                 "step_24_gpus_s": t24[0], "step_24_gpus_powers_of_two_s": t24_pow2[0],
+                 "ratio_24_to_16": t24[0] / t16[0]})  # fmt: skip
+    return rows

@@ -1,6 +1,6 @@
 """Gantt picture of one planned step: GPUs on the y axis (each SP group a band over its ranks, labelled
-u x r), time on the x axis, one bar per sequence, colour per strategy, micro-steps separated by dashed lines
-and labelled with their checkpointing mode where the plan mixes modes or offloads."""
+u x r; dotted lines between nodes), time on the x axis, one bar per sequence, colour per strategy, micro-steps
+separated by dashed lines and labelled with their checkpointing mode where the plan mixes modes or offloads."""
 
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
         x0 += micro.time_s
         if mi + 1 < len(plan.micro_steps):
             ax.axvline(x0, color="k", linestyle="--", linewidth=0.8)
+    for node in range(1, cost.cluster.nodes):  # node boundaries: a group stays inside a node or spans whole nodes
+        ax.axhline(node * cost.cluster.gpus_per_node, color="#444444", linewidth=0.6, linestyle=":")
     ax.set_ylim(0, world)
-    ax.set_ylabel("GPU rank (a group spans its ranks)")
+    ax.set_ylabel("GPU rank (a group spans its ranks; dotted: node boundaries)")
     ax.invert_yaxis()
     ax.set_xlabel("seconds (micro-steps separated by dashed lines; grey = fixed per-group cost; hatched = FSDP "
                   "collectives not hidden)")  # fmt: skip
