@@ -257,7 +257,7 @@ class CostModel:
     def _passes(self) -> int:
         return 3 if self.model.checkpointing in LAYER_RECOMPUTE else 2
 
-    def offload_s(self, length: np.ndarray | float, size: int) -> np.ndarray | float:
+    def offload_s(self, length: np.ndarray | float, size: int, compute: Any = None) -> np.ndarray | float:
         """``offload`` mode: each layer's input (b h bytes per local token) comes back from host memory before
         its recompute. The last layer's copy is on the critical path; every other one is prefetched while the
         layer after it recomputes and back-propagates (3/4 of its compute: recompute 1, backward 2 of the 4
@@ -267,7 +267,7 @@ class CostModel:
         if m.checkpointing != "offload":
             return 0.0 * length
         copy = (length / size) * m.bytes_per_value * m.hidden / (self.cluster.host_gbps * 1e9)  # one layer's
-        hidden_by = 0.75 * self.compute_s(length, size) / m.layers
+        hidden_by = 0.75 * (self.compute_s(length, size) if compute is None else compute) / m.layers
         return copy + (m.layers - 1) * np.maximum(0.0, copy - hidden_by)
 
     def _bw(self, table: dict[int, float], n: int, spans_nodes: bool) -> float:
@@ -295,24 +295,28 @@ class CostModel:
         per_gpu = length / shape.size * (2 * m.heads + 2 * kv) * m.d_head * m.bytes_per_value * (u - 1) / u
         return per_gpu * m.layers * self._passes / self._bw(cl.a2a_gbs, u, spans)
 
-    def ring_terms(self, length: np.ndarray | float, shape: GroupShape) -> tuple[Any, Any, int, int]:
+    def ring_terms(
+        self, length: np.ndarray | float, shape: GroupShape, attention_1: Any = None
+    ) -> tuple[Any, Any, int, int]:
         """One ring step's K/V transfer time and its forward attention compute per layer (seconds, before
         overlap), and the steps per layer that hide behind one and behind two such computes (forward and
-        recompute steps; backward steps, whose attention costs twice the forward)."""
+        recompute steps; backward steps, whose attention costs twice the forward). ``attention_1``:
+        ``attention_s(length, 1)`` when the caller has it."""
         r, u = shape.ring, shape.ulysses
         m, cl = self.model, self.cluster
         spans = shape.size > cl.gpus_per_node
         kv = max(m.n_kv_heads, u)
         step_bytes = 2 * (length / r) * (kv / u) * m.d_head * m.bytes_per_value
         comm = step_bytes / self._bw(cl.p2p_gbs, r, spans)
-        attn_fwd = self.attention_s(length, shape.size) / self._recompute / 3.0 / r / m.layers  # one fwd step
+        attn = self.attention_s(length, shape.size) if attention_1 is None else attention_1 / shape.size
+        attn_fwd = attn / self._recompute / 3.0 / r / m.layers  # one fwd step
         return comm, attn_fwd, (r - 1) * (2 if m.checkpointing in LAYER_RECOMPUTE else 1), 2 * r - 1
 
-    def ring_exposed_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
+    def ring_exposed_s(self, length: np.ndarray | float, shape: GroupShape, attention_1: Any = None) -> Any:
         """Ring transfer time not hidden: per step ``max(0, comm - ring_overlap x attention)``."""
         if shape.ring == 1:
             return 0.0 * length
-        comm, attn, fwd_steps, bwd_steps = self.ring_terms(length, shape)
+        comm, attn, fwd_steps, bwd_steps = self.ring_terms(length, shape, attention_1)
         o = self.cluster.ring_overlap
         exposed = fwd_steps * np.maximum(0.0, comm - o * attn) + bwd_steps * np.maximum(0.0, comm - 2 * o * attn)
         return self.model.layers * exposed
@@ -320,6 +324,18 @@ class CostModel:
     def seq_time_s(self, length: np.ndarray | float, shape: GroupShape) -> np.ndarray | float:
         return (self.compute_s(length, shape.size) + self.a2a_s(length, shape) + self.ring_exposed_s(length, shape)
                 + self.offload_s(length, shape.size))  # fmt: skip
+
+    def seq_time_matrix(self, lengths: np.ndarray, shapes: Sequence[GroupShape]) -> np.ndarray:
+        """[S, K] :meth:`seq_time_s` of every sequence on every shape, the terms that scale as 1 / size (the
+        compute and its attention share) computed once: the planner's instance on many shapes."""
+        n = np.asarray(lengths, dtype=np.float64)
+        compute_1, attention_1 = self.compute_s(n, 1), self.attention_s(n, 1)
+        cols = []
+        for sh in shapes:
+            compute = compute_1 / sh.size
+            cols.append(compute + self.a2a_s(n, sh) + self.ring_exposed_s(n, sh, attention_1)
+                        + self.offload_s(n, sh.size, compute))  # fmt: skip
+        return np.stack(cols, axis=1) if cols else np.zeros((len(n), 0))
 
     @property
     def beta_s(self) -> float:

@@ -59,6 +59,11 @@ class Instance:
             self.lengths[ids], rows, self.shapes, self.sizes, self.capacity, self.beta, self.topology, self.mode
         )
 
+    def select(self, ks: np.ndarray) -> Instance:
+        """The instance restricted to shapes ``ks`` (columns of ``tmat``; sequences unchanged)."""
+        return Instance(self.lengths, self.tmat[:, ks], tuple(self.shapes[k] for k in ks.tolist()), self.sizes[ks],
+                        self.capacity[ks], self.beta[ks], self.topology, self.mode)  # fmt: skip
+
     def time(self, b: Bin) -> float:
         return float(self.beta[b.k]) + b.work if b.seqs else 0.0
 

@@ -47,7 +47,8 @@ from planner.types import CHECKPOINTING, GroupShape, MemoryMode, MicroStep, Mode
 
 @dataclass(frozen=True, kw_only=True)
 class PlannerConfig:
-    time_limit_s: float = 2.0  # the whole step's solve (split search + MILP refinement); a hard cap
+    time_limit_s: float = 2.0  # the whole step's solve (split search + MILP refinement), a hard cap; 0 = auto:
+    # AUTO_LIMIT_S for up to AUTO_GPUS GPUs, proportionally more beyond (more GPUs: more group shapes, longer steps)
     milp_time_limit_s: float = 0.5  # per MILP probe
     gap_tol: float = 0.01
     max_probes: int = 8
@@ -64,6 +65,8 @@ class PlannerConfig:
     recalibrate_window: int = 30  # ... on the last N steps (planner.fit; the last quarter is held out)
 
     def __post_init__(self) -> None:
+        if self.time_limit_s < 0:
+            raise ValueError(f"planner.time_limit_s={self.time_limit_s}; valid: 0 (auto) or seconds > 0")
         if self.group_sizes not in GROUP_SIZES:
             raise ValueError(f"planner.group_sizes={self.group_sizes!r}; valid: {list(GROUP_SIZES)}")
         if self.recalibrate_every < 0 or self.recalibrate_window < 2:
@@ -91,6 +94,7 @@ def memory_modes(model: ModelShape, config: PlannerConfig) -> tuple[MemoryMode, 
 
 
 FINISH_RESERVE = 0.1  # share of planner.time_limit_s kept for the work after the search's deadline
+AUTO_LIMIT_S, AUTO_GPUS = 0.1, 64  # planner.time_limit_s=0: 0.1 s up to 64 GPUs, 0.1 x GPUs / 64 beyond
 
 
 class Planner:
@@ -106,6 +110,7 @@ class Planner:
         self.topology = Topology(cost.cluster.nodes, cost.cluster.gpus_per_node, self.config.group_sizes)
         self.shapes = shapes or candidate_shapes(cost.model, self.topology, self.config.strategies)
         self.method = "milp" if self.config.use_milp else "greedy"
+        self.time_limit_s: float = self.config.time_limit_s or AUTO_LIMIT_S * max(1.0, self.world / AUTO_GPUS)
 
     # ---- public ----
     def check_fits(self, lengths: list[int] | np.ndarray) -> None:
@@ -124,7 +129,7 @@ class Planner:
         t0 = time.perf_counter()
         # the last tenth of the cap is kept for what follows the last search step (realising its bins,
         # weighing static layouts, assembling the plan): the cap holds for the whole call
-        deadline = t0 + (1.0 - FINISH_RESERVE) * self.config.time_limit_s
+        deadline = t0 + (1.0 - FINISH_RESERVE) * self.time_limit_s
         self.check_fits(lengths)
         arr = check_lengths(lengths, self.roomiest, self.shapes)
         fulls = {m: self.instance(arr, mode=m) for m in self.modes}
@@ -139,7 +144,7 @@ class Planner:
         bound += self._fsdp_bound(bound, math.ceil(arr.sum() / capacity - 1e-9))
         finish = np.where(fits, tmat + beta[None, :], np.inf).min(axis=1)
         work = np.where(fits, tmat * sizes[None, :], np.inf).min(axis=1)
-        split_deadline = t0 + 0.5 * self.config.time_limit_s
+        split_deadline = t0 + 0.5 * self.time_limit_s
         # part bounds: the split search's estimate, then its plan
         memo: dict[tuple[MemoryMode | None, bytes], float] = {}
         choice = search_split(
@@ -164,7 +169,7 @@ class Planner:
         shapes = shapes or self.shapes
         mode = mode or self.modes[0]
         cost = self.costs[mode]
-        tmat = np.stack([np.asarray(cost.seq_time_s(lengths.astype(float), sh)) for sh in shapes], axis=1)
+        tmat = cost.seq_time_matrix(lengths, shapes)  # [S, K]
         sizes = np.array([sh.size for sh in shapes])
         cap = np.array([cost.tokens_capacity(sh.size) for sh in shapes])
         beta = np.array([cost.group_overhead_s(sh) for sh in shapes])
@@ -178,7 +183,7 @@ class Planner:
         fast = self._micro_greedy(full, ids)
         if not search:
             return fast
-        return self._refine(full, ids, fast, time.perf_counter() + self.config.time_limit_s)
+        return self._refine(full, ids, fast, time.perf_counter() + self.time_limit_s)
 
     def solves_exactly(self, lengths: np.ndarray) -> bool:
         """Whether a micro-step of these sequences is small enough for the exact instance MILP (whose
@@ -239,6 +244,7 @@ class Planner:
         if not np.isfinite(bound):
             return None  # a sequence fits no shape in this mode
         inst = sub if self._exact_size(sub) <= self.config.exact_max_pairs else self._pruned(sub)
+        inst = self._chain_part(inst) or inst  # the fast plans use the sizes that never fragment a node
         bins = self._greedy(inst, bound, deadline)
         fast = to_micro_step(inst, bins, ids, self._cost(inst), bound) if bins is not None else None
         static = self._best_static(sub, ids, bound, fast.groups_s if fast is not None else math.inf)
@@ -347,17 +353,13 @@ class Planner:
             ks = np.nonzero(inst.sizes == size)[0]
             winners = set(ks[np.argmin(inst.tmat[:, ks], axis=1)].tolist())
             keep.extend(sorted(winners))
-        keep_a = np.array(keep)
-        return Instance(
-            inst.lengths,
-            inst.tmat[:, keep_a],
-            tuple(inst.shapes[k] for k in keep),
-            inst.sizes[keep_a],
-            inst.capacity[keep_a],
-            inst.beta[keep_a],
-            inst.topology,
-            inst.mode,
-        )
+        return inst.select(np.array(keep))
+
+    def _chain_part(self, inst: Instance) -> Instance | None:
+        """The instance on the shapes whose sizes form a divisibility chain (1, 2, 4 .. up to a node, whole
+        nodes), which never fragment a node; None where that is every shape."""
+        keep = np.nonzero(np.isin(inst.sizes, self.topology.chain_sizes))[0]
+        return inst.select(keep) if 0 < len(keep) < len(inst.sizes) else None
 
     def _greedy(self, inst: Instance, bound: float, deadline: float = math.inf) -> list[Bin] | None:
         """Fluid sizing, then longest-first list scheduling and local search.
@@ -389,11 +391,15 @@ class Planner:
     def _fill(self, inst: Instance, n: np.ndarray, load: np.ndarray) -> list[Bin]:
         """Extra groups on the GPUs the counts ``n`` leave free: one more group of the used shape whose groups
         are busiest (``load / n``) while one can be placed, else the fastest shape of the largest size that
-        can (planner.topology: a free GPU may sit in a node too full for a larger group)."""
+        can (planner.topology: a free GPU may sit in a node too full for a larger group). Free GPUs are tracked
+        per node (a group up to a node into the fullest node it fits, a larger one on whole free nodes)."""
         n = n.astype(np.int64).copy()
+        free = self.topology.free_per_node(np.repeat(inst.sizes, n).tolist())
         extra: list[Bin] = []
-        while (n * inst.sizes).sum() < self.world:
-            room = np.array([self._fits_one_more(inst, n, k) for k in range(len(n))])
+        g = self.topology.gpus_per_node
+        while free is not None and any(free):
+            whole = sum(f == g for f in free)
+            room = np.where(inst.sizes <= g, inst.sizes <= max(free), inst.sizes // g <= whole)
             used = np.nonzero((load > 0) & room)[0]
             if len(used):
                 k = int(used[np.argmax(load[used] / np.maximum(n[used], 1))])
@@ -403,16 +409,16 @@ class Planner:
                     break
                 ks = ks[inst.sizes[ks] == inst.sizes[ks].max()]
                 k = int(ks[np.argmin(inst.tmat[:, ks].mean(axis=0))])
+            size = int(inst.sizes[k])
+            if size <= g:
+                i = min((i for i, f in enumerate(free) if f >= size), key=lambda i: free[i])
+                free[i] -= size
+            else:
+                for _ in range(size // g):
+                    free[free.index(g)] = 0
             extra.append(Bin(k))
             n[k] += 1
         return extra
-
-    def _fits_one_more(self, inst: Instance, n: np.ndarray, k: int) -> bool:
-        if (n * inst.sizes).sum() + inst.sizes[k] > self.world:
-            return False
-        more = n.copy()
-        more[k] += 1
-        return inst.fits(more)
 
     def _placement(self, inst: Instance) -> tuple:
         """The MILPs' placement arguments: node rows (None where the GPU count decides), nodes, groups per shape."""

@@ -67,6 +67,15 @@ class Topology:
             big = [s for s in big if s & (s - 1) == 0]
         return (*self.small, *big)
 
+    @functools.cached_property
+    def chain_sizes(self) -> tuple[int, ...]:
+        """The sizes of the planner's fast plans: the powers of two dividing G, G, power-of-two numbers of whole
+        nodes and the whole world. They never fragment a node (any multiset whose GPUs fit, fits) and are few;
+        the MILP refinement then uses every size."""
+        g = self.gpus_per_node
+        small = dict.fromkeys((*(s for s in _powers_of_two(g) if g % s == 0), g))
+        return tuple(s for s in self.sizes if s in small or (s > g and (s // g) & (s // g - 1) == 0) or s == self.world)
+
     def ulysses_ok(self, size: int, u: int) -> bool:
         """Whether a group of ``size`` may run Ulysses degree ``u``: u divides it and, for a group spanning
         nodes, divides G or is a multiple of it (each Ulysses sub-group of u consecutive ranks inside one node,
@@ -147,6 +156,17 @@ class Topology:
                             lists.add(r)
         held = Counter(rank for r in lists for rank in r)
         return max(held.values(), default=0)
+
+    def free_per_node(self, sizes: Sequence[int]) -> list[int] | None:
+        """GPUs left free in each node once groups of ``sizes`` are placed (None when they do not fit)."""
+        firsts = self.place(sizes)
+        if firsts is None:
+            return None
+        free = [self.gpus_per_node] * self.nodes
+        for s, f in zip(sizes, firsts):
+            for node in range(f // self.gpus_per_node, (f + s - 1) // self.gpus_per_node + 1):
+                free[node] -= min(s, self.gpus_per_node)
+        return free
 
     def describe(self) -> str:
         return f"{self} = {self.world} GPUs; group sizes {list(self.sizes)}"

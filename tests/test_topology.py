@@ -158,3 +158,18 @@ def test_unmeasured_group_sizes_interpolate_on_their_side_of_the_node_boundary()
     assert cost._bw(table, 24, True) == pytest.approx((10.3 + (5.9 - 10.3) * 8 / 16) * 1e9)
     assert cost._bw(table, 1, False) == pytest.approx(119.5e9) and cost._bw(table, 96, True) == pytest.approx(4.9e9)
     assert cost._bw({2: 100.0}, 24, True) == pytest.approx(12.5e9)  # nothing measured across nodes
+
+
+def test_time_matrix_equals_each_shape_timed_alone():
+    """The planner's [S, K] times (terms scaling as 1 / size computed once) equal seq_time_s shape by shape,
+    in every memory mode and with fitted constants."""
+    from planner.types import MemoryMode
+
+    lengths = np.array([1, 100, 4096, 50000, 262144], dtype=float)
+    cluster = Cluster(name="t", nodes=3, gpus_per_node=8, peak_tflops=300, memory_gib=40, p2p_gbs={2: 50.0})
+    for c in (cluster, Cluster(**{**cluster.__dict__, "alpha1_ms": 5e-6, "alpha2_ms": 0.2})):
+        for mode in (MemoryMode("full"), MemoryMode("offload", 2048, 8192), MemoryMode("selective")):
+            cost = CostModel(c, MODEL).with_mode(mode)
+            shapes = candidate_shapes(MODEL, Topology(3, 8))
+            want = np.stack([np.asarray(cost.seq_time_s(lengths, sh)) for sh in shapes], axis=1)
+            np.testing.assert_allclose(cost.seq_time_matrix(lengths, shapes), want, rtol=1e-12, atol=0)
