@@ -3,8 +3,9 @@
 A group is a contiguous range of ranks (rank = node x G + local GPU, G = GPUs per node). A group of at most G
 GPUs stays inside one node, on NVLink; a larger one spans whole nodes, so its size is a multiple of G and it
 starts at a node's first rank (its Ulysses sub-groups, of a degree dividing G, stay inside nodes). Group sizes
-(:meth:`Topology.sizes`): every size up to G and every multiple of G up to the world, or only the powers of two
-among them (``planner.group_sizes=powers_of_two``, the layouts most SP systems allow).
+(:meth:`Topology.sizes`): every size up to G and every multiple of G up to 16 nodes (then 2^j and 3 x 2^j nodes,
+and the whole world, so the candidates grow with the log of a large cluster), or only the powers of two among
+them (``planner.group_sizes=powers_of_two``, the layouts most SP systems allow).
 
 Which multisets of sizes fit is a bin packing: the groups spanning nodes take whole nodes, the others are
 packed into the remaining nodes of G GPUs. :meth:`Topology.patterns` lists the maximal fillings of one node;
@@ -25,6 +26,7 @@ import numpy as np
 
 GROUP_SIZES = ("any", "powers_of_two")
 MAX_PATTERNS = 4000  # past this many node fillings, sizes up to a node are restricted to a divisibility chain
+EVERY_NODES = 16  # groups of every number of whole nodes up to this; beyond, 2^k and 1.5 x 2^k nodes (and all)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Topology:
     def sizes(self) -> tuple[int, ...]:
         """Every group size a plan may use, ascending."""
         g = self.gpus_per_node
-        big = [k * g for k in range(2, self.nodes + 1)]
+        big = [k * g for k in range(2, self.nodes + 1) if _node_count_kept(k) or k == self.nodes]
         if self.group_sizes == "powers_of_two":
             big = [s for s in big if s & (s - 1) == 0]
         return (*self.small, *big)
@@ -170,6 +172,17 @@ class Topology:
 
     def describe(self) -> str:
         return f"{self} = {self.world} GPUs; group sizes {list(self.sizes)}"
+
+
+def _node_count_kept(k: int) -> bool:
+    """Whether groups of ``k`` whole nodes are candidates: every count up to EVERY_NODES, then 2^j and 3 x 2^j
+    (candidates grow with the log of the cluster, not its size)."""
+    if k <= EVERY_NODES:
+        return True
+    odd = k
+    while odd % 2 == 0:
+        odd //= 2
+    return odd in (1, 3)
 
 
 def _sub(ranks: tuple[int, ...], u: int) -> list[tuple[int, ...]]:
