@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 
 # The main job: 4 CPU ranks (torchrun, gloo) train the tiny GPT with the adaptive planner on a mixture of long code
 # (the stdlib) and short text (pydoc topics), 80/20 by tokens, holding out 0.5% of each source and reporting
-# validation loss by token position every 20 steps.
+# validation loss by token position and needle retrieval by length and depth (up to data.max_len; heatmaps in
+# runs/default/eval) every 20 steps.
 NPROC ?= 4
 DATA_ARGS ?= data=mix
-EVAL_ARGS ?= eval.every=20 eval.holdout=0.005 eval.max_docs=16
+EVAL_ARGS ?= eval.every=20 eval.holdout=0.005 eval.max_docs=16 eval.tasks=[needle]
 TRAIN_ARGS ?=
 train: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m cli.train $(DATA_ARGS) $(EVAL_ARGS) $(TRAIN_ARGS)

@@ -2,12 +2,20 @@
 
     torchrun --nproc_per_node 4 -m cli.evaluate runs/stage1                 # the run's held-out documents
     sp-eval runs/stage1 --step 200 --data-source jsonl --data-path long_eval.jsonl --max-docs 100
+    sp-eval runs/stage1 --task needle --lengths 8192 32768 --depths 0 0.5 1 --samples 4 --json
+    sp-eval runs/stage1 --task needle --tasks-out tasks.jsonl               # also writes the tasks scored
+    sp-eval runs/stage1 --task needle --tasks-in tasks.jsonl --json         # scores a given task file
 
 The job is the checkpoint's own (config.json); its weights are loaded into a fresh model (weights only), and
 the evaluation is the trainer's (:mod:`trainer.evaluate`): forward only under the planner's plans, loss by
 position and by length. Without ``--data-path`` it evaluates the run's held-out documents and ``eval.sources``
 (the run needs ``eval.holdout > 0`` or eval sources); with it, the first ``--max-docs`` documents of that source. Writes
 ``RUN_DIR/eval/offline_step_N.json`` and a PNG next to it; prints the JSON.
+
+``--task needle``: needle retrieval by length and depth (:mod:`trainer.tasks.needle`; the run's ``eval.needle``
+settings unless overridden), teacher-forced under the planner's plans; the haystack from the run's held-out
+documents. Writes ``RUN_DIR/eval/needle_offline_step_N.json`` and its heatmap PNG; ``--json`` prints
+``{"task", "lengths", "depths", "accuracy", "logprob", "samples", ...}`` (rows by length, columns by depth).
 """
 
 from __future__ import annotations
@@ -41,7 +49,11 @@ def run(args: argparse.Namespace) -> dict | None:
             raise ValueError(f"{run_dir}: no intact checkpoint in {run_dir / 'checkpoints'}")
         ck = found
     job = job_from_flat(checkpoint.stored_config(ck))
-    if args.data_path is None and not (job.eval.holdout or job.eval.sources):
+    if args.task == "needle":
+        job = _needle_job(job, args)
+    elif args.tasks_in or args.tasks_out or args.lengths or args.depths or args.samples:
+        raise ValueError("--tasks-in, --tasks-out, --lengths, --depths and --samples go with --task needle")
+    if args.data_path is None and not args.tasks_in and not (job.eval.holdout or job.eval.sources):
         raise ValueError(f"{run_dir} was trained without held-out documents (eval.holdout=0): name the documents "
                          "to evaluate with --data-path (and --data-source)")  # fmt: skip
     step = int(ck.name.removeprefix("step_"))
@@ -85,6 +97,8 @@ def _evaluate(tr: Any, args: argparse.Namespace, run_dir: Path, ck: Path, step: 
                          + "\n  ".join(changed) + "\nRestore the data, or pass --data-changed-ok to evaluate "
                          "anyway (the result then lists the differences under data_changed)")  # fmt: skip
     tr.step = step
+    if args.task == "needle":
+        return _needle(tr, args, run_dir, ck, step, rank, changed)
     result = tr.evaluate(docs)
     if rank != 0:
         return None
@@ -99,6 +113,47 @@ def _evaluate(tr: Any, args: argparse.Namespace, run_dir: Path, ck: Path, step: 
     return body
 
 
+def _needle_job(job: Any, args: argparse.Namespace) -> Any:
+    """The run's job with ``eval.needle`` overridden by ``--lengths``, ``--depths``, ``--samples``."""
+    from dataclasses import replace
+
+    n = job.eval.needle
+    n = replace(n, lengths=tuple(args.lengths) if args.lengths else n.lengths,
+                depths=tuple(args.depths) if args.depths else n.depths, samples=args.samples or n.samples)  # fmt: skip
+    if not args.tasks_in and not (job.eval.holdout or job.eval.sources):
+        raise ValueError("--task needle builds its haystack from the run's held-out documents, and this run has "
+                         "none (eval.holdout=0): score a task file with --tasks-in")  # fmt: skip
+    return replace(job, eval=replace(job.eval, needle=n))
+
+
+def _needle(tr: Any, args: argparse.Namespace, run_dir: Path, ck: Path, step: int, rank: int,
+            changed: list[str]) -> dict | None:  # fmt: skip
+    from trainer.tasks.needle import read_tasks, write_tasks
+
+    tasks = read_tasks(args.tasks_in) if args.tasks_in else None
+    if tasks is None:
+        from trainer import evaluate as ev
+        from trainer.tasks.run import needle_tasks
+
+        e, d = tr.job.eval, tr.job.data
+        sets = ev.eval_sets(tr.loader.corpora, tr.heldout, tr.eval_corpora, e, d, max(0, step - 1))
+        tasks = needle_tasks(e.needle, sets, d.max_len_at(max(0, step - 1)), d.tokenizer)
+    out = tr.out
+    tr.out = run_dir  # the report goes to RUN_DIR/eval
+    try:
+        grid = tr.evaluate_needle(tasks)
+    finally:
+        tr.out = out
+    if rank != 0:
+        return None
+    if args.tasks_out:
+        write_tasks(tasks, args.tasks_out)
+    body = {**grid.json(), "run_dir": str(run_dir), "checkpoint": str(ck), "step": step}
+    body |= ({"tasks_in": args.tasks_in} if args.tasks_in else {}) | ({"data_changed": changed} if changed else {})
+    (run_dir / "eval" / f"needle_offline_step_{step:06d}.json").write_text(json.dumps(body, indent=1))
+    return body
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="sp-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("run_dir", help="a run folder (train.out_dir) with checkpoints")
@@ -109,9 +164,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-changed-ok", action="store_true",
                     help="evaluate the held-out documents even if the training data changed since the checkpoint "
                          "(refused by default: they may not be the documents the run held out)")  # fmt: skip
+    ap.add_argument(
+        "--task",
+        choices=["loss", "needle"],
+        default="loss",
+        help="loss: validation loss by position (default); needle: retrieval by length and depth",
+    )
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="needle: task lengths in tokens")
+    ap.add_argument("--depths", type=float, nargs="+", default=None, help="needle: depths in [0, 1]")
+    ap.add_argument("--samples", type=int, default=0, help="needle: tasks per (length, depth) cell")
+    ap.add_argument("--tasks-out", default=None, help="needle: write the tasks scored, one JSON line each")
+    ap.add_argument("--tasks-in", default=None, help="needle: score this task file instead of building tasks")
+    ap.add_argument("--json", action="store_true", help="print only the result's JSON (the default prints it too)")
     args = ap.parse_args(argv)
-    try:
-        body = run(args)
+    import contextlib
+
+    try:  # with --json, stdout is the result alone: the trainer's log lines go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            body = run(args)
     except ValueError as e:
         print(f"sp-eval: error: {e}", file=sys.stderr)
         sys.exit(2)

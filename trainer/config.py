@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from planner.types import SHARDINGS
+from trainer.tasks.needle import NeedleConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
 SOURCE_KINDS = ("stdlib", "pydoc", "glob", "jsonl", "indexed")
+TASKS = ("needle",)  # eval.tasks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +222,8 @@ class EvalConfig:
     max_docs: int = 64  # held-out documents evaluated each time (the first ones, in a fixed order)
     tokens_per_step: int = 0  # tokens per evaluation step (0 = data.tokens_per_step)
     sources: tuple[SourceConfig, ...] = ()  # validation-only sources (their first max_docs documents each)
+    tasks: tuple[str, ...] = ()  # evaluation tasks run with it: needle (retrieval by length and depth)
+    needle: NeedleConfig = field(default_factory=NeedleConfig)  # eval.needle.*: the needle task's grid
 
     def __post_init__(self) -> None:
         srcs = _sources(self, "eval")
@@ -227,6 +231,14 @@ class EvalConfig:
                      integer=True)  # fmt: skip
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
             raise ValueError(f"eval.holdout={self.holdout!r}; valid: a fraction in [0, 1)")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if isinstance(self.needle, dict):  # from a flat config (a checkpoint's config.json)
+            object.__setattr__(self, "needle", NeedleConfig(**self.needle))
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"eval.tasks={list(self.tasks)}; valid: {list(TASKS)}")
+        if self.tasks and not self.every:
+            raise ValueError(f"eval.tasks={list(self.tasks)} run at each evaluation: set eval.every (e.g. 20)")
         if self.every and not (self.holdout or srcs):
             raise ValueError(
                 f"eval.every={self.every} needs documents to evaluate: set eval.holdout (e.g. 0.01) or eval.sources"

@@ -158,14 +158,14 @@ def evaluate(model: torch.nn.Module, pool: Any, plan_step: Any, sets: dict[str, 
                     sums[i] += sums_of_plan(model, pool, plan_step([len(d) - 1 for d in docs]), docs, rank, kernel)
     finally:
         model.train(was_training)
-        _reshard(model)
+        reshard(model)
     total = sums.to(device)
     dist.all_reduce(total)
     total = total.cpu()
     return summarise(total.sum(0)), {name: summarise(total[i]) for i, name in enumerate(sets)}
 
 
-def _reshard(model: torch.nn.Module) -> None:
+def reshard(model: torch.nn.Module) -> None:
     """FSDP2 keeps the root's parameters unsharded after a forward with no backward (it expects the backward
     next): free them, so evaluation leaves the memory and the parameters as training had them."""
     from torch.distributed.fsdp import FSDPModule

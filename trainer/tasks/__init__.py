@@ -1,0 +1,1 @@
+"""Evaluation tasks run inside training and on checkpoints (``eval.tasks``): needle retrieval."""
