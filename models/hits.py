@@ -19,11 +19,12 @@ HIT_CHUNK = 4096  # tokens per argmax chunk on the chunked-loss path
 
 
 @contextlib.contextmanager
-def hits_recorded(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+def hits_recorded(model: torch.nn.Module, into: list[torch.Tensor] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Record the hits of the passes inside (appended to ``into`` when given, else to a new list; yielded)."""
     gpt: Any = getattr(model, "module", model)
     own = "compute_language_model_loss" in vars(gpt)  # models.loss.install sets it on the instance
     inner = gpt.compute_language_model_loss
-    hits: list[torch.Tensor] = []
+    hits: list[torch.Tensor] = [] if into is None else into
 
     def scored(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         loss = inner(labels, logits)

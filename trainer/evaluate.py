@@ -13,6 +13,8 @@ state, no checkpoint and no data-loader position is touched.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,29 +100,42 @@ def eval_steps(docs: list[np.ndarray], tokens_per_step: int) -> list[list[np.nda
     return [s for s in steps if s]
 
 
-def sums_of_plan(model: torch.nn.Module, pool: Any, plan: StepPlan, docs: list[np.ndarray], rank: int,
-                 kernel: str) -> torch.Tensor:  # fmt: skip
-    """This rank's [2 kinds, 5 buckets, (loss sum, tokens)] over one planned step (collective under FSDP)."""
+Wrap = Callable[[], contextlib.AbstractContextManager]
+
+
+def forward_rows(model: torch.nn.Module, pool: Any, plan: StepPlan, docs: list[np.ndarray], rank: int, kernel: str,
+                 wrap: Wrap = contextlib.nullcontext) -> Iterator[tuple]:  # fmt: skip
+    """Collective (under FSDP): the forward of every micro-step of a planned step, inside ``wrap()``; an idle
+    rank runs FSDP's empty pass. Yields, for this rank's groups: (group, per-token loss [local], weights [local],
+    SP context, the real rows [R] (local indices), the group-sequence index of each [R], its position [R])."""
     from trainer.step import empty_pass, group_losses, my_group, prepare_groups
 
     device = next(model.parameters()).device
-    sums = torch.zeros(2, len(EDGES), 2, dtype=torch.float64)
     for micro in plan.micro_steps:
         prepare_groups(pool, micro)
         g = my_group(micro.groups, rank)
         if g is None or not g.seqs:
             empty_pass(model, device)
             continue
-        per_token, weights, ctx = group_losses(model, pool, g, docs, kernel, device)
+        with wrap():
+            per_token, weights, ctx = group_losses(model, pool, g, docs, kernel, device)
         idx = ctx.layout.token_index(ctx.rank).cpu()  # packed position of each local row, -1 on padding
         lengths = torch.tensor([len(docs[s]) - 1 for s in g.seqs])
         cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        real = idx >= 0
+        real = torch.nonzero(idx >= 0)[:, 0]
         seq = torch.searchsorted(cu, idx[real], right=True) - 1  # which sequence each real row belongs to
-        pos, length = idx[real] - cu[seq], lengths[seq]
+        yield g, per_token, weights, ctx, real, seq, idx[real] - cu[seq]
+
+
+def sums_of_plan(model: torch.nn.Module, pool: Any, plan: StepPlan, docs: list[np.ndarray], rank: int,
+                 kernel: str) -> torch.Tensor:  # fmt: skip
+    """This rank's [2 kinds, 5 buckets, (loss sum, tokens)] over one planned step (collective under FSDP)."""
+    sums = torch.zeros(2, len(EDGES), 2, dtype=torch.float64)
+    for g, per_token, weights, _, real, seq, pos in forward_rows(model, pool, plan, docs, rank, kernel):
+        lengths = torch.tensor([len(docs[s]) - 1 for s in g.seqs])
         w = weights.cpu()[real].double()
         loss = per_token.detach().cpu()[real].double() * w
-        for kind, values in enumerate((pos, length)):
+        for kind, values in enumerate((pos, lengths[seq])):
             b = bucket(values)
             sums[kind, :, 0].index_add_(0, b, loss)
             sums[kind, :, 1].index_add_(0, b, w)

@@ -1,8 +1,8 @@
 """Measure compute and communication on the ranks at hand and write a cluster profile YAML.
 
 Compute: dense matmul throughput (-> ``peak_tflops`` with ``mfu = 1``) and causal attention throughput of the
-torch kernel. Communication: ``all_to_all_single`` and ring P2P bandwidth per group size (aligned ranges),
-and the latency of a tiny all-to-all. Runs on local gloo ranks through :mod:`sp.spawn`.
+torch kernel. Communication: ``all_to_all_single`` and ring P2P bandwidth per group size (each size dividing
+the world), and the latency of a tiny all-to-all. Runs on local gloo ranks through :mod:`sp.spawn`.
 """
 
 from __future__ import annotations

@@ -61,30 +61,19 @@ def _steps(tokens: list[int], per_step: int) -> list[list[int]]:
 def _sums_of_plan(model: torch.nn.Module, pool: Any, plan: Any, docs: list[np.ndarray],
                   targets: list[tuple[int, ...]], rank: int, kernel: str) -> torch.Tensor:  # fmt: skip
     """This rank's [len(docs), 3] sums over one planned step."""
-    from trainer.step import empty_pass, group_losses, my_group, prepare_groups
+    from trainer.evaluate import forward_rows
 
-    device = next(model.parameters()).device
     sums = torch.zeros(len(docs), 3, dtype=torch.float64)
-    for micro in plan.micro_steps:
-        prepare_groups(pool, micro)
-        g = my_group(micro.groups, rank)
-        if g is None or not g.seqs:
-            empty_pass(model, device)
-            continue
-        with hits_recorded(model) as hits:
-            per_token, _, ctx = group_losses(model, pool, g, docs, kernel, device)
-        hit = hits[-1][0].cpu()  # [local] this rank's rows
-        idx = ctx.layout.token_index(ctx.rank).cpu()  # packed position of each local row, -1 on padding
-        lengths = torch.tensor([len(docs[s]) - 1 for s in g.seqs])
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        real = torch.nonzero(idx >= 0)[:, 0]
-        seq = torch.searchsorted(cu, idx[real], right=True) - 1  # which of the group's sequences each row is in
-        label_pos = idx[real] - cu[seq] + 1  # row r predicts the token at position r + 1 of its sequence
+    hits: list[torch.Tensor] = []
+    for g, per_token, _, _, real, seq, pos in forward_rows(
+        model, pool, plan, docs, rank, kernel, lambda: hits_recorded(model, hits)
+    ):
+        hit = hits[-1][0].cpu()  # [local] this rank's rows: argmax == label
+        loss = per_token.detach().cpu()
         for j, s in enumerate(g.seqs):
-            want = torch.tensor(targets[s], dtype=torch.long)
-            mine = (seq == j) & torch.isin(label_pos, want)
-            rows = real[mine]
+            # row at position r predicts the token at r + 1 of its sequence: a target p is row p - 1
+            rows = real[(seq == j) & torch.isin(pos + 1, torch.tensor(targets[s], dtype=torch.long))]
             sums[s, 0] += float(hit[rows].sum())
             sums[s, 1] += float(len(rows))
-            sums[s, 2] -= float(per_token.detach().cpu()[rows].double().sum())
+            sums[s, 2] -= float(loss[rows].double().sum())
     return sums
