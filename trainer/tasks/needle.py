@@ -200,22 +200,28 @@ class NeedleGrid:
         return out
 
     def heatmap(self, title: str):  # -> matplotlib figure
+        """Accuracy (left) and the mean log-probability of the targets (right) by length and depth."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(self.depths), 1.2 + 0.55 * len(self.lengths)))
-        im = ax.imshow(np.array(self.accuracy), vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(self.depths)), [f"{round(100 * d)}%" for d in self.depths])
-        ax.set_yticks(range(len(self.lengths)), [_tokens(n) for n in self.lengths])
-        for i in range(len(self.lengths)):
-            for j in range(len(self.depths)):
-                ax.text(j, i, f"{self.accuracy[i][j]:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_xlabel("needle depth")
-        ax.set_ylabel("length (tokens)")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, label="accuracy")
+        fig, axes = plt.subplots(1, 2, figsize=(2.4 + 1.8 * len(self.depths), 1.4 + 0.55 * len(self.lengths)))
+        lp = np.array(self.logprob)
+        lo = float(np.nanmin(lp)) if np.isfinite(lp).any() else -1.0
+        panels = ((axes[0], np.array(self.accuracy), "accuracy", 0.0, 1.0, "RdYlGn"),
+                  (axes[1], lp, "target log-prob", min(lo, -1e-3), 0.0, "viridis"))  # fmt: skip
+        for ax, grid, name, vmin, vmax, cmap in panels:
+            im = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+            ax.set_xticks(range(len(self.depths)), [f"{round(100 * d)}%" for d in self.depths])
+            ax.set_yticks(range(len(self.lengths)), [_tokens(n) for n in self.lengths])
+            for i in range(len(self.lengths)):
+                for j in range(len(self.depths)):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xlabel("needle depth")
+            ax.set_ylabel("length (tokens)")
+            fig.colorbar(im, ax=ax, label=name)
+        fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         return fig
 
