@@ -8,11 +8,12 @@ The pool then, identically on every rank:
 
 - lists the rank lists the groups need: the SP group, its u Ulysses sub-groups (u consecutive ranks) and its
   u strided ring sub-groups (:func:`ring_subgroups`), a list shared by two roles kept once;
+- marks them used and first makes room: while a rank would hold more than ``max_per_rank`` communicators, the
+  least recently used group holding such a rank is destroyed (every rank tracks every group, so all ranks
+  destroy the same ones);
 - creates the missing ones, one comm split per kind (SP groups, Ulysses sub-groups, ring sub-groups: the lists of
   a kind are disjoint within a micro-step) with torch's ``split_group`` (``ncclCommSplit`` from the default
-  communicator) where the backend supports it, else one ``new_group`` per list;
-- marks them used, and past ``max_per_rank`` communicators held by any rank destroys the least recently used
-  groups holding an over-full rank (every rank tracks every group, so all ranks destroy the same ones).
+  communicator) where the backend supports it, else one ``new_group`` per list.
 
 A rank therefore holds at most ``max_per_rank`` communicators besides the default group; the cost model counts
 that many (``cluster.max_communicators`` x ``cluster.comm_gib_per_group``, :meth:`planner.cost.CostModel.comm_gib`).
@@ -88,6 +89,12 @@ class GroupPool:
         bad = [r for lists in kinds for r in lists if min(r) < 0 or max(r) >= self.world]
         if bad:
             raise ValueError(f"groups {bad} name ranks outside the world of {self.world}")
+        needed = [r for lists in kinds for r in lists]
+        for r in needed:
+            if r in self._groups:
+                self._groups.move_to_end(r)
+        # room first: a rank never holds more than max_per_rank communicators, not even while groups are made
+        self._evict(set(needed), Counter(rank for r in needed if r not in self._groups for rank in r))
         made = 0
         for lists in kinds:
             missing = [r for r in lists if r not in self._groups]
@@ -95,16 +102,14 @@ class GroupPool:
                 self._groups[r] = g
                 self._held.update(r)
             made += len(missing)
-        needed = {r for lists in kinds for r in lists}
-        for r in (r for lists in kinds for r in lists):
-            self._groups.move_to_end(r)
-        self._evict(needed)
         self.created += made
         return made
 
-    def _evict(self, keep: set[tuple[int, ...]]) -> None:
+    def _evict(self, keep: set[tuple[int, ...]], coming: Counter[int]) -> None:
+        """Destroy least recently used groups (never one in ``keep``) while a rank would hold more than
+        ``max_per_rank`` with the ``coming`` groups per rank."""
         while True:
-            over = {r for r, n in self._held.items() if n > self.max_per_rank}
+            over = {r for r in set(self._held) | set(coming) if self._held[r] + coming[r] > self.max_per_rank}
             victim = next((k for k in self._groups if k not in keep and over.intersection(k)), None)
             if victim is None:
                 return

@@ -30,6 +30,7 @@ from trainer.config import DataConfig, EvalConfig, TrainConfig
 from trainer.data.corpus import Corpus, held_out, trained_targets
 from trainer.data.fingerprint import fingerprint
 from trainer.data.mixture import Mixture
+from trainer.eval_phase import EvalPhase
 from trainer.grad_sync import GradSync
 from trainer.kernel_choice import KernelChoice
 from trainer.kernel_choice import choose as choose_kernel
@@ -84,7 +85,7 @@ def static_shape(job: TrainJob, world: int) -> GroupShape:
     return GroupShape(u, p // u)
 
 
-class Trainer:
+class Trainer(EvalPhase):
     def __init__(self, job: TrainJob, preempt: Preemption | None = None) -> None:
         from megatron.core import parallel_state
 
@@ -133,6 +134,14 @@ class Trainer:
         if job.data.tokenizer:
             tokenizer.load(job.data.tokenizer, job.model.vocab)
         self.shape = None if t.strategy == "adaptive" else static_shape(job, self.world)
+        if self.shape is not None and self.rank == 0:
+            groups = Topology(job.cluster.nodes, job.cluster.gpus_per_node).max_groups(self.shape.size)
+            idle = self.world - groups * self.shape.size
+            print(
+                f"[sp-train] static layout {self.shape}: {groups} group(s) of {self.shape.size}"
+                + (f", {idle} rank(s) idle (train.sp_size does not fill the nodes)" if idle else ""),
+                flush=True,
+            )
         self.planner = Planner(self.cost, job.planner)
         self.fallback = Planner(self.cost, replace(job.planner, use_milp=False))  # a late plan's stand-in
         # fp32 master parameters everywhere; bf16 compute comes from FSDP's policy or autocast (replicate).
@@ -481,60 +490,6 @@ class Trainer:
                 print(f"[sp-train] stop requested: checkpointed step {self.step}, exiting for requeue")
             return fut, docs, True
         return fut, (nxt if nxt is not None else docs), False
-
-    def evaluate(self, docs: list[np.ndarray] | None = None) -> Any:
-        """Collective: validation loss (:mod:`trainer.evaluate`), forward only, under the planner's plans, on
-        ``docs``, or by default on each training source's held-out documents and each ``eval.sources``
-        source (``eval.max_docs`` documents of each, split at the step's length limit); rank 0 logs it."""
-        from trainer import evaluate as ev
-
-        e, d = self.job.eval, self.job.data
-        sets = (
-            {"documents": docs}
-            if docs is not None
-            else ev.eval_sets(self.loader.corpora, self.heldout, self.eval_corpora, e, d, max(0, self.step - 1))
-        )
-        per_set = {name: ev.eval_steps(ds, e.tokens_per_step or d.tokens_per_step) for name, ds in sets.items()}
-        result, parts = ev.evaluate(
-            self.model, self.pool, self._eval_plan, per_set, self.rank, self.kernel.name, self.autocast
-        )  # under training's autocast: the same kernels, dtypes
-        self.last_eval_parts = parts
-        if self.rank == 0:
-            ev.report(result, parts, self.step, self.board, self.out)
-        return result
-
-    def _eval_plan(self, lengths: list[int]) -> StepPlan:
-        """Collective: an evaluation step's plan, made on rank 0 (not on the training planner's thread)."""
-        if self.rank == 0 and not hasattr(self, "_eval_planner"):
-            self._eval_planner = Planner(self.cost, self.job.planner)
-        box: list = [None]
-        if self.rank == 0:
-            box[0] = self._eval_planner.plan(lengths) if self.shape is None else self._plan(lengths)
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def evaluate_needle(self, tasks: list | None = None) -> Any:
-        """Collective: needle retrieval (:mod:`trainer.tasks`) by length and depth, teacher-forced, one forward
-        per task under the planner's plans; ``tasks`` default to the grid of ``eval.needle`` built from the
-        evaluation documents. Rank 0 reports it; returns the grid."""
-        from trainer import evaluate as ev
-        from trainer.tasks.needle import NeedleGrid
-        from trainer.tasks.run import needle_tasks, report
-        from trainer.tasks.scoring import score
-
-        e, d = self.job.eval, self.job.data
-        t0 = time.perf_counter()
-        if tasks is None:
-            step = max(0, self.step - 1)
-            sets = ev.eval_sets(self.loader.corpora, self.heldout, self.eval_corpora, e, d, step)
-            tasks = needle_tasks(e.needle, sets, d.max_len_at(step), d.tokenizer)
-        sums = score(self.model, self.pool, self._eval_plan, tasks, self.rank, e.tokens_per_step or d.tokens_per_step,
-                     self.kernel.name, self.autocast)  # fmt: skip
-        self.last_needle_sums = sums
-        grid = NeedleGrid.of_sums(tasks, sums)
-        if self.rank == 0:
-            report(grid, self.step, self.board, self.out, time.perf_counter() - t0)
-        return grid
 
     def _data_summary(self) -> None:
         """Rank 0, at start: each source's documents, weight, held-out and skipped counts, and the schedule."""
