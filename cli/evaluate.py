@@ -103,7 +103,8 @@ def _evaluate(tr: Any, args: argparse.Namespace, run_dir: Path, ck: Path, step: 
     if rank != 0:
         return None
     body = {"run_dir": str(run_dir), "checkpoint": str(ck), "step": step, "loss": result.loss,
-            "tokens": result.tokens, "by_position": result.by_position, "by_length": result.by_length,
+            "tokens": result.tokens, "by_position": _buckets(result.by_position),
+            "by_length": _buckets(result.by_length),
             "sets": {k: {"loss": v.loss, "tokens": v.tokens} for k, v in tr.last_eval_parts.items()},
             **({"data_changed": changed} if changed else {})}  # fmt: skip
     if changed:
@@ -111,6 +112,11 @@ def _evaluate(tr: Any, args: argparse.Namespace, run_dir: Path, ck: Path, step: 
               + "; ".join(changed), file=sys.stderr)  # fmt: skip
     (run_dir / "eval" / f"offline_step_{step:06d}.json").write_text(json.dumps(body, indent=1))
     return body
+
+
+def _buckets(values: dict[str, tuple[float, int]]) -> dict[str, tuple[float | None, int]]:
+    """Bucket -> (mean, tokens), null for a bucket with no token (strict JSON has no NaN)."""
+    return {k: (None if n == 0 else v, n) for k, (v, n) in values.items()}
 
 
 def _needle_job(job: Any, args: argparse.Namespace) -> Any:

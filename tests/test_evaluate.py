@@ -82,6 +82,10 @@ def result(tmp_path_factory):
     return run_distributed(_worker, 4, str(tmp), str(tmp / "c.jsonl"), timeout=300)[0]
 
 
+def _no_nan(name: str) -> float:
+    raise AssertionError(f"sp-eval printed {name}, which strict JSON parsers refuse")
+
+
 def test_validation_equals_a_single_process_evaluation_by_position_and_length(result):
     got = result["got"]
     names = ["0-1K", "1-4K", "4-16K", "16-64K", "64K+"]
@@ -130,7 +134,7 @@ def test_sp_eval_on_a_checkpoint_equals_the_evaluation_during_training(tmp_path)
     ev = subprocess.run([*launch, "cli.evaluate", str(run)], cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=240)  # fmt: skip
     assert ev.returncode == 0, ev.stderr[-3000:]
-    body = json.loads(ev.stdout.strip().splitlines()[-1])
+    body = json.loads(ev.stdout.strip().splitlines()[-1], parse_constant=_no_nan)  # strict JSON: empty buckets null
     assert body["step"] == 2 and body["tokens"] == int(logged.group(2))
     assert body["loss"] == pytest.approx(float(logged.group(1)), abs=1e-4)  # the log prints 4 decimals
     assert json.loads((run / "eval" / "offline_step_000002.json").read_text())["loss"] == body["loss"]

@@ -565,7 +565,7 @@ class Trainer(EvalPhase):
         blocks = (stats.busy_s, stats.saved_bytes, stats.offloaded_bytes, stats.attention_s, stats.comm_wait_s)
         mine = torch.tensor([[float(v) for b in blocks for v in b]], dtype=torch.float64)  # [1, 5 x micro-steps]
         gathered = torch.zeros(self.world, 5 * n_micro, dtype=torch.float64, device=self.device)
-        dist.all_gather_into_tensor(gathered, mine.to(self.device))  # [world, busy | saved | offloaded | attn | wait]
+        dist.all_gather_single(gathered, mine.to(self.device))  # [world, busy | saved | offloaded | attn | wait]
         gathered = gathered.cpu()
         busy, attention, wait = (gathered[:, i * n_micro : (i + 1) * n_micro].numpy() for i in (0, 3, 4))
         calib = self._calibrate(plan, busy, attention, wait, step_s)  # each [world, micro-steps]
