@@ -14,7 +14,8 @@ position and by length. Without ``--data-path`` it evaluates the run's held-out 
 
 ``--task needle``: needle retrieval by length and depth (:mod:`trainer.tasks.needle`; the run's ``eval.needle``
 settings unless overridden), teacher-forced under the planner's plans; the haystack from the run's held-out
-documents. Writes ``RUN_DIR/eval/needle_offline_step_N.json`` and its heatmap PNG; ``--json`` prints
+documents. Writes ``RUN_DIR/eval/needle_offline_step_N.json`` (its heatmap PNG in ``RUN_DIR/eval/offline-step_N/
+eval``, so the run's own reports of that step stay as they are); ``--json`` prints
 ``{"task", "lengths", "depths", "accuracy", "logprob", "samples", ...}`` (rows by length, columns by depth).
 """
 
@@ -136,20 +137,8 @@ def _needle(tr: Any, args: argparse.Namespace, run_dir: Path, ck: Path, step: in
             changed: list[str]) -> dict | None:  # fmt: skip
     from trainer.tasks.needle import read_tasks, write_tasks
 
-    tasks = read_tasks(args.tasks_in) if args.tasks_in else None
-    if tasks is None:
-        from trainer import evaluate as ev
-        from trainer.tasks.run import needle_tasks
-
-        e, d = tr.job.eval, tr.job.data
-        sets = ev.eval_sets(tr.loader.corpora, tr.heldout, tr.eval_corpora, e, d, max(0, step - 1))
-        tasks = needle_tasks(e.needle, sets, d.max_len_at(max(0, step - 1)), d.tokenizer)
-    out = tr.out
-    tr.out = run_dir  # the report goes to RUN_DIR/eval
-    try:
-        grid = tr.evaluate_needle(tasks)
-    finally:
-        tr.out = out
+    tasks = read_tasks(args.tasks_in) if args.tasks_in else tr.needle_tasks()
+    grid = tr.evaluate_needle(tasks)  # its heatmap in the offline folder, beside the loss evaluation's picture
     if rank != 0:
         return None
     if args.tasks_out:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -54,15 +54,12 @@ class Instance:
 
     def take(self, ids: np.ndarray) -> Instance:
         """The instance of a subset of the sequences (rows of ``tmat``; shapes unchanged)."""
-        rows = self.tmat[ids]  # [len(ids), K]
-        return Instance(
-            self.lengths[ids], rows, self.shapes, self.sizes, self.capacity, self.beta, self.topology, self.mode
-        )
+        return replace(self, lengths=self.lengths[ids], tmat=self.tmat[ids])  # tmat [len(ids), K]
 
     def select(self, ks: np.ndarray) -> Instance:
         """The instance restricted to shapes ``ks`` (columns of ``tmat``; sequences unchanged)."""
-        return Instance(self.lengths, self.tmat[:, ks], tuple(self.shapes[k] for k in ks.tolist()), self.sizes[ks],
-                        self.capacity[ks], self.beta[ks], self.topology, self.mode)  # fmt: skip
+        return replace(self, tmat=self.tmat[:, ks], shapes=tuple(self.shapes[k] for k in ks.tolist()),
+                       sizes=self.sizes[ks], capacity=self.capacity[ks], beta=self.beta[ks])  # fmt: skip
 
     def time(self, b: Bin) -> float:
         return float(self.beta[b.k]) + b.work if b.seqs else 0.0

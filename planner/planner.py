@@ -316,6 +316,7 @@ class Planner:
         """Bisection on T with the exact instance model: an infeasible probe proves a better bound."""
         best_t = makespan(inst, best) if best is not None else math.inf
         lo, hi = bound, best_t if math.isfinite(best_t) else bound * 4
+        placement = self._placement(inst)
         for _ in range(self.config.max_probes * 3):
             if hi - lo <= self.config.gap_tol * hi + 1e-12 * hi or time.perf_counter() > deadline:
                 break
@@ -329,7 +330,7 @@ class Planner:
                 self.world,
                 target - inst.beta,
                 left,
-                *self._placement(inst),
+                *placement,
             )
             if res is None:
                 break  # out of time: keep what we have
@@ -440,6 +441,7 @@ class Planner:
         np.maximum.at(lmax, buckets, inst.lengths.astype(float))
         best_t = makespan(inst, best) if best is not None else math.inf
         lo, hi = bound, best_t if math.isfinite(best_t) else bound * 4
+        placement = self._placement(inst)
         for probe in range(self.config.max_probes):
             if hi - lo <= self.config.gap_tol * hi or time.perf_counter() > deadline:
                 break
@@ -455,7 +457,7 @@ class Planner:
                 self.world,
                 target - inst.beta,
                 left,
-                *self._placement(inst),
+                *placement,
             )
             if not res.feasible:
                 lo = target

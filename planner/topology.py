@@ -58,7 +58,7 @@ class Topology:
         every = tuple(range(1, g + 1))
         if len(_partitions(g, every)) <= MAX_PATTERNS:
             return every
-        return tuple(dict.fromkeys((*(s for s in _powers_of_two(g) if g % s == 0), g)))  # a chain: 1 | 2 | 4 .. | g
+        return _node_chain(g)
 
     @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
@@ -74,8 +74,7 @@ class Topology:
         """The sizes of the planner's fast plans: the powers of two dividing G, G, power-of-two numbers of whole
         nodes and the whole world. They never fragment a node (any multiset whose GPUs fit, fits) and are few;
         the MILP refinement then uses every size."""
-        g = self.gpus_per_node
-        small = dict.fromkeys((*(s for s in _powers_of_two(g) if g % s == 0), g))
+        g, small = self.gpus_per_node, _node_chain(self.gpus_per_node)
         return tuple(s for s in self.sizes if s in small or (s > g and (s // g) & (s // g - 1) == 0) or s == self.world)
 
     def ulysses_ok(self, size: int, u: int) -> bool:
@@ -125,11 +124,11 @@ class Topology:
         return a, b, hi
 
     def fits(self, sizes: Sequence[int]) -> bool:
-        return self.place(sizes) is not None
+        return _place_sorted(self, _descending(sizes)) is not None
 
     def place(self, sizes: Sequence[int]) -> list[int] | None:
         """First rank of each group (in the order given), or None when the multiset does not fit."""
-        key = tuple(sorted((int(s) for s in sizes), reverse=True))
+        key = _descending(sizes)
         firsts = _place_sorted(self, key)
         if firsts is None:
             return None
@@ -188,6 +187,16 @@ def _node_count_kept(k: int) -> bool:
 def _sub(ranks: tuple[int, ...], u: int) -> list[tuple[int, ...]]:
     """Ulysses sub-groups (u consecutive ranks) and ring sub-groups (stride u) of a group, as sp.groups makes."""
     return [ranks[i : i + u] for i in range(0, len(ranks), u)] + [ranks[j::u] for j in range(u)]
+
+
+def _descending(sizes: Sequence[int]) -> tuple[int, ...]:
+    """The multiset of sizes as placement's cache key (largest first)."""
+    return tuple(sorted((int(s) for s in sizes), reverse=True))
+
+
+def _node_chain(g: int) -> tuple[int, ...]:
+    """The powers of two dividing ``g``, then ``g``: sizes inside a node that divide one another (1 | 2 | 4 .. | g)."""
+    return tuple(dict.fromkeys((*(s for s in _powers_of_two(g) if g % s == 0), g)))
 
 
 def _powers_of_two(limit: int) -> list[int]:

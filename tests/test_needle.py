@@ -191,6 +191,7 @@ def test_loop_reports_the_needle_and_sp_eval_scores_the_checkpoint(runs):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)
     assert set(res) >= {"task", "lengths", "depths", "accuracy", "logprob", "samples"} and res["task"] == "needle"
+    assert (run / "eval" / "offline-step_000002" / "eval" / "needle_step_000002.png").is_file(), "beside sp-eval's"
     want = NeedleGrid.of_sums(tasks, dist["trained"])  # the same checkpoint on 4 ranks, inside the trainer
     np.testing.assert_allclose(np.array(res["logprob"], dtype=float), np.array(want.logprob), rtol=1e-5)
     assert res["accuracy"] == want.json()["accuracy"] and None in res["accuracy"][-1], "empty cells are null"

@@ -72,17 +72,13 @@ class EvalPhase:
         """Collective: needle retrieval (:mod:`trainer.tasks`) by length and depth, teacher-forced, one forward
         per task under the planner's plans; ``tasks`` default to the grid of ``eval.needle`` built from the
         evaluation documents. Rank 0 reports it; returns the grid."""
-        from trainer import evaluate as ev
         from trainer.tasks.needle import NeedleGrid
-        from trainer.tasks.run import needle_tasks, report
+        from trainer.tasks.run import report
         from trainer.tasks.scoring import score
 
         e, d = self.job.eval, self.job.data
         t0 = time.perf_counter()
-        if tasks is None:
-            step = max(0, self.step - 1)
-            sets = ev.eval_sets(self.loader.corpora, self.heldout, self.eval_corpora, e, d, step)
-            tasks = needle_tasks(e.needle, sets, d.max_len_at(step), d.tokenizer)
+        tasks = self.needle_tasks() if tasks is None else tasks
         sums = score(self.model, self.pool, self._eval_plan, tasks, self.rank, e.tokens_per_step or d.tokens_per_step,
                      self.kernel.name, self.autocast)  # fmt: skip
         self.last_needle_sums = sums
@@ -90,3 +86,12 @@ class EvalPhase:
         if self.rank == 0:
             report(grid, self.step, self.board, self.out, time.perf_counter() - t0)
         return grid
+
+    def needle_tasks(self) -> list:
+        """The grid of ``eval.needle`` at this step's length limit, its haystack from the evaluation documents."""
+        from trainer import evaluate as ev
+        from trainer.tasks.run import needle_tasks
+
+        e, d, step = self.job.eval, self.job.data, max(0, self.step - 1)
+        sets = ev.eval_sets(self.loader.corpora, self.heldout, self.eval_corpora, e, d, step)
+        return needle_tasks(e.needle, sets, d.max_len_at(step), d.tokenizer)
