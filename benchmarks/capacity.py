@@ -6,8 +6,11 @@ longest L for which the planner returns a plan (``Planner.plan([L])``: a sequenc
 ValueError); tokens per GPU = L / N. Also the planned step time of a 1M-token sequence where it fits, the
 plan's layout and its peak memory per GPU. Techniques: ``baseline`` (full checkpointing, today's),
 ``chunk`` (chunked loss, 2048-token chunks like ProLong's blocks), ``tile`` (tiled MLP, 8192-token tiles),
-``offload`` (layer inputs in host memory), ``all``, and ``chosen`` (the planner picks checkpointing full or
-offload, the loss chunk 0 or 2048 and the MLP tile 0 or 8192 per micro-step: each only where it pays).
+``offload`` (layer inputs in host memory), ``all``, ``all+states`` (and the optimizer states in host memory,
+``planner.state_offload=on``), and ``chosen`` (the planner picks checkpointing full or offload, the loss chunk 0
+or 2048 and the MLP tile 0 or 8192 per micro-step, each only where it pays, and the states' place per run,
+``planner.state_offload=auto``). ``bound``: what stops the longest sequence (GPU or host memory, and the largest
+GPU item there). Every row has the RMSNorm of :mod:`models.rms_norm` (input + fp32 rstd saved).
 One JSON object per (N, technique).
 """
 
@@ -24,8 +27,10 @@ TECHNIQUES = {
     "chunk+tile": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192},
     "offload": {"checkpointing": "offload"},
     "all": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192, "checkpointing": "offload"},
-    "chosen": {},  # the planner picks per micro-step among CHOICE
+    "all+states": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192, "checkpointing": "offload"},
+    "chosen": {},  # the planner picks per micro-step among CHOICE, and the states' place per run (auto)
 }
+STATES_ON_HOST = {"all+states"}  # planner.state_offload=on; "chosen" runs auto, the rest off
 CHOICE = {"checkpointing": ("full", "offload"), "loss_chunk_tokens": (0, 2048), "mlp_tile_tokens": (0, 8192)}
 
 
@@ -48,41 +53,65 @@ def _cluster(gpus: int):  # type: ignore[no-untyped-def]
                       "gpus_per_node": min(8, gpus)})  # fmt: skip
 
 
-def _plan(planner, length: int):  # type: ignore[no-untyped-def]
+def _plan(planner_for, length: int):  # type: ignore[no-untyped-def]
     try:
-        return planner.plan([length])
+        return planner_for(length).plan([length])
     except ValueError:
         return None
 
 
-def longest(planner, hi: int) -> int:  # type: ignore[no-untyped-def]
-    """The longest length (to 1%) the planner places."""
+def longest(planner_for, hi: int) -> int:  # type: ignore[no-untyped-def]
+    """The longest length (to 1%) the planner ``planner_for(length)`` places."""
     lo = 1024
-    if _plan(planner, lo) is None:
+    if _plan(planner_for, lo) is None:
         return 0
-    while _plan(planner, hi) is not None:
+    while _plan(planner_for, hi) is not None:
         lo, hi = hi, hi * 2
     while hi - lo > max(1024, lo // 100):
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _plan(planner, mid) is not None else (lo, mid)
+        lo, hi = (mid, hi) if _plan(planner_for, mid) is not None else (lo, mid)
     return lo
+
+
+def bound(cost, length: int, n: int) -> str:  # type: ignore[no-untyped-def]
+    """What stops a group of all ``n`` GPUs at ``length`` tokens: GPU memory or the node's host memory
+    (offloaded layer inputs and states), and the largest GPU-memory item at that length."""
+    from planner.types import GroupShape
+
+    shapes = [GroupShape(u, n // u) for u in (1, *cost.model.ulysses_degrees(n)) if n % u == 0]
+    best = max(shapes, key=lambda s: cost.tokens_capacity(n, s))
+    free = (cost.cluster.memory_gib - cost.reserved_gib()) * 2**30 / cost.shape_bytes_per_token(best) * n
+    parts = cost.memory_breakdown_gib(length / n, best)
+    top = max((k for k in parts if k not in ("total", "host_offload_per_gpu", "host_states_per_gpu")),
+              key=lambda k: parts[k])  # fmt: skip
+    where = "gpu memory" if free <= cost.tokens_capacity(n, best) * 1.0001 else "host memory"
+    return f"{where} (largest item: {top} {parts[top]:.1f} GiB at u{best.ulysses}r{best.ring})"
 
 
 def run(gpus: list[int], model_name: str = "llama3-8b") -> list[dict]:
     from planner.cost import CostModel
-    from planner.planner import Planner, PlannerConfig
+    from planner.planner import Planner, PlannerConfig, memory_modes
     from planner.report import _peak_breakdown
+    from planner.state_offload import resolve
     from planner.types import ModelShape
 
     base = ModelShape(**config_fields("model", model_name))
     rows = []
     for n in gpus:
         for tech, kw in TECHNIQUES.items():
-            cost = CostModel(_cluster(n), replace(base, **kw))
+            cost = CostModel(_cluster(n), replace(base, **kw), state_offload=tech in STATES_ON_HOST)
             choices = CHOICE if tech == "chosen" else {}
-            planner = Planner(cost, PlannerConfig(use_milp=False, time_limit_s=1.0, **choices))  # type: ignore[arg-type]
+            config = PlannerConfig(use_milp=False, time_limit_s=1.0, **choices)  # type: ignore[arg-type]
             t0 = time.perf_counter()
-            best = longest(planner, 131072)
+            modes = memory_modes(cost.model, config)
+            fixed = Planner(cost, config)
+            auto = tech == "chosen"  # the states go to the host only for lengths that need them
+
+            def planner_for(length: int, cost=cost, config=config, modes=modes, fixed=fixed, auto=auto):  # type: ignore[no-untyped-def]
+                return Planner(resolve(cost, "auto", length, modes), config) if auto else fixed
+
+            best = longest(planner_for, 131072)
+            planner = planner_for(best)
             row = {
                 "bench": "capacity",
                 "model": model_name,
@@ -91,11 +120,14 @@ def run(gpus: list[int], model_name: str = "llama3-8b") -> list[dict]:
                 "longest_tokens": best,
                 "tokens_per_gpu": best // n,
                 "search_s": round(time.perf_counter() - t0, 2),
+                "states": "host" if planner.cost.state_offload else "gpu",
+                "bound": bound(planner.roomiest, best, n),
             }
-            plan = _plan(planner, 1 << 20)
+            at_1m = planner_for(1 << 20)
+            plan = _plan(planner_for, 1 << 20)
             if plan is not None:
                 micro, g = plan.peak_group()
-                mem = _peak_breakdown(cost, [plan])
+                mem = _peak_breakdown(at_1m.cost, [plan])
                 row["mode_1m"] = micro.mode(cost.model).label
                 row.update(
                     {

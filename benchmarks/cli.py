@@ -10,6 +10,7 @@ sp-bench cpu-kernel [--head-dims 32 64 128] [--keys 512 4096]
 sp-bench flash-geometry [--tokens 131072] [--ring 1 4]   # host side of the flash ring step, on the CPU
 sp-bench hf-load [--gb 1.0] [--world 4]       # peak host memory per rank loading a Hugging Face checkpoint
 sp-bench capacity [--gpus 8 16 32 64]          # longest sequence per technique (llama3-8b on H100s)
+sp-bench cpu-adam [--threads 1 2]              # AdamW on the host (optimizer-state offload), G params/s
 sp-bench checkpoint [--gb 2.0] [--world 4]    # integrity share of save and resume: rank-0 sha256 vs parallel xxh3
 sp-bench data [--tree before=PATH] [--steps 30]  # make train's steps/s: other code trees vs this one
 sp-bench content-hash [--gb 1.0]               # start-up cost of hashing a data source's bytes (first, cached)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     lc.add_argument("--tokens", type=int, default=131072)
     lc.add_argument("--world", type=int, default=8)
     lc.add_argument("--workdir", default="runs/longctx")
-    lc.add_argument("--technique", default="plain", choices=["plain", "chunk", "tile", "offload", "all"])
+    lc.add_argument("--technique", default="plain", choices=["plain", "chunk", "tile", "offload", "all", "all+states"])
     ck = sub.add_parser("cpu-kernel", help="torch's fused CPU attention op vs our reference kernel (fwd+bwd)")
     ck.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     ck.add_argument("--keys", type=int, nargs="+", default=[512, 4096])
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("published", help="sp-plan beside the published 1M-token Qwen3-8B run, term by term")
     cp = sub.add_parser("capacity", help="longest single sequence the planner places on N H100s, per technique")
     cp.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
+    ca = sub.add_parser("cpu-adam", help="AdamW on this machine's CPUs (optimizer-state offload's update)")
+    ca.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ca.add_argument("--params", type=int, default=32_000_000)
     gp = sub.add_parser("gpu", help="one-GPU check: every attention kernel vs fp64 in bf16 with its TFLOP/s, FSDP+bf16 "
                         "training steps per memory technique")  # fmt: skip
     gp.add_argument("--tokens", type=int, nargs="+", default=[16384], help="training document lengths")
@@ -152,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.capacity import run as run_capacity
 
         for row in run_capacity(args.gpus):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "cpu-adam":
+        from benchmarks.cpu_adam import run as run_cpu_adam
+
+        for row in run_cpu_adam(args.params, tuple(args.threads)):
             print(json.dumps(row), flush=True)
     elif args.cmd == "gpu":
         from benchmarks.gpu import run as run_gpu

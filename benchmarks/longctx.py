@@ -45,7 +45,9 @@ def _worker(rank: int, world: int, data: str, out: str, tokens: int, technique: 
         train=TrainConfig(steps=1, out_dir=out, progress=False, checkpoint_every=0, resume=False, picture_every=0,
                           memory_every=1, sharding="fsdp", precision="fp32", collective_timeout_s=3600.0),
     )  # fmt: skip
-    job = replace(job, model=replace(job.model, **TECHNIQUES[technique]))
+    states = technique.endswith("+states")  # the optimizer states in host memory (planner.state_offload=on)
+    job = replace(job, model=replace(job.model, **TECHNIQUES[technique.removesuffix("+states")]),
+                  planner=replace(job.planner, state_offload="on" if states else "off"))  # fmt: skip
     tr = Trainer(job)
     t0 = time.perf_counter()
     losses = tr.run()
@@ -63,6 +65,7 @@ def _worker(rank: int, world: int, data: str, out: str, tokens: int, technique: 
         "act_error": v["memory/saved_for_backward_gib_max"] / v["memory/saved_for_backward_predicted_gib_max"] - 1,
         "state_bytes_rank0": int(v["memory/states_gib"] * 2**30),
         "state_bytes_predicted_rank0": int(v["memory/states_predicted_gib"] * 2**30),
+        "states_on_host": bool(v["memory/states_on_host"]),
         "peak_rss_gib_rank0": v["memory/peak_gib"],
         "offloaded_bytes_max": int(v.get("memory/offloaded_gib_max", 0.0) * 2**30),
         "offloaded_bytes_predicted_max": int(v.get("memory/offloaded_predicted_gib_max", 0.0) * 2**30),

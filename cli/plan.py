@@ -41,6 +41,7 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
     else:
         raise ValueError("no lengths: set lengths.path=FILE (.txt[.gz]/.jsonl/.npy) or lengths.fixed=[N,...]")
     max_len = lc.max_len if lc.path else max(max(b) for b in batches)
+    cost = _states(cost, pcfg, max_len)
     plans, summary = _plan_steps(cfg, cost, pcfg, Planner(cost, pcfg), batches, max_len)
     result = {"cluster": cost.cluster.name, "model": cost.model.name, "summary": summary}
     if cost.cluster.calibration:
@@ -58,6 +59,14 @@ def run(cfg) -> dict:  # cfg: PlanJobSchema after OmegaConf.to_object
 
         draw_gantt(plans[0], cost, cfg.output.picture, f"{cost.cluster.name} / {cost.model.name}")
     return result
+
+
+def _states(cost, pcfg, max_len: int):  # noqa: ANN001, ANN202
+    """The cost model with the run's optimizer states where ``planner.state_offload`` puts them."""
+    from planner.planner import memory_modes
+    from planner.state_offload import resolve
+
+    return resolve(cost, pcfg.state_offload, max_len, memory_modes(cost.model, pcfg))
 
 
 def _plan_steps(cfg, cost, pcfg, planner, batches: list, max_len: int) -> tuple[list, dict]:  # noqa: ANN001
@@ -85,6 +94,7 @@ def _phases(cfg, cost, pcfg) -> dict:  # noqa: ANN001 - the PlanJobSchema twin
     if not lc.path:
         raise ValueError("lengths.max_len_schedule needs a length file: set lengths.path=FILE")
     pool = read_lengths(lc.path)
+    cost = _states(cost, pcfg, max(n for _, n in sched))
     planner = Planner(cost, pcfg)
     phases, firsts = [], []
     for i, (start, max_len) in enumerate(sched):

@@ -18,6 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from models import rms_norm
 from models.attention import SPCoreAttention
 from models.init import init_random
 from models.moe import SPRouter
@@ -100,6 +101,8 @@ def build_meta(
             position_embedding_type="none",
             share_embeddings_and_output_weights=shape.tie_embeddings,
         )
+    rms_norm.install(model)
+    model.sp_head_chunks = shape.head_chunks  # the Ulysses head chunks of a micro-step with no mode of its own
     if shape.loss_chunk_tokens or any(m.loss_chunk_tokens for m in modes):
         from models import loss
 

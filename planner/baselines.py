@@ -54,7 +54,7 @@ def static_step_s(
     sequences need."""
     for mode in planner.modes:
         cost = planner.costs[mode]
-        if lengths.max() > cost.tokens_capacity(shape.size):
+        if lengths.max() > cost.tokens_capacity(shape.size, shape):
             continue
         try:
             return static_plan(cost, lengths, shape, parts).time_s
@@ -73,7 +73,9 @@ def all_baselines(
     arr = check_lengths(lengths, planner.roomiest, planner.shapes)  # the roomiest mode the planner may use
     parts = [np.array(sorted(s for g in m.groups for s in g.seqs)) for m in plan.micro_steps] if plan else None
     out: dict = {"layouts": {layout_key(s): static_step_s(planner, arr, s, parts) for s in planner.shapes}}
-    out["capacity"] = {layout_key(s): planner.roomiest.tokens_capacity(s.size) for s in planner.shapes}
+    out["capacity"] = {
+        layout_key(s): max(c.tokens_capacity(s.size, s) for c in planner.costs.values()) for s in planner.shapes
+    }
     uly = [s for s in planner.shapes if s.ring == 1]
     try:  # Ulysses alone may not reach a group large enough for the longest sequence (heads cap u)
         out["ulysses_hetero"] = Planner(cost, config, uly).plan(arr).time_s
@@ -93,7 +95,7 @@ def run_static(
     best: tuple[str, list[float]] | None = None
     for key in per_batch[0]["layouts"] if per_batch else []:
         shape = parse_layout(key)
-        capacity = per_batch[0].get("capacity", {}).get(key, cost.tokens_capacity(shape.size))  # roomiest mode's
+        capacity = per_batch[0].get("capacity", {}).get(key, cost.tokens_capacity(shape.size, shape))  # roomiest mode's
         if not FAMILIES[family](shape) or capacity < max_len:
             continue
         times = [b["layouts"].get(key) for b in per_batch]

@@ -31,7 +31,7 @@ def technique_sets(cost: CostModel) -> list[tuple[str, str, MemoryMode]]:
 def longest(cost: CostModel, mode: MemoryMode, shapes: list[GroupShape]) -> int:
     """The longest single sequence ``cost`` under ``mode`` holds on its cluster (the largest group shape)."""
     c = cost.with_mode(mode)
-    return int(max(c.tokens_capacity(s.size) for s in shapes))
+    return int(max(c.tokens_capacity(s.size, s) for s in shapes))
 
 
 def refusal(length: int, cost: CostModel, shapes: list[GroupShape], allowed: tuple[MemoryMode, ...]) -> str:
@@ -44,11 +44,23 @@ def refusal(length: int, cost: CostModel, shapes: list[GroupShape], allowed: tup
         note = "" if mode in allowed or not setting else f" [{setting}]"
         rows.append(f"{held:,} with {label}{note}")
     richest = technique_sets(cost)[-1][2]
+    if not cost.state_offload and cost.sharding == "fsdp":
+        held = longest(replace(cost, state_offload=True), richest, shapes)
+        rows.append(f"{held:,} with every technique and the optimizer states in host memory "
+                    "[planner.state_offload=on or auto]")  # fmt: skip
+        cost = replace(cost, state_offload=True)
     need = ""
     for factor in (2, 4, 8, 16, 32, 64):
         bigger = replace(cost, cluster=replace(cl, nodes=cl.nodes * factor))
         size = bigger.cluster.world
-        if bigger.with_mode(richest).tokens_capacity(size) >= length:
+        if (
+            longest(
+                bigger,
+                richest,
+                [GroupShape(u, size // u) for u in (1, *bigger.model.ulysses_degrees(size)) if size % u == 0],
+            )
+            >= length
+        ):
             need = f"; {cl.nodes * factor} nodes ({size} GPUs) hold it with every technique"
             break
     return (f"sequence of length {length:,} exceeds what the cluster can hold in one SP group: on {cl.world} GPUs of "

@@ -22,7 +22,7 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   Saved for backward, per local token (b = bytes per activation value: 2 bf16, 4 fp32; h hidden, d head
   dim, H heads, kv = max(H_kv, u), f ffn, V vocab), counted tensor by tensor against the trainer's
   Megatron GPT (``sp-bench memory`` checks it):
-  each RMSNorm 8h + 4 (fp32 input, fp32 normalised copy, rstd); linear inputs 2 b h (qkv, fc1);
+  each RMSNorm b h + 4 (its input, an fp32 rstd: :mod:`models.rms_norm`); linear inputs 2 b h (qkv, fc1);
   attention q, k, v, out (2H + 2kv) d b and fp32 lse 4H;
   the Ulysses output H d b (u > 1 only); SwiGLU MLP 5 f b (fc1 output, its two halves' products, fc2 input;
   none with ``model.mlp_tile_tokens``: the tiled MLP keeps only its input).
@@ -30,12 +30,13 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   core attention's inputs (2H + 2H_kv) d b and the projection input H d b; ``full`` keeps b h per layer
   (its input); ``offload`` keeps nothing on the GPU (that input is in host memory:
   :meth:`CostModel.host_bytes_per_token`, L b h per token, against ``cluster.host_memory_gib`` per node).
-  Outside the layers: token ids 8, final norm 8h + 4, output-layer input b h, fp32 softmax 4V, labels and
+  Outside the layers: token ids 8, final norm b h + 4, output-layer input b h, fp32 softmax 4V, labels and
   target mask 10 (chunked loss, ``model.loss_chunk_tokens``: an fp32 lse and the labels, 13), RoPE's cos/sin
   table 2 d b (built once per micro-step and shared by every layer).
   Working set on top (transient): one recomputed layer's internals under ``full``/``offload`` (plus the
   fetched input and the prefetched next one under ``offload``), logits (b + 8) V (none with the chunked
-  loss), all-to-all buffers 2 (H + 2kv) d b (u > 1), ring K/V double buffer 4 kv d b (r > 1); token-independent
+  loss), all-to-all buffers of one head chunk each way (u > 1, :meth:`CostModel.ulysses_buffer_bytes`), ring
+  K/V double buffer 4 kv d b (r > 1); token-independent
   (:meth:`CostModel.fixed_working_bytes`): the chunked loss's backward peak, 4 V h (its fp32 weight-gradient
   accumulator) + max(chunk V (4 + b), b V h) (one chunk's fp32 gradient with its b copy, or the final cast),
   one MLP tile's intermediates. A measured ``cluster.act_bytes_per_token``
@@ -72,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from planner.topology import Topology
-from planner.types import SHARDINGS, Cluster, FsdpTime, GroupShape, MemoryMode, MicroStep, ModelShape
+from planner.types import NORM_TILE_TOKENS, SHARDINGS, Cluster, FsdpTime, GroupShape, MemoryMode, MicroStep, ModelShape
 
 GIB = 2.0**30
 RECOMPUTE = {
@@ -97,10 +98,13 @@ class CostModel:
     model: ModelShape
     causal: bool = True
     sharding: str = "fsdp"  # the trainer's train.sharding: fsdp (ZeRO-3) | replicate
+    state_offload: bool = False  # parameters, gradients and AdamW moments in host memory (planner.state_offload)
 
     def __post_init__(self) -> None:
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding={self.sharding!r}; valid: {list(SHARDINGS)}")
+        if self.state_offload and self.sharding != "fsdp":
+            raise ValueError(f"state offload needs sharding='fsdp' (FSDP2's CPUOffloadPolicy), got {self.sharding!r}")
 
     def with_checkpointing(self, mode: str) -> CostModel:
         """This cost model under another activation checkpointing mode (see :meth:`with_mode`)."""
@@ -344,15 +348,21 @@ class CostModel:
     @property
     def step_overhead_s(self) -> float:
         """Fixed time per step outside the micro-steps (``cluster.step_ms``): a step's predicted duration is
-        its plan's ``time_s`` plus this."""
-        return self.cluster.step_ms / 1e3
+        its plan's ``time_s`` plus this, and under state offload the AdamW update on the host
+        (:meth:`host_optimizer_s`)."""
+        return self.cluster.step_ms / 1e3 + self.host_optimizer_s()
+
+    def host_optimizer_s(self) -> float:
+        """Under state offload, AdamW over this rank's shard on the host CPUs (``cluster.cpu_adam_gparams_per_s``;
+        ``sp-bench cpu-adam`` measures it), once per step; 0 otherwise."""
+        return self._host_state_gib * GIB / 16 / (self.cluster.cpu_adam_gparams_per_s * 1e9)
 
     def collectives(self, shape: GroupShape) -> int:
         """All-to-alls and ring steps one micro-step of this group runs (each pays the link latency once)."""
         m = self.model
         n = 0
-        if shape.ulysses > 1:
-            n += m.layers * self._passes * 4
+        if shape.ulysses > 1:  # q, k, v out and the output back, per head chunk
+            n += m.layers * self._passes * 4 * self.head_chunks(shape.ulysses)
         if shape.ring > 1:
             r = shape.ring
             n += m.layers * ((r - 1) * (2 if m.checkpointing in LAYER_RECOMPUTE else 1) + 2 * r - 1)
@@ -381,7 +391,7 @@ class CostModel:
         m = self.model
         b, h, d, f, heads = m.bytes_per_value, m.hidden, m.d_head, m.d_ffn, m.heads
         kv = max(m.n_kv_heads, u)  # kv heads replicate past their count
-        norm = 8 * h + 4  # fp32 input + fp32 normalised copy + fp32 rstd
+        norm = b * h + 4  # its input (compute dtype) + an fp32 rstd (models.rms_norm)
         rope_attn = (2 * heads + 2 * kv) * d * b + 4 * heads  # q k v out; lse (RoPE's cos/sin: outside the layers)
         proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
         dense = 0 if m.mlp_tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled: only its input (fc1's, above)
@@ -411,24 +421,20 @@ class CostModel:
     def _core_inputs_bytes(self) -> float:
         """Per token and layer, what selective checkpointing keeps of the core attention's inputs (by storage):
         q is a reshaped copy out of the fused qkv output (H d b) and k, v are views of that output ((H + 2 kv) d
-        b). With q/k norms, q and k are the norms' fresh outputs ((H + kv) d b) and v still holds the qkv
-        output, which in fp32 the k norm keeps already (:meth:`_qk_norm_bytes`)."""
+        b). With q/k norms, q and k are the norms' fresh outputs ((H + kv) d b) and v holds the qkv output,
+        which the k norm keeps already (:meth:`_qk_norm_bytes`)."""
         m = self.model
         b, d, heads, kv = m.bytes_per_value, m.d_head, m.heads, m.n_kv_heads
-        if not m.qk_norm:
-            return (2 * heads + 2 * kv) * d * b
-        return (heads + kv) * d * b + (0 if b == 4 else (heads + 2 * kv) * d * b)
+        return ((heads + kv) if m.qk_norm else (2 * heads + 2 * kv)) * d * b
 
     def _qk_norm_bytes(self) -> float:
-        """Per token and layer, Qwen3's per-head q/k RMSNorms (torch's RMSNorm, Megatron's qk_layernorm): in
-        half precision each keeps an fp32 copy of its input and the fp32 normalised values, 8 d per head, plus
-        an fp32 rstd per head; in fp32 the inputs themselves are kept instead of copies, and they are the q heads
-        (a reshaped copy of the fused qkv output) and the whole qkv output (k is a view of it): 12 d per head."""
+        """Per token and layer, Qwen3's per-head q/k RMSNorms (:mod:`models.rms_norm`, Megatron's
+        qk_layernorm): their inputs, the q heads (a reshaped copy of the fused qkv output, H d b) and the whole
+        qkv output (k is a view of it, (H + 2 kv) d b), and an fp32 rstd per head."""
         m = self.model
         if not m.qk_norm:
             return 0.0
-        heads = m.heads + m.n_kv_heads
-        return ((12 if m.bytes_per_value == 4 else 8) * m.d_head + 4) * heads
+        return (2 * m.heads + 2 * m.n_kv_heads) * m.d_head * m.bytes_per_value + 4 * (m.heads + m.n_kv_heads)
 
     def _outside_bytes(self) -> float:
         """Saved per token outside the layers: token ids, final norm, output-layer input, the fp32 softmax,
@@ -436,22 +442,42 @@ class CostModel:
         table, built once per micro-step and shared by every layer (``2 d b``, held by the SP context)."""
         m = self.model
         loss = 4 + 9 if m.loss_chunk_tokens else 4 * m.vocab + 10
-        return 8 + (8 * m.hidden + 4) + m.bytes_per_value * m.hidden + loss + 2 * m.d_head * m.bytes_per_value
+        norm = m.bytes_per_value * m.hidden + 4  # the final norm: its input and an fp32 rstd (models.rms_norm)
+        return 8 + norm + m.bytes_per_value * m.hidden + loss + 2 * m.d_head * m.bytes_per_value
 
     def working_bytes_per_token(self, u: int = 1, r: int = 1) -> float:
         """Transient bytes per local token on top of the saved ones (not seen by saved-tensor hooks): the
         recomputed layer under full checkpointing, the logits with their fp32 copy and softmax, and the
-        Ulysses all-to-all (send + receive of q, k, v) and ring (two K/V blocks in flight) buffers."""
+        Ulysses all-to-all (one head chunk each way: :meth:`ulysses_buffer_bytes`) and ring (two K/V blocks in
+        flight) buffers."""
         m = self.model
         b, d, kv = m.bytes_per_value, m.d_head, max(m.n_kv_heads, u)
         layer = 0.0
         if m.checkpointing in LAYER_RECOMPUTE:  # the recomputed layer's internals (the larger kind of layer)
-            layer = max(self._layer_bytes(u, "none", moe) for moe in {i in m.moe_layers() for i in range(m.layers)})
+            moe_layers = set(m.moe_layers())
+            kinds = {i in moe_layers for i in range(m.layers)}  # dense, MoE or both
+            layer = max(self._layer_bytes(u, "none", moe) for moe in kinds)
             if m.checkpointing == "offload":
                 layer += 2 * b * m.hidden  # the input fetched back from the host, and the next one prefetched
         logits = self._logits_bytes_per_token()
-        comm = (2 * (m.heads + 2 * kv) * d * b if u > 1 else 0) + (2 * 2 * kv * d * b if r > 1 else 0)
-        return layer + logits + comm
+        return layer + logits + self.ulysses_buffer_bytes(u) + (2 * 2 * kv * d * b if r > 1 else 0)
+
+    def head_chunks(self, u: int) -> int:
+        """The Ulysses head chunks a group of degree ``u`` runs: the model's ``head_chunks`` limited to a
+        divisor of the kv heads each rank receives (``sp.ulysses.HeadPlan``)."""
+        m = self.model
+        return math.gcd(m.head_chunks, max(m.n_kv_heads, u) // u) if u > 1 else 1
+
+    def ulysses_buffer_bytes(self, u: int) -> float:
+        """The all-to-all buffers in flight per local token (:mod:`sp.attention`, measured by
+        ``sp.ulysses.CommBuffers``): a chunk's q, k, v (A) going out and its output (B) coming back, each a send
+        copy and a receive buffer, one chunk each way at a time: ``2 (A + B)``, or ``2 A`` with one chunk; in
+        backward the roles swap (the output's gradient out, q, k, v's back), the same bytes."""
+        if u == 1:
+            return 0.0
+        m, n = self.model, self.head_chunks(u)
+        a = (m.heads + 2 * max(m.n_kv_heads, u)) * m.d_head * m.bytes_per_value / n
+        return 2 * a + (2 * m.heads * m.d_head * m.bytes_per_value / n if n > 1 else 0.0)
 
     def _logits_bytes_per_token(self) -> float:
         """Transient logits per token: bf16/fp32 logits, their fp32 copy and softmax; none when chunked."""
@@ -471,6 +497,13 @@ class CostModel:
             out += m.mlp_tile_tokens * (5 if m.swiglu else 2) * m.d_ffn * m.bytes_per_value
         return out
 
+    def norm_tile_bytes(self) -> float:
+        """A bound on the RMSNorm's transient fp32 temporaries (:mod:`models.rms_norm`): at most 20 bytes per
+        element of one tile of ``NORM_TILE_TOKENS`` tokens (the backward's fp32 normalised values, gradient
+        and product, with their casts), plus the fp32 weight-gradient accumulator; tested as a bound and as
+        independent of the local token count."""
+        return (20 * NORM_TILE_TOKENS + 4) * self.model.hidden
+
     def fsdp_unsharded_bytes(self) -> dict[str, float]:
         """FSDP2's transient unsharded state at the activation peak (the start of backward), per GPU: the root
         unit's parameters (embedding, final norm and output layer: all-gathered for the whole pass), the
@@ -486,8 +519,11 @@ class CostModel:
         layers, root = self._fsdp_units
         layer = max(sum(math.prod(s) for s in unit) for unit in layers)  # the largest (an MoE layer's)
         root_n = sum(math.prod(s) for s in root)
-        return {"params": (root_n + (1 + self.cluster.fsdp_prefetch_layers) * layer) * b, "grads": layer * b,
-                "reduce_scatter": 4.0 * layer}  # fmt: skip
+        out = {"params": (root_n + (1 + self.cluster.fsdp_prefetch_layers) * layer) * b, "grads": layer * b,
+               "reduce_scatter": 4.0 * layer}  # fmt: skip
+        if self.state_offload:  # the fp32 shards copied in from the host for the all-gathers in flight
+            out["host_copies"] = 4.0 * -(-layer // self.cluster.world) * (1 + self.cluster.fsdp_prefetch_layers)
+        return out
 
     @cached_property
     def _fsdp_units(self) -> tuple[list[list[tuple[int, ...]]], list[tuple[int, ...]]]:
@@ -532,10 +568,27 @@ class CostModel:
         moved = self.fsdp_collective_bytes()
         spans = n > cl.gpus_per_node
         per_byte = (n - 1) / n / ((cl.inter_gbs if spans else cl.intra_gbs) * 1e9)
-        return FsdpTime(transfer_s=(moved["all_gather"] + moved["reduce_scatter"]) * per_byte,
+        return FsdpTime(transfer_s=(moved["all_gather"] + moved["reduce_scatter"]) * per_byte + self.pcie_s(),
                         edge_transfer_s=moved["edge"] * per_byte,
                         latency_s=(cl.inter_latency_us if spans else cl.intra_latency_us) * 1e-6,
                         collectives=3 * m.layers + 2, overlap=cl.fsdp_overlap)  # fmt: skip
+
+    def pcie_bytes(self) -> float:
+        """Under state offload, bytes one rank moves over PCIe per micro-step: its fp32 parameter shard
+        copied to the GPU before each all-gather (every layer twice, the root once) and its fp32 gradient shard
+        copied back after each reduce-scatter (FSDP2's ``CPUOffloadPolicy``); 0 otherwise."""
+        if not self.state_offload or self.sharding != "fsdp":
+            return 0.0
+        units, root = self._fsdp_units
+        n = self.cluster.world
+        shard = lambda unit: sum(-(-s[0] // n) * math.prod(s[1:]) for s in unit)  # noqa: E731
+        layers, root_n = sum(shard(u) for u in units), shard(root)
+        return 4.0 * (2 * layers + root_n) + 4.0 * (layers + root_n)
+
+    def pcie_s(self) -> float:
+        """:meth:`pcie_bytes` at ``cluster.host_gbps``; it runs beside FSDP's collectives and is hidden with
+        them behind the micro-step's compute (:class:`FsdpTime`)."""
+        return self.pcie_bytes() / (self.cluster.host_gbps * 1e9)
 
     def host_bytes_per_token(self) -> float:
         """Host memory per local token (``offload``: every layer's input)."""
@@ -545,8 +598,26 @@ class CostModel:
     @property
     def act_bytes_per_token(self) -> float:
         """Saved + working bytes per local token, at the worst Ulysses degree this cluster allows."""
+        return self.shape_bytes_per_token(None)
+
+    def shape_bytes_per_token(self, shape: GroupShape | None) -> float:
+        """Saved + working bytes per local token of a group of ``shape`` (its Ulysses degree and ring); None:
+        the worst shape this cluster allows (a Ulysses degree at its worst, with a ring)."""
         if self.cluster.act_bytes_per_token is not None:
             return self.cluster.act_bytes_per_token
+        key = (shape.ulysses, shape.ring) if shape is not None else None
+        if key not in self._shape_bytes:  # called per shape, group and plan: computed once each
+            self._shape_bytes[key] = self._bytes_of(shape)
+        return self._shape_bytes[key]
+
+    @cached_property
+    def _shape_bytes(self) -> dict[tuple[int, int] | None, float]:
+        return {}
+
+    def _bytes_of(self, shape: GroupShape | None) -> float:
+        if shape is not None:
+            u, r = shape.ulysses, shape.ring
+            return self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, r)
         us = self.model.ulysses_degrees(self.cluster.world)
         return max(self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2) for u in us)
 
@@ -580,31 +651,42 @@ class CostModel:
     @cached_property
     def _reserved_gib(self) -> float:  # called per group and plan: computed once
         fsdp = sum(self.fsdp_unsharded_bytes().values())
-        return self.states_gib() + self.comm_gib() + (self.fixed_working_bytes() + fsdp) / GIB
+        fixed = self.fixed_working_bytes() + self.norm_tile_bytes()
+        return self.states_gib() + self.comm_gib() + (fixed + fsdp) / GIB
 
     @cached_property
     def _states_gib(self) -> float:  # called per group and plan: computed once
-        return self.state_bytes(0) / GIB
+        return 0.0 if self.state_offload else self.state_bytes(0) / GIB
 
-    def tokens_capacity(self, size: int) -> float:
-        """Tokens a group of ``size`` GPUs can hold in one micro-step."""
+    def host_state_gib(self) -> float:
+        """States each rank keeps in host memory under state offload (0 otherwise)."""
+        return self._host_state_gib
+
+    @cached_property
+    def _host_state_gib(self) -> float:  # called per group and plan: computed once
+        return self.state_bytes(0) / GIB if self.state_offload else 0.0
+
+    def tokens_capacity(self, size: int, shape: GroupShape | None = None) -> float:
+        """Tokens a group of ``size`` GPUs can hold in one micro-step; with ``shape``, under that layout's
+        bytes per token (:meth:`shape_bytes_per_token`), else under the worst layout's."""
         free = (self.cluster.memory_gib - self.reserved_gib()) * GIB
-        gpu = max(0.0, free) / self.act_bytes_per_token * size
+        gpu = max(0.0, free) / self.shape_bytes_per_token(shape) * size
         host = self.host_bytes_per_token()
         if host == 0:
             return gpu
         per_gpu = self.cluster.host_memory_gib * GIB / self.cluster.gpus_per_node  # the node's host memory, shared
-        return min(gpu, per_gpu / host * size)
+        per_gpu -= self.host_state_gib() * GIB
+        return min(gpu, max(0.0, per_gpu) / host * size)
 
     def activation_gib(self, tokens: float, size: int, u: int = 1) -> float:
         """Bytes saved for backward on each GPU of a group of ``size`` (Ulysses degree ``u``) running
         ``tokens`` tokens: what :class:`trainer.memory.SavedBytes` measures."""
         return self.saved_bytes_per_token(u) * tokens / size / GIB
 
-    def memory_gib(self, tokens: float, size: int) -> float:
-        return self.reserved_gib() + self.act_bytes_per_token * tokens / size / GIB
+    def memory_gib(self, tokens: float, size: int, shape: GroupShape | None = None) -> float:
+        return self.reserved_gib() + self.shape_bytes_per_token(shape) * tokens / size / GIB
 
-    def memory_breakdown_gib(self, local_tokens: float) -> dict[str, float]:
+    def memory_breakdown_gib(self, local_tokens: float, shape: GroupShape | None = None) -> dict[str, float]:
         """Peak memory per GPU holding ``local_tokens`` tokens, by part (the worst Ulysses degree):
         states, saved activations, the transient working set (logits with their fp32 copy and softmax, the
         recomputed layer, communication buffers) and NCCL communicators. A measured
@@ -614,16 +696,23 @@ class CostModel:
             out["fsdp_unsharded"] = sum(self.fsdp_unsharded_bytes().values()) / GIB
         if self.fixed_working_bytes():
             out["fixed_working"] = self.fixed_working_bytes() / GIB
+        out["norm_tile"] = self.norm_tile_bytes() / GIB
         if self.cluster.act_bytes_per_token is not None:
             out["activations"] = self.cluster.act_bytes_per_token * local_tokens / GIB
         else:
             us = self.model.ulysses_degrees(self.cluster.world)
-            u = max(us, key=lambda u: self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2))
+            u, r = (
+                (shape.ulysses, shape.ring)
+                if shape is not None
+                else (max(us, key=lambda u: self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2)), 2)
+            )
             out["saved"] = self.saved_bytes_per_token(u) * local_tokens / GIB
             logits = self._logits_bytes_per_token() * local_tokens / GIB
             out["logits"] = logits
-            out["working_other"] = self.working_bytes_per_token(u, 2) * local_tokens / GIB - logits
+            out["working_other"] = self.working_bytes_per_token(u, r) * local_tokens / GIB - logits
         out["total"] = sum(out.values())
         if self.host_bytes_per_token():
             out["host_offload_per_gpu"] = self.host_bytes_per_token() * local_tokens / GIB  # not in the GPU total
+        if self.state_offload:
+            out["host_states_per_gpu"] = self.host_state_gib()  # not in the GPU total
         return out

@@ -40,7 +40,7 @@ def check_lengths(lengths: list[int] | np.ndarray, cost: CostModel, shapes: list
     bad = arr[arr <= 0]
     if bad.size:
         raise ValueError(f"sequence lengths must be >= 1, got {bad[:5].tolist()}")
-    cap = max(cost.tokens_capacity(sh.size) for sh in shapes)
+    cap = max(cost.tokens_capacity(sh.size, sh) for sh in shapes)
     if arr.max() > cap:
         raise ValueError(
             f"sequence of length {int(arr.max())} exceeds what the cluster can hold in one SP group "

@@ -201,7 +201,7 @@ def to_micro_step(inst: Instance, bins: list[Bin], seq_ids: np.ndarray, cost: Co
             shape=inst.shapes[b.k],
             seqs=tuple(int(seq_ids[s]) for s in sorted(b.seqs)),
             time_s=inst.time(b),
-            memory_gib=cost.memory_gib(b.tokens, int(inst.sizes[b.k])),
+            memory_gib=cost.memory_gib(b.tokens, int(inst.sizes[b.k]), inst.shapes[b.k]),
         )
         for b, first in zip(used, firsts)
     ]

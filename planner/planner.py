@@ -41,6 +41,7 @@ from planner.packing import (
     makespan,
     to_micro_step,
 )
+from planner.state_offload import STATE_OFFLOAD
 from planner.topology import GROUP_SIZES, Topology
 from planner.types import CHECKPOINTING, GroupShape, MemoryMode, MicroStep, ModelShape, StepPlan
 
@@ -59,6 +60,8 @@ class PlannerConfig:
     checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick besides the model's (e.g. offload)
     loss_chunk_tokens: tuple[int, ...] = ()  # loss chunks a micro-step may pick besides the model's (0 = off)
     mlp_tile_tokens: tuple[int, ...] = ()  # MLP tiles a micro-step may pick besides the model's (0 = off)
+    head_chunks: tuple[int, ...] = ()  # Ulysses head chunks a micro-step may pick besides the model's (>= 1)
+    state_offload: str = "auto"  # states in host memory: auto (when the run's longest sequence needs it), on, off
     max_extra_micro_steps: int = 8  # the split search tries up to this many micro-steps over the memory floor
     exact_max_pairs: int = 1500  # micro-steps with at most this many (sequence, group instance) pairs solve exactly
     recalibrate_every: int = 10  # sp-train re-fits the cost model's time constants every N steps (0 = never)
@@ -67,6 +70,8 @@ class PlannerConfig:
     def __post_init__(self) -> None:
         if self.time_limit_s < 0:
             raise ValueError(f"planner.time_limit_s={self.time_limit_s}; valid: 0 (auto) or seconds > 0")
+        if self.state_offload not in STATE_OFFLOAD:
+            raise ValueError(f"planner.state_offload={self.state_offload!r}; valid: {list(STATE_OFFLOAD)}")
         if self.group_sizes not in GROUP_SIZES:
             raise ValueError(f"planner.group_sizes={self.group_sizes!r}; valid: {list(GROUP_SIZES)}")
         if self.recalibrate_every < 0 or self.recalibrate_window < 2:
@@ -75,20 +80,23 @@ class PlannerConfig:
 
 
 def memory_modes(model: ModelShape, config: PlannerConfig) -> tuple[MemoryMode, ...]:
-    """Every memory mode a micro-step may run with: the product of the planner's checkpointing, loss-chunk
-    and MLP-tile choices, each the model's own setting first and then the ones listed, in the order given."""
+    """Every memory mode a micro-step may run with: the product of the planner's checkpointing, loss-chunk,
+    MLP-tile and head-chunk choices, each the model's own setting first and then the ones listed, in the order given."""
     bad = [m for m in config.checkpointing if m not in CHECKPOINTING]
     if bad:
         raise ValueError(f"planner.checkpointing={list(config.checkpointing)}; valid modes: {CHECKPOINTING}")
     for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
         if any(n < 0 for n in getattr(config, name)):
             raise ValueError(f"planner.{name}={list(getattr(config, name))}; valid: 0 (off) or token counts >= 1")
+    if any(n < 1 for n in config.head_chunks):
+        raise ValueError(f"planner.head_chunks={list(config.head_chunks)}; valid: chunk counts >= 1")
     own = MemoryMode.of(model)
     modes = [
-        MemoryMode(c, n, t)
+        MemoryMode(c, n, t, h)
         for c in dict.fromkeys((own.checkpointing, *config.checkpointing))
         for n in dict.fromkeys((own.loss_chunk_tokens, *config.loss_chunk_tokens))
         for t in dict.fromkeys((own.mlp_tile_tokens, *config.mlp_tile_tokens))
+        for h in dict.fromkeys((own.head_chunks, *config.head_chunks))
     ]
     return tuple(dict.fromkeys(modes))
 
@@ -117,7 +125,7 @@ class Planner:
         """Raise, naming what each memory-technique set would hold and what would hold the longest sequence,
         when no mode the planner may use holds it."""
         longest = int(np.max(lengths)) if len(lengths) else 0
-        if longest > max(self.roomiest.tokens_capacity(s.size) for s in self.shapes):
+        if longest > max(c.tokens_capacity(s.size, s) for c in self.costs.values() for s in self.shapes):
             from planner.capacity import refusal
 
             raise ValueError(refusal(longest, self.cost, self.shapes, self.modes))
@@ -171,7 +179,7 @@ class Planner:
         cost = self.costs[mode]
         tmat = cost.seq_time_matrix(lengths, shapes)  # [S, K]
         sizes = np.array([sh.size for sh in shapes])
-        cap = np.array([cost.tokens_capacity(sh.size) for sh in shapes])
+        cap = np.array([cost.tokens_capacity(sh.size, sh) for sh in shapes])
         beta = np.array([cost.group_overhead_s(sh) for sh in shapes])
         label = mode if len(self.modes) > 1 else None
         return Instance(lengths, tmat, tuple(shapes), sizes, cap, beta, self.topology, label)

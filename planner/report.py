@@ -109,10 +109,12 @@ def _parameters(m: ModelShape) -> dict[str, int]:
     return {"total": m.params, "active_per_token": m.linear_params + m.vocab * m.hidden, "experts": experts}
 
 
-def _states(cost: CostModel) -> dict[str, float]:
+def _states(cost: CostModel) -> dict[str, float | str]:
     """This rank's fp32 states by kind (GiB): parameters 4, gradients 4, AdamW moments 8 bytes per element."""
     total = cost.state_bytes(0) / 2**30
-    return {"params": total / 4, "grads": total / 4, "optimizer": total / 2, "total": total}
+    where = "host" if cost.state_offload else "gpu"
+    return {"params": total / 4, "grads": total / 4, "optimizer": total / 2, "total": total, "where": where,
+            "host_optimizer_s": cost.host_optimizer_s()}  # fmt: skip
 
 
 def _peak_breakdown(cost: CostModel, plans: list[StepPlan]) -> dict[str, float]:
@@ -120,7 +122,7 @@ def _peak_breakdown(cost: CostModel, plans: list[StepPlan]) -> dict[str, float]:
     plan = max(plans, key=lambda p: p.peak_memory_gib)
     micro, group = plan.peak_group()
     local = sum(plan.lengths[s] for s in group.seqs) / group.shape.size
-    return cost.for_micro(micro).memory_breakdown_gib(local)
+    return cost.for_micro(micro).memory_breakdown_gib(local, group.shape)
 
 
 def _memory_modes(cost: CostModel, plans: list[StepPlan]) -> dict[str, int]:
@@ -206,6 +208,10 @@ def table(plan: StepPlan, summary: dict) -> str:
         f"({summary['memory_gib_mode']}) | estimated MFU {summary['estimated_mfu']:.1%} | FSDP "
         f"{summary['fsdp_comm_s_per_micro_step']:.3f} s per micro-step, {summary['fsdp_exposed_s']:.3f} s exposed"
     )
+    st = summary["states_gib"]
+    if st["where"] != "gpu":
+        lines.append(f"optimizer states in host memory (planner.state_offload): {st['total']:.1f} GiB per GPU, "
+                     f"AdamW on the host {st['host_optimizer_s']:.2f} s per step")  # fmt: skip
     lines.append(f"attention kernel {summary['attention_kernel']} | constants: {summary['constants_source']}")
     for k, v in summary["baselines"].items():
         if k.endswith("_layout"):

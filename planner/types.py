@@ -11,6 +11,7 @@ import numpy as np
 CHECKPOINTING = ("full", "selective", "none", "offload")  # activation checkpointing modes (trainer.sharding);
 # offload = full checkpointing with each layer's kept input in host memory (trainer.offload)
 SHARDINGS = ("fsdp", "replicate")  # fsdp: ZeRO-3 (states / world); replicate: whole states on every GPU
+NORM_TILE_TOKENS = 4096  # models.rms_norm runs its fp32 temporaries over tiles of this many tokens
 
 
 # transformers' rope_scaling keys per rope type (the rope_type key itself aside); the values are computed
@@ -69,7 +70,8 @@ class Cluster:
     usd_per_gpu_hour: float | None = None  # price, for sp-plan's run-cost estimate
     fsdp_prefetch_layers: int = 1  # layers FSDP2 all-gathers ahead (implicit backward prefetch on CUDA)
     host_gbps: float = 25.0  # host <-> GPU copy bandwidth per GPU (activation offload; PCIe Gen5 x16 shared)
-    host_memory_gib: float = 1536.0  # host memory per node usable for offloaded activations
+    host_memory_gib: float = 1536.0  # host memory per node usable for offloaded activations and states
+    cpu_adam_gparams_per_s: float = 2.5  # AdamW on the host, per GPU's share of the CPUs (state offload)
     ring_overlap: float = 1.0  # share of a ring step's attention compute that hides its K/V transfer (fitted)
     fsdp_overlap: float = 1.0  # share of a micro-step's compute that hides FSDP's all-gathers / reduce-scatters
     fsdp_comm: bool = True  # time FSDP's collectives (false: fitted constants, e.g. FlexSP's beta, include them)
@@ -85,7 +87,16 @@ class Cluster:
         for name in ("nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cluster.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("peak_tflops", "memory_gib", "intra_gbs", "inter_gbs", "mfu", "host_gbps", "host_memory_gib"):
+        for name in (
+            "peak_tflops",
+            "memory_gib",
+            "intra_gbs",
+            "inter_gbs",
+            "mfu",
+            "host_gbps",
+            "host_memory_gib",
+            "cpu_adam_gparams_per_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"cluster.{name} must be > 0, got {getattr(self, name)}")
         for name in ("ring_overlap", "fsdp_overlap"):
@@ -142,6 +153,7 @@ class ModelShape:
     max_position_embeddings: int = 0  # the HF config's (kept for export; yarn's default factor uses it)
     loss_chunk_tokens: int = 0  # > 0: output projection + loss per chunk of this many tokens (models/loss.py)
     mlp_tile_tokens: int = 0  # > 0: the MLP runs over tiles of this many tokens (models/tiled_mlp.py)
+    head_chunks: int = 2  # Ulysses: heads through the all-to-all in this many chunks, one in flight (sp.attention)
     # mixture of experts (models/moe.py): 0 experts is a dense model
     experts: int = 0  # routed experts per MoE layer (num_experts, num_local_experts)
     experts_per_token: int = 0  # top-k (num_experts_per_tok)
@@ -169,6 +181,8 @@ class ModelShape:
         if not self.rms_norm_eps > 0:
             raise ValueError(f"model.rms_norm_eps={self.rms_norm_eps}; valid: a number > 0")
         check_rope_scaling(self.rope_scaling)
+        if self.head_chunks < 1:
+            raise ValueError(f"model.head_chunks={self.head_chunks}; valid: >= 1 (Ulysses head chunks)")
         for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)}; valid: 0 (off) or a token count >= 1")
@@ -296,17 +310,22 @@ class Assignment:
 
 @dataclass(frozen=True)
 class MemoryMode:
-    """How one micro-step trades time for memory: activation checkpointing, the chunked loss's chunk and the
-    tiled MLP's tile (tokens; 0 = off). The planner may choose one per micro-step (``planner.checkpointing``,
-    ``planner.loss_chunk_tokens``, ``planner.mlp_tile_tokens``)."""
+    """How one micro-step trades time for memory: activation checkpointing, the chunked loss's chunk, the
+    tiled MLP's tile (tokens; 0 = off) and the Ulysses head chunks (one chunk's all-to-all buffers in flight:
+    more chunks, less memory, more collectives). The planner may choose one per micro-step
+    (``planner.checkpointing``, ``planner.loss_chunk_tokens``, ``planner.mlp_tile_tokens``,
+    ``planner.head_chunks``)."""
 
     checkpointing: str = "full"
     loss_chunk_tokens: int = 0
     mlp_tile_tokens: int = 0
+    head_chunks: int = 2
 
     def __post_init__(self) -> None:
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing={self.checkpointing!r}; valid: {', '.join(map(repr, CHECKPOINTING))}")
+        if self.head_chunks < 1:
+            raise ValueError(f"head_chunks={self.head_chunks}; valid: >= 1")
         if self.loss_chunk_tokens < 0 or self.mlp_tile_tokens < 0:
             raise ValueError(f"loss_chunk_tokens={self.loss_chunk_tokens}, mlp_tile_tokens={self.mlp_tile_tokens}; "
                              "valid: 0 (off) or a token count >= 1")  # fmt: skip
@@ -314,12 +333,12 @@ class MemoryMode:
     @classmethod
     def of(cls, model: ModelShape) -> MemoryMode:
         """The model's own settings."""
-        return cls(model.checkpointing, model.loss_chunk_tokens, model.mlp_tile_tokens)
+        return cls(model.checkpointing, model.loss_chunk_tokens, model.mlp_tile_tokens, model.head_chunks)
 
     def on(self, model: ModelShape) -> ModelShape:
         """``model`` running under this mode."""
         return replace(model, checkpointing=self.checkpointing, loss_chunk_tokens=self.loss_chunk_tokens,
-                       mlp_tile_tokens=self.mlp_tile_tokens)  # fmt: skip
+                       mlp_tile_tokens=self.mlp_tile_tokens, head_chunks=self.head_chunks)  # fmt: skip
 
     @property
     def label(self) -> str:
@@ -329,6 +348,8 @@ class MemoryMode:
             parts.append(f"loss chunk {self.loss_chunk_tokens}")
         if self.mlp_tile_tokens:
             parts.append(f"MLP tile {self.mlp_tile_tokens}")
+        if self.head_chunks != MemoryMode.head_chunks:
+            parts.append(f"head chunks {self.head_chunks}")
         return ", ".join(parts)
 
 

@@ -9,7 +9,9 @@ same layout. One code path serves all strategies:
 - hybrid (u x r): all-to-all inside the u-sub-group, ring across the r sub-groups (USP's 2D scheme).
 
 With u > 1 the heads go in ``ctx.head_chunks`` chunks: the all-to-alls of chunk c+1 are posted before
-chunk c is attended, and chunk c's result is sent back while chunk c+1 computes.
+chunk c is attended, and chunk c's result is sent back while chunk c+1 computes; one chunk's buffers are in
+flight each way, so the all-to-all working set is ``2 (A + B)`` per chunk (A: its q, k, v heads, B: its output
+heads; ``CostModel.working_bytes_per_token``), counted by ``ctx.comm_buffers`` when set.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sp.context import SPContext
 from sp.kernels import get_kernel
 from sp.ring import ring_backward, ring_forward
 from sp.timing import timing, waiting
-from sp.ulysses import HeadPlan, place_heads, post_head_to_seq, post_seq_to_head, to_ring_local
+from sp.ulysses import HeadPlan, Posted, place_heads, post_head_to_seq, post_seq_to_head, take, to_ring_local
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> HeadPlan:
@@ -61,20 +63,22 @@ class _SPAttention(torch.autograd.Function):
         if ctx.u == 1:
             out, lse = ring_forward(q, k, v, ctx, kernel, scale)
             saved.append((q, k, v, out, lse))
-        else:
+        else:  # one chunk in flight each way: chunk c+1's all-to-all and chunk c-1's return run under chunk c
             out = torch.empty_like(q)
-            perm, g, n = ctx.gather_perm, ctx.ulysses_group, plan.chunks
-            pending = [post_seq_to_head(x, ctx.u, n, 0, g) for x in (q, k, v)]
-            backs = []
+            perm, g, n, meter = ctx.gather_perm, ctx.ulysses_group, plan.chunks, ctx.comm_buffers
+            pending = [post_seq_to_head(x, ctx.u, n, 0, g, meter) for x in (q, k, v)]
+            back: Posted | None = None
             for c in range(n):
-                qc, kc, vc = (to_ring_local(_wait(ctx.timer, p), perm) for p in pending)
+                qc, kc, vc = (to_ring_local(_take(ctx, p), perm) for p in pending)
                 if c + 1 < n:
-                    pending = [post_seq_to_head(x, ctx.u, n, c + 1, g) for x in (q, k, v)]
+                    pending = [post_seq_to_head(x, ctx.u, n, c + 1, g, meter) for x in (q, k, v)]
                 oc, lc = ring_forward(qc, kc, vc, ctx, kernel, scale)
-                backs.append(post_head_to_seq(oc, ctx.u, perm, g))
+                if back is not None:
+                    place_heads(_take(ctx, back), out, n, c - 1)
+                back = post_head_to_seq(oc, ctx.u, perm, g, meter)
                 saved.append((qc, kc, vc, oc, lc))
-            for c, b in enumerate(backs):
-                place_heads(_wait(ctx.timer, b), out, n, c)
+            assert back is not None  # n >= 1 chunks
+            place_heads(_take(ctx, back), out, n, n - 1)
         # save_for_backward (not ctx attributes): activation checkpointing can then drop and recompute them,
         # and saved-tensor hooks (memory accounting, offloading) see them
         fctx.save_for_backward(*(x.detach() for s in saved for x in s))
@@ -96,27 +100,28 @@ class _SPAttention(torch.autograd.Function):
             dq = dout.new_empty(t, plan.heads, dout.shape[2])
             dk = dout.new_empty(t, plan.kv_local * u, dout.shape[2])
             dv = torch.empty_like(dk)
-            pending = post_seq_to_head(dout, u, n, 0, g)
-            backs = []
+            meter = ctx.comm_buffers
+            pending = post_seq_to_head(dout, u, n, 0, g, meter)
+            backs: list[Any] = []
             for c in range(n):
-                doc = to_ring_local(_wait(ctx.timer, pending), perm)
+                doc = to_ring_local(_take(ctx, pending), perm)
                 if c + 1 < n:
-                    pending = post_seq_to_head(dout, u, n, c + 1, g)
+                    pending = post_seq_to_head(dout, u, n, c + 1, g, meter)
                 qc, kc, vc, oc, lc = saved[c]
                 grads = ring_backward(doc, qc, kc, vc, oc, lc, ctx, kernel, scale)
-                backs.append([post_head_to_seq(x, u, perm, g) for x in grads])
-            for c, (bq, bk, bv) in enumerate(backs):
-                place_heads(_wait(ctx.timer, bq), dq, n, c)
-                place_heads(_wait(ctx.timer, bk), dk, n, c)
-                place_heads(_wait(ctx.timer, bv), dv, n, c)
+                if backs:
+                    for b, full in zip(backs, (dq, dk, dv)):
+                        place_heads(_take(ctx, b), full, n, c - 1)
+                backs = [post_head_to_seq(x, u, perm, g, meter) for x in grads]
+            for b, full in zip(backs, (dq, dk, dv)):
+                place_heads(_take(ctx, b), full, n, n - 1)
         return dq, plan.reduce_kv_grad(dk), plan.reduce_kv_grad(dv), None
 
 
-def _wait(timer: Any, posted: tuple[Any, torch.Tensor]) -> torch.Tensor:
-    work, recv = posted
-    with waiting(timer):
-        work.wait()
-    return recv
+def _take(ctx: SPContext, posted: Posted) -> torch.Tensor:
+    with waiting(ctx.timer):
+        posted[0].wait()  # type: ignore[attr-defined]
+    return take(posted, ctx.comm_buffers)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SPContext) -> torch.Tensor:

@@ -16,6 +16,7 @@ from sp.kernels import KERNELS
 from sp.layout import GroupLayout, Segment
 from sp.step_tables import StepTables
 from sp.timing import SpanTimer
+from sp.ulysses import CommBuffers
 
 
 class SPContext:
@@ -37,6 +38,7 @@ class SPContext:
         head_chunks: int = 2,  # Ulysses overlap: all-to-all of head chunk i+1 runs under attention of chunk i
         device: str = "cpu",  # where the per-step index tensors live (uploaded once, not once per layer)
         timer: SpanTimer | None = None,  # attention and comm-wait spans (sp.timing)
+        comm_buffers: CommBuffers | None = None,  # counts the Ulysses all-to-all buffers in flight (sp.ulysses)
     ) -> None:
         if not 0 <= rank < layout.size:
             raise ValueError(f"rank {rank} outside the group of {layout.size}")
@@ -54,7 +56,7 @@ class SPContext:
             tuple(ring_global_ranks),
         )
         self.causal, self.softmax_scale, self.kernel, self.head_chunks = causal, softmax_scale, kernel, head_chunks
-        self.device, self.timer = str(device), timer
+        self.device, self.timer, self.comm_buffers = str(device), timer, comm_buffers
         self.tables = StepTables(self)  # the micro-step's device tables: built on first use, uploaded once
 
     def __repr__(self) -> str:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from sp.context import SPContext
 from sp.layout import GroupLayout
 from sp.timing import SpanTimer
+from sp.ulysses import CommBuffers
 
 MIN_PER_RANK = 3  # one micro-step needs up to three groups per rank: SP group, Ulysses and ring sub-groups
 
@@ -142,6 +143,7 @@ class GroupPool:
         device: str | torch.device = "cpu",
         check: bool = True,
         timer: SpanTimer | None = None,
+        comm_buffers: CommBuffers | None = None,
     ) -> SPContext:
         """The SPContext of this rank inside SP group ``ranks`` of shape ``u x r`` (prepared with
         :meth:`prepare` first, except a group of the whole world, prepared here).
@@ -175,6 +177,7 @@ class GroupPool:
             head_chunks=head_chunks,
             device=str(device),
             timer=timer,
+            comm_buffers=comm_buffers,
         )
 
 

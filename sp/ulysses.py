@@ -1,7 +1,9 @@
 """Ulysses all-to-all: sequence-sharded ``[T_local, H, D]`` <-> head-sharded ring-local ``[T_ring, H/u, D]``.
 
 Heads are processed in chunks so that the all-to-all of chunk c+1 runs while chunk c is attended
-(:mod:`sp.attention`). Every function here works on one chunk: ``hc`` heads of each destination rank.
+(:mod:`sp.attention`), with one chunk's buffers in flight each way: the working set is a chunk's, so more
+chunks hold less (``planner.head_chunks``, a per-micro-step choice; more, smaller collectives). Every
+function here works on one chunk: ``hc`` heads of each destination rank.
 GQA: when u exceeds the kv head count, kv heads are replicated first (:class:`HeadPlan`).
 """
 
@@ -58,8 +60,25 @@ class HeadPlan:
         return g.view(t, self.kv_heads, self.kv_repeat, d).sum(2)
 
 
-def post_seq_to_head(x: torch.Tensor, u: int, chunks: int, c: int, group) -> tuple[object, torch.Tensor]:
-    """Start the all-to-all of head chunk ``c`` of ``x`` ``[T_l, H, D]``; returns (work, recv ``[u, T_l, hc, D]``)."""
+class CommBuffers:
+    """Live bytes of the all-to-all buffers this module allocates (send copies and receive buffers), from the
+    post of a collective until its result is taken (:func:`take`), and their peak: allocator-independent, so
+    the memory model's Ulysses working set is checked on the CPU (``SPContext.comm_buffers``)."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def add(self, n: int) -> None:
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+
+Posted = tuple[object, torch.Tensor, int]  # (work, recv, bytes allocated for it: the send copy and recv)
+
+
+def post_seq_to_head(x: torch.Tensor, u: int, chunks: int, c: int, group, meter: CommBuffers | None = None) -> Posted:
+    """Start the all-to-all of head chunk ``c`` of ``x`` ``[T_l, H, D]``; returns (work, recv ``[u, T_l, hc, D]``,
+    bytes allocated)."""
     t, h, d = x.shape
     hpr = h // u
     hc = hpr // chunks
@@ -67,7 +86,22 @@ def post_seq_to_head(x: torch.Tensor, u: int, chunks: int, c: int, group) -> tup
     send = x.view(t, u, hpr, d)[:, :, c * hc : (c + 1) * hc].permute(1, 0, 2, 3).contiguous()
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=group, async_op=True)
-    return work, recv
+    return _posted(work, recv, 2 * recv.nbytes, meter)
+
+
+def _posted(work: object, recv: torch.Tensor, nbytes: int, meter: CommBuffers | None) -> Posted:
+    if meter is not None:
+        meter.add(nbytes)
+    return work, recv, nbytes
+
+
+def take(posted: Posted, meter: CommBuffers | None) -> torch.Tensor:
+    """The received buffer of a collective already waited on; its send copy is released, and the receive
+    buffer is counted as consumed (copied out or kept by the caller)."""
+    _, recv, nbytes = posted
+    if meter is not None:
+        meter.live -= nbytes
+    return recv
 
 
 def to_ring_local(recv: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -79,10 +113,12 @@ def to_ring_local(recv: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor
     return flat if perm is None else flat.index_select(0, perm)  # perm already on the device (SPContext)
 
 
-def post_head_to_seq(y: torch.Tensor, u: int, perm: torch.Tensor | None, group) -> tuple[object, torch.Tensor]:
+def post_head_to_seq(
+    y: torch.Tensor, u: int, perm: torch.Tensor | None, group, meter: CommBuffers | None = None
+) -> Posted:
     """Start the reverse all-to-all of ring-local ``y`` ``[T_ring, hc, D]``; recv is ``[u, T_l, hc, D]``."""
     t_ring, hc, d = y.shape
-    if perm is None:  # ring-local order is the send order
+    if perm is None:  # ring-local order is the send order (a kernel's output is contiguous: no copy)
         flat = y.contiguous()
     else:
         flat = torch.empty_like(y)
@@ -91,7 +127,8 @@ def post_head_to_seq(y: torch.Tensor, u: int, perm: torch.Tensor | None, group) 
     send = flat.view(u, t_ring // u, hc, d)
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=group, async_op=True)
-    return work, recv
+    copied = flat.data_ptr() != y.data_ptr()
+    return _posted(work, recv, recv.nbytes * (2 if copied else 1), meter)
 
 
 def place_heads(recv: torch.Tensor, out: torch.Tensor, chunks: int, c: int) -> None:

@@ -124,3 +124,17 @@ def test_measured_kernel_speeds_replace_the_profiles(tmp_path):
         "cluster=h100x64", "model=llama3-8b", "lengths.fixed=[4096]", f"cluster.calibration={tmp_path}/bad.json"
     )
     assert res.returncode == 2 and "attention_tflops.cudnn=" in res.stderr
+
+
+def test_qwen3_moe_at_a_million_tokens_fits_one_node_with_states_on_the_host():
+    """Qwen3-30B-A3B's fp32 states are 57 GiB per GPU on 8 H100s: the default planner.state_offload=auto puts
+    them in host memory for a 1M-token sequence (and only then), and the JSON breaks the plan down per term."""
+    args = ("cluster=h100x64", "cluster.nodes=1", "model=qwen3-30b-a3b", "output.format=json", "output.baselines=false")
+    res = _plan(*args, "lengths.fixed=[1048576]")
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = json.loads(res.stdout)["summary"]
+    assert s["states_gib"]["where"] == "host" and s["states_gib"]["total"] > 50 and s["memory_gib"]["states"] == 0
+    assert s["peak_memory_gib"] <= 76.0 and s["memory_gib"]["host_states_per_gpu"] == s["states_gib"]["total"]
+    assert s["flops_per_step"] and s["parameters"]["experts"] > 0 and s["states_gib"]["host_optimizer_s"] > 0
+    short = json.loads(_plan(*args, "lengths.fixed=[16384]").stdout)["summary"]
+    assert short["states_gib"]["where"] == "gpu" and short["memory_gib"]["states"] > 50  # fits: not offloaded

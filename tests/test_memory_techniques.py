@@ -72,7 +72,7 @@ def test_chunked_loss_and_tiled_mlp_equal_the_plain_path():
         assert loss < 1e-6 and grad < 1e-6, (case, loss, grad)
 
 
-def _job(out, strategy, sharding="fsdp", **model):
+def _job(out, strategy, sharding="fsdp", state_offload="off", **model):
     from planner.planner import PlannerConfig
     from planner.types import Cluster
     from trainer.config import DataConfig, TrainConfig
@@ -82,7 +82,7 @@ def _job(out, strategy, sharding="fsdp", **model):
         model=_shape(**model),
         cluster=Cluster(name="cpu", nodes=1, gpus_per_node=4, peak_tflops=0.05, mfu=1.0, memory_gib=4.0,
                         intra_gbs=1.0, inter_gbs=1.0, beta_ms=5.0),
-        planner=PlannerConfig(use_milp=False),
+        planner=PlannerConfig(use_milp=False, state_offload=state_offload),
         data=DataConfig(max_len=768, tokens_per_step=3000, seed=1),
         train=TrainConfig(steps=2, strategy=strategy, out_dir=out, progress=False, warmup_steps=1,
                           checkpoint_every=0, resume=False, picture_every=0, precision="fp32",
@@ -105,9 +105,12 @@ def _trainer_worker(rank, world, tmp):
             ("replicate_offload", REPLICATE | {"checkpointing": "offload"}),
             ("replicate_tiled", REPLICATE | {"mlp_tile_tokens": 64}),
             ("replicate_all_on", REPLICATE | ALL_ON),
+            ("states_on_host", {"state_offload": "on"} | ALL_ON),
         ):
             tr = Trainer(_job(f"{tmp}/{s}-{name}", s, **kw))
             runs[name] = (tr.run(), full_state(tr.model))
+            if name == "states_on_host":
+                out.setdefault("host_states", []).append(_host_states(tr))
         out[s] = runs
     # offloaded bytes of one step: every layer's input, on the host, per micro-step's local rows
     tr = Trainer(_job(f"{tmp}/count", "adaptive", **ALL_ON))
@@ -132,7 +135,28 @@ def _trainer_worker(rank, world, tmp):
     return out
 
 
-MODES = [("full", 0, 0), ("none", 64, 0), ("none", 0, 40), ("offload", 64, 40), ("full", 0, 0)]  # tiles < local tokens
+def _host_states(tr):
+    """Under state offload: whether FSDP2 keeps every parameter shard on the host (its CPUOffloadPolicy), and
+    this rank's measured state bytes (parameters, gradients, AdamW moments) vs the cost model's host bytes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from trainer.memory import state_bytes
+
+    flags = [p.offload_to_cpu for m in tr.model.modules() if isinstance(m, FSDPModule)
+             for p in m._get_fsdp_state()._fsdp_param_group.fsdp_params]  # fmt: skip
+    got = state_bytes(tr.model, tr.optim)  # after the step: gradients freed (zero_grad), parameters and moments
+    host = tr.cost.host_state_gib() * 2**30 * 12 / 16  # 16 bytes per element with the fp32 gradient, 12 without
+    return all(flags) and bool(flags), got["params"] + got["optim"], host, tr.cost.states_gib()
+
+
+MODES = [
+    ("full", 0, 0),
+    ("none", 64, 0),
+    ("none", 0, 40),
+    ("offload", 64, 40),
+    ("full", 0, 0, 1),
+    ("none", 0, 0, 1),
+]  # tiles < local tokens; head chunks 2 (the default) or 1 (u=2 receives 2 kv heads)
 
 
 def _modes_per_micro_step(rank, tmp):
@@ -146,12 +170,12 @@ def _modes_per_micro_step(rank, tmp):
     from trainer.loop import Trainer
     from trainer.step import run_plan
 
-    job = _job(f"{tmp}/modes", "adaptive")
+    job = _job(f"{tmp}/modes", "adaptive", kv_heads=4)
     job = dataclasses.replace(job, planner=dataclasses.replace(job.planner, checkpointing=("full", "none", "offload"),
                               loss_chunk_tokens=(0, 64), mlp_tile_tokens=(0, 40)))  # fmt: skip
     tr = Trainer(job)
     gen = torch.Generator().manual_seed(5)
-    docs = [torch.randint(0, 256, (n + 1,), generator=gen).numpy() for n in (256, 128, 320, 200, 64)]
+    docs = [torch.randint(0, 256, (n + 1,), generator=gen).numpy() for n in (256, 128, 320, 200, 64, 96)]
     g = lambda i: (Assignment(0, GroupShape(2, 2), (i,), 0.0, 0.0),)  # noqa: E731
     micro = tuple(MicroStep(g(i), 0.0, MemoryMode(*m)) for i, m in enumerate(MODES))
     plan = StepPlan(tuple(len(d) - 1 for d in docs), micro, 0.0, "hand")
@@ -183,10 +207,20 @@ def test_all_techniques_on_equal_the_plain_trainer_under_every_strategy(trained)
     runs = trained[0]
     for s in STRATEGIES:
         l0, p0 = runs[s]["plain"]
-        for name in ("all_on", "replicate_offload", "replicate_tiled", "replicate_all_on"):
+        for name in ("all_on", "replicate_offload", "replicate_tiled", "replicate_all_on", "states_on_host"):
             l1, p1 = runs[s][name]
             assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-6, (s, name, l0, l1)
             assert max(float((p0[k] - p1[k]).abs().max()) for k in p0) < 1e-6, (s, name)
+
+
+def test_states_on_host_are_fsdp2_offloaded_and_counted(trained):
+    """planner.state_offload=on: every FSDP2 parameter is offloaded (CPUOffloadPolicy), the states' bytes
+    measured after training equal the cost model's host bytes (rank 0 holds the most), and none are counted
+    on the GPU."""
+    for rank, part in enumerate(trained):
+        for offloaded, measured, host, gpu in part["host_states"]:
+            assert offloaded and gpu == 0.0, (rank, offloaded, gpu)
+            assert measured <= host and (rank or measured == host), (rank, measured, host)
 
 
 def test_offloaded_bytes_are_every_layer_input(trained):
@@ -233,7 +267,7 @@ def test_planner_chunks_or_tiles_only_the_micro_step_that_needs_it(technique):
     it is planned exactly as without the choice (no slower than the model's own setting)."""
     from planner.cost import CostModel
     from planner.planner import Planner, PlannerConfig
-    from planner.types import Cluster, MemoryMode
+    from planner.types import Cluster, GroupShape, MemoryMode
 
     shape = dataclasses.replace(_shape(), layers=4, hidden=1024, heads=8, kv_heads=8, head_dim=128,
                                 ffn=16384 if technique == "mlp_tile_tokens" else 2816,
@@ -243,8 +277,9 @@ def test_planner_chunks_or_tiles_only_the_micro_step_that_needs_it(technique):
                       intra_gbs=100.0, inter_gbs=100.0, beta_ms=50.0)  # fmt: skip
     cost = CostModel(cluster, shape)
     on = cost.with_mode(dataclasses.replace(MemoryMode.of(shape), **{technique: 2048}))
-    long = int(0.99 * on.tokens_capacity(2))  # no room left beside it for a short sequence
-    assert cost.tokens_capacity(2) < long  # the long sequence needs the technique on the whole cluster
+    pair = [GroupShape(1, 2), GroupShape(2, 1)]  # capacities are per layout: the roomiest one of both GPUs
+    long = int(0.99 * max(on.tokens_capacity(2, s) for s in pair))  # no room left beside it for a short sequence
+    assert max(cost.tokens_capacity(2, s) for s in pair) < long  # it needs the technique on the whole cluster
     shorts = [int(cost.tokens_capacity(1) * 0.4)] * 4
     config = PlannerConfig(**{technique: (0, 2048)})
     plan = Planner(cost, config).plan([long, *shorts])

@@ -68,7 +68,7 @@ def brute_force(lengths, cost=COST):
     """Optimal single-micro-step time by enumeration (independent of the planner's search): the best
     makespan plus FSDP's exposure at it (a micro-step's time never falls as its makespan grows)."""
     world = cost.cluster.world
-    cap = {s: cost.tokens_capacity(s) for s in (1, 2, 4, 8)}
+    cap = {sh: cost.tokens_capacity(sh.size, sh) for s in (1, 2, 4, 8) for sh in _shapes_of(s)}  # per layout
     best = np.inf
     for sizes in _partitions(world):
         for shapes in itertools.product(*[_shapes_of(s) for s in sizes]):
@@ -79,7 +79,7 @@ def brute_force(lengths, cost=COST):
                 for s, g in enumerate(assign):
                     work[g] += t[s, g]
                     tok[g] += lengths[s]
-                if any(tok[g] > cap[shapes[g].size] for g in range(len(shapes))):
+                if any(tok[g] > cap[shapes[g]] for g in range(len(shapes))):
                     continue
                 used = np.bincount(assign, minlength=len(shapes)) > 0
                 fixed = np.array([cost.group_overhead_s(sh) for sh in shapes])
@@ -111,7 +111,7 @@ def check_invariants(plan: StepPlan, cost=COST):
             whole_nodes = first % gpn == 0 and g.shape.size % gpn == 0
             assert first // gpn == last // gpn or whole_nodes, "inside a node or on whole nodes"
             tokens = sum(plan.lengths[s] for s in g.seqs)
-            assert tokens <= cost.tokens_capacity(g.shape.size) + 1e-6, "memory respected"
+            assert tokens <= cost.tokens_capacity(g.shape.size, g.shape) + 1e-6, "memory respected"
             assert g.memory_gib <= cost.cluster.memory_gib + 1e-9
     assert abs(recompute_step(plan, cost) - plan.time_s) <= 1e-9 * plan.time_s
     assert plan.lower_bound_s <= plan.time_s * (1 + 1e-9)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from planner import calibration
+from planner import calibration, state_offload
 from planner.calibration import calibrated
 from planner.cost import CostModel
 from planner.planner import Planner, PlannerConfig, memory_modes
@@ -107,10 +107,13 @@ class Trainer(EvalPhase):
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.preempt.checkpoint("init", self.rank, self.device)
         t = job.train
-        self.regime = Regime(
-            t.sharding, resolve_precision(t.precision, self.device), job.model.checkpointing, job.planner.checkpointing
-        )
-        self.cost = cost_model(job, self.regime.precision)
+        precision = resolve_precision(t.precision, self.device)
+        self.cost = cost_model(job, precision)
+        self.regime = Regime(t.sharding, precision, job.model.checkpointing, job.planner.checkpointing,
+                             offload_states=self.cost.state_offload)  # fmt: skip
+        if self.cost.state_offload and self.rank == 0:
+            print(f"[sp-train] optimizer states in host memory (planner.state_offload={job.planner.state_offload}): "
+                  f"{self.cost.host_state_gib():.3g} GiB per rank, AdamW on the host", flush=True)  # fmt: skip
         modes = memory_modes(job.model, job.planner)  # the roomiest mode the plan may pick
         cap = max(self.cost.with_mode(m).tokens_capacity(self.world) for m in modes)
         if job.data.max_len > cap:
@@ -147,7 +150,7 @@ class Trainer(EvalPhase):
         # fp32 master parameters everywhere; bf16 compute comes from FSDP's policy or autocast (replicate).
         # Built on the meta device and sharded first: each rank materialises and fills only its own rows.
         meta = build_meta(job.model, job.data.max_len, modes=modes)
-        self.model = materialize(parallelize(meta, self.regime, self.device), self.device)
+        self.model = materialize(parallelize(meta, self.regime, self.device), self.regime.state_device(self.device))
         self.autocast = torch.bfloat16 if (self.regime.precision == "bf16" and t.sharding == "replicate") else None
         m = job.model
         self.kernel: KernelChoice = self._agree(
@@ -335,7 +338,7 @@ class Trainer(EvalPhase):
         """AdamW on the fp32 (sharded) parameters (:mod:`trainer.optim`)."""
         from trainer import optim
 
-        return optim.build(self.model, self.job.train, self.device.type == "cuda")
+        return optim.build(self.model, self.job.train, self.device.type == "cuda", self.regime.offload_states)
 
     def _plan(self, lengths: list[int]) -> StepPlan:
         if self.shape is not None:
@@ -600,7 +603,8 @@ class Trainer(EvalPhase):
             "plan/load_imbalance": float(np.mean(imbalance)),
             "memory/peak_gib": peak_bytes(self.device) / 2**30,
             "memory/states_gib": self.state_bytes / 2**30,
-            "memory/states_predicted_gib": self.cost.states_gib(),
+            "memory/states_predicted_gib": self.cost.state_bytes(0) / 2**30,  # on the GPU or, offloaded, the host
+            "memory/states_on_host": float(self.cost.state_offload),
             "planner/late_plans": float(self.late_plans),
             **{f"plan/strategy_{k}": float(v) for k, v in mix.items()},
             "data/max_len": float(self.job.data.max_len_at(self.step)),
@@ -643,7 +647,8 @@ def cost_model(job: TrainJob, precision: str) -> CostModel:
     """The planner's cost model of this job: states from ``train.sharding`` (the one setting sp-plan reads
     too), activation bytes from the resolved precision."""
     model = replace(job.model, bytes_per_value=2 if precision == "bf16" else 4)
-    return CostModel(calibrated(job.cluster, model), model, sharding=job.train.sharding)
+    cost = CostModel(calibrated(job.cluster, model), model, sharding=job.train.sharding)
+    return state_offload.resolve(cost, job.planner.state_offload, job.data.max_len, memory_modes(model, job.planner))
 
 
 def plan_activation_gib(plan: StepPlan, cost: CostModel) -> float:

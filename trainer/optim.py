@@ -45,11 +45,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: tuple[st
     return [g for g in groups if g["params"]]
 
 
-def build(model: torch.nn.Module, t: Any, cuda: bool) -> torch.optim.Optimizer:
-    """AdamW from the train config ``t`` (fused kernels on CUDA, foreach on the CPU)."""
+def build(model: torch.nn.Module, t: Any, cuda: bool, on_host: bool = False) -> torch.optim.Optimizer:
+    """AdamW from the train config ``t``: fused kernels on CUDA and for states offloaded to the host (torch's
+    fused CPU AdamW, ``sp-bench cpu-adam``), foreach on a CPU-only run."""
+    fused = cuda or on_host
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay, tuple(t.no_weight_decay)), lr=t.lr, betas=(t.beta1, t.beta2),
-        eps=t.eps, weight_decay=t.weight_decay, fused=cuda or None, foreach=not cuda,
+        eps=t.eps, weight_decay=t.weight_decay, fused=fused or None, foreach=not fused,
     )  # fmt: skip
 
 

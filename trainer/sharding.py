@@ -40,10 +40,15 @@ class Regime:
     precision: str
     checkpointing: str
     choices: tuple[str, ...] = ()  # checkpointing modes the plan may switch to per micro-step
+    offload_states: bool = False  # FSDP2's CPUOffloadPolicy: parameters, gradients, AdamW moments on the host
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def state_device(self, device: torch.device) -> torch.device:
+        """Where the sharded states are materialised: the host under state offload, else ``device``."""
+        return torch.device("cpu") if self.offload_states else device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -125,9 +130,9 @@ def checkpoint_switch(model: torch.nn.Module) -> CheckpointSwitch | None:
     return None
 
 
-def apply_fsdp(model: torch.nn.Module, precision: str, device: torch.device) -> None:
+def apply_fsdp(model: torch.nn.Module, precision: str, device: torch.device, offload_states: bool = False) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = (
@@ -136,8 +141,10 @@ def apply_fsdp(model: torch.nn.Module, precision: str, device: torch.device) -> 
         else MixedPrecisionPolicy()
     )
     units = [*layers(model), model]
+    # pinned host memory on a GPU node (asynchronous copies); a CPU-only run has nothing to pin
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload_states else OffloadPolicy()
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
     for unit in units:  # loss / global tokens: the gradient is the plain SUM (gloo has no PREMUL_SUM)
         unit.set_gradient_divide_factor(1.0)  # type: ignore[operator]
         unit.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
@@ -148,8 +155,10 @@ def parallelize(model: torch.nn.Module, regime: Regime, device: torch.device) ->
     if regime.sharding not in SHARDINGS:
         raise ValueError(f"train.sharding={regime.sharding!r}; valid: {list(SHARDINGS)}")
     apply_checkpointing(model, regime.checkpointing, regime.choices)
+    if regime.offload_states and regime.sharding != "fsdp":
+        raise ValueError(f"optimizer-state offload needs train.sharding=fsdp, got {regime.sharding!r}")
     if regime.sharding == "fsdp":
-        apply_fsdp(model, regime.precision, device)
+        apply_fsdp(model, regime.precision, device, regime.offload_states)
     return model
 
 

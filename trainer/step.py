@@ -99,6 +99,7 @@ def run_plan(
             raise ValueError(f"the plan asks for checkpointing={micro.checkpointing!r}; the model has no wrappers")
         chunked_loss.set_chunk(model, micro.memory.loss_chunk_tokens if micro.memory is not None else None)
         tiled_mlp.set_tile(model, micro.memory.mlp_tile_tokens if micro.memory is not None else None)
+        chunks = micro.memory.head_chunks if micro.memory is not None else getattr(model, "sp_head_chunks", 2)
         if sync is not None and i == len(plan.micro_steps) - 1:
             sync.arm()
         prepare_groups(pool, micro)
@@ -124,7 +125,9 @@ def run_plan(
                     step = moe.begin(model, None, share)
                     loss = empty_pass(model, device)
                 else:
-                    loss, step = group_pass(model, pool, g, docs, kernel, device, timer, meter, moe_share=share)
+                    loss, step = group_pass(
+                        model, pool, g, docs, kernel, device, timer, meter, moe_share=share, head_chunks=chunks
+                    )
             if step is not None:  # the load-balancing loss over the micro-step's tokens on every rank (collective)
                 moe.finish(step)
                 stats.aux_loss = stats.aux_loss + (step.aux if step.aux is not None else 0.0)
@@ -157,12 +160,13 @@ def group_pass(
     timer: SpanTimer | None = None,
     meter: SavedBytes | None = None,
     moe_share: float | None = None,
+    head_chunks: int = 2,
 ) -> Any:
     """This rank's loss sum of group ``g``; ``meter`` also counts the micro-step's derived device tables (RoPE's
     cos/sin, shared by every layer and held by the SP context outside autograd's saves). With ``moe_share``
     (the micro-step's share of the step's tokens) the MoE routers' statistics are opened for the aux loss and
     ``(loss, MoEStep or None)`` is returned."""
-    per_token, weights, ctx = group_losses(model, pool, g, docs, kernel, device, timer, moe_share)
+    per_token, weights, ctx = group_losses(model, pool, g, docs, kernel, device, timer, moe_share, head_chunks)
     if meter is not None:
         meter.hold(ctx.tables.derived())
     loss = (per_token * weights).sum()
@@ -178,6 +182,7 @@ def group_losses(
     device: torch.device,
     timer: SpanTimer | None = None,
     moe_share: float | None = None,
+    head_chunks: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """This rank's per-token losses of group ``g``'s sequences (fp32, local tokens), their weights (0 on
     padding and masked targets) and the SP context (whose layout maps local rows to packed positions)."""
@@ -186,7 +191,7 @@ def group_losses(
     weights = torch.from_numpy(np.concatenate([target_weights(docs[s]) for s in g.seqs]))
     cu = np.concatenate([[0], np.cumsum([len(docs[s]) - 1 for s in g.seqs])]).tolist()
     ctx = pool.context(g.ranks, g.shape.ulysses, g.shape.ring, cu, kernel=kernel, check=False, device=device,
-                       timer=timer)  # fmt: skip
+                       timer=timer, head_chunks=head_chunks)  # fmt: skip
     # sharded on the host, then two uploads per micro-step: token ids with labels, and the weights
     pair = shard(torch.stack([inputs, labels], 1), ctx.layout, ctx.rank)  # [T, 2] -> [local, 2]
     both = upload(pair.T.contiguous(), device)  # [local, 2] -T-> [2, local]
