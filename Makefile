@@ -24,6 +24,7 @@ DATA_ARGS ?= data=mix
 EVAL_ARGS ?= eval.every=20 eval.holdout=0.005 eval.max_docs=16 eval.tasks=[needle]
 TRAIN_ARGS ?=
 train: $(STAMP)
+	@$(BIN)/python -m cli.train --check $(DATA_ARGS) $(EVAL_ARGS) $(TRAIN_ARGS)  # one clear error, not one per rank
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m cli.train $(DATA_ARGS) $(EVAL_ARGS) $(TRAIN_ARGS)
 
 plan: $(STAMP)

@@ -1,5 +1,5 @@
 """A tiny Llama-3.1-shaped Hugging Face folder standing in for a published model on a machine without one:
-``python -m benchmarks.tiny_llama OUT [--corpus OUT/corpus.jsonl]``.
+``python -m benchmarks.tiny_llama OUT [--files 400]`` (writes OUT/ and OUT/corpus.jsonl).
 
 config.json as Llama-3.1 writes it (rope_theta 500,000, "llama3" rope scaling, untied embeddings), random
 weights (transformers' init, perturbed), a byte-level BPE tokenizer of 256 tokens trained on this Python's

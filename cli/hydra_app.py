@@ -52,25 +52,36 @@ def run_app(
     import hydra
     from omegaconf import OmegaConf
 
-    from cli.schema import register
+    from cli import overrides
+    from cli.schema import ROOTS, register
 
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         print(usage(prog, description, groups))
         sys.exit(0)
+    only_check = "--check" in sys.argv[1:]  # compose and validate, then exit (make train runs it before torchrun)
+    args = [a for a in sys.argv[1:] if a != "--check"]
+    try:
+        overrides.check(args, ROOTS[config_name], CONFIG_DIR, groups)
+    except ValueError as e:
+        if overrides.is_rank0():  # one message, not one per rank
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     register()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=config_name)
     def _app(cfg: Any) -> None:
         try:
             check_declared(cfg)
-            run(OmegaConf.to_object(cfg))
+            job = OmegaConf.to_object(cfg)
+            if only_check:
+                return
+            run(job)
         except ValueError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     # no Hydra output folder or log files: these are CLI tools, their outputs are named by the user. The
     # settings go first, so that a trailing `--cfg` / `--info` does not take one as its argument.
-    args = sys.argv[1:]
     if args and args[-1] in ("--cfg", "-c"):
         args.append("job")  # `--cfg` alone: the job's config
     sys.argv[1:] = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none",

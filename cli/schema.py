@@ -95,10 +95,10 @@ EvalSchema = twin(EvalConfig)
 class LengthsSchema:
     path: str | None = None  # .txt[.gz] (one length per line), .jsonl or .npy
     fixed: list[int] = field(default_factory=list)  # plan exactly this batch (one step)
-    global_batch: int = 512
-    steps: int = 20
-    max_len: int = 262144
-    seed: int = 0
+    global_batch: int = 512  # sequences per sampled step (from lengths.path)
+    steps: int = 20  # steps sampled from lengths.path
+    max_len: int = 262144  # longest sequence of a sampled step (longer lengths: refused, or capped with clip)
+    seed: int = 0  # the sampling of steps
     clip: bool = False  # cap lengths above max_len (logged) instead of refusing them
     max_len_schedule: list[list[int]] = field(default_factory=list)  # sp-train's data.max_len_schedule: per phase
 
@@ -107,7 +107,7 @@ class LengthsSchema:
 class OutputSchema:
     format: str = "table"  # table | json
     picture: str | None = None  # PNG path: Gantt chart of the first step
-    baselines: bool = True
+    baselines: bool = True  # plan the static, oracle, Ulysses-hetero and greedy baselines too
 
 
 @dataclass
@@ -135,6 +135,9 @@ class TrainJobSchema:
     data: Any = field(default_factory=DataSchema)
     train: Any = field(default_factory=TrainSchema)
     eval: Any = field(default_factory=EvalSchema)
+
+
+ROOTS: dict[str, type] = {"plan": PlanJobSchema, "config": TrainJobSchema}  # config name -> its job schema
 
 
 def register() -> None:

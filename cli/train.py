@@ -54,9 +54,25 @@ def run(cfg, preempt: Any = None) -> None:  # cfg: TrainJobSchema after OmegaCon
         else:
             print(f"[sp-train] {state} at step {trainer.step}: no step was trained (train.steps="
                   f"{job.train.steps}; a finished run continues with a larger train.steps)")  # fmt: skip
-        print(f"[sp-train] TensorBoard: tensorboard --logdir {out / 'tb'}")
-        print(f"[sp-train] checkpoints: {out / 'checkpoints'}")
+        for line in artefacts(out):
+            print(f"[sp-train] {line}")
     dist.destroy_process_group()
+
+
+def artefacts(out: Path) -> list[str]:
+    """Closing lines naming what the run wrote in ``out``: TensorBoard logs, checkpoints, the evaluation's
+    pictures and JSON (the newest of each kind), plan pictures, the calibration."""
+    lines = [f"TensorBoard: tensorboard --logdir {out / 'tb'}"]
+    ckpts = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
+    lines.append(f"checkpoints: {out / 'checkpoints'}" + (f" (newest {ckpts[-1].name})" if ckpts else " (none yet)"))
+    kinds: dict[str, list[Path]] = {}
+    for f in sorted(out.glob("**/*.png")) + sorted((out / "eval").glob("*.json")):
+        kinds.setdefault(f"{f.parent.name}/{f.stem.rsplit('_step_', 1)[0]}{f.suffix}", []).append(f)
+    for kind, files in sorted(kinds.items()):
+        lines.append(f"{kind}: {files[-1]}" + (f" (and {len(files) - 1} earlier)" if len(files) > 1 else ""))
+    if (out / "calibration.json").is_file():
+        lines.append(f"calibration (the cost model refitted on this run): {out / 'calibration.json'}")
+    return lines
 
 
 def main() -> None:

@@ -111,7 +111,22 @@ def build_meta(
         from models import tiled_mlp
 
         tiled_mlp.install(model, shape.mlp_tile_tokens)
+    _own_loss_storage(model)
     return model
+
+
+def _own_loss_storage(model: Any) -> None:
+    """The per-token loss returned with its own storage. Megatron returns ``loss.transpose(0, 1).contiguous()``,
+    a view for a batch of one ([s, 1] -> [1, s] is already contiguous); FSDP2 hangs its root pre-backward hook on
+    the model's output and warns that an in-place op on a view output would drop it (and skip the all-gather).
+    A copy of one float per token removes the hazard and the warning."""
+    inner = model.compute_language_model_loss
+
+    def loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = inner(labels, logits)
+        return out if out._base is None else out.clone()
+
+    model.compute_language_model_loss = loss
 
 
 def build_gpt(

@@ -8,6 +8,13 @@ from planner.cost import CostModel
 from planner.types import MemoryMode, StepPlan
 
 COLOURS = {"none": "#9e9e9e", "ulysses": "#1f77b4", "ring": "#d62728", "hybrid": "#9467bd"}
+GAP = 0.08  # rows of white between two groups' bands, whatever their size
+
+
+def band(first_rank: int, size: int) -> tuple[float, float]:
+    """(top, height) of a group's band: its rows to scale, less a fixed gap at the edges (a group of 64
+    GPUs ends at row 63.96, not at 59 as a band of 0.92 of its height did)."""
+    return first_rank + GAP / 2, size - GAP
 
 
 def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> None:
@@ -27,7 +34,7 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
         if len(modes) > 1 or mode != MemoryMode.of(cost.model) or mode.checkpointing == "offload":
             ax.text(x0 + micro.time_s / 2, 0.02 * world, mode.label, ha="center", va="top", fontsize=7)
         for g in micro.groups:
-            y, h = g.first_rank, g.shape.size * 0.92  # a group spans the rows of its GPUs
+            y, h = band(g.first_rank, g.shape.size)  # a group spans the rows of its GPUs
             fixed = c.group_overhead_s(g.shape)
             ax.barh(y, fixed, left=x0, height=h, align="edge", color="#eeeeee", edgecolor="none")
             t = x0 + fixed
@@ -39,9 +46,9 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
                     ax.text(t + d / 2, y + h / 2, f"{plan.lengths[s] / 1024:.0f}K", ha="center", va="center",
                             fontsize=7, color="w")  # fmt: skip
                 t += d
-            if g.shape.size > 1:
-                ax.text(x0 + fixed / 2, y + h / 2, f"u{g.shape.ulysses}r{g.shape.ring}", ha="center",
-                        va="center", fontsize=6)  # fmt: skip
+            if g.shape.size > 1:  # inside the band, right of its fixed cost (never over the axis)
+                ax.text(x0 + fixed, y + 0.1, f" u{g.shape.ulysses}r{g.shape.ring}", ha="left", va="top", fontsize=6,
+                        bbox={"facecolor": "white", "alpha": 0.7, "pad": 0.5, "edgecolor": "none"})  # fmt: skip
         if micro.fsdp_exposed_s > 0:  # FSDP's collectives not hidden: every rank waits
             ax.barh(0, micro.fsdp_exposed_s, left=x0 + micro.groups_s, height=world, align="edge", color="#bbbbbb",
                     hatch="//", edgecolor="white", linewidth=0)  # fmt: skip
@@ -57,7 +64,14 @@ def draw_gantt(plan: StepPlan, cost: CostModel, path: str, title: str = "") -> N
                   "collectives not hidden)")  # fmt: skip
     head = f"step {plan.time_s:.2f} s, bound {plan.lower_bound_s:.2f} s, gap {plan.gap:.1%}"
     ax.set_title(f"{title}  {head}" if title else head, fontsize=10)
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], loc="lower right", fontsize=7)
+    ax.legend(
+        handles=[Patch(color=c, label=k) for k, c in COLOURS.items()],
+        loc="upper left",
+        bbox_to_anchor=(1.005, 1.0),
+        fontsize=7,
+        title="strategy",
+        title_fontsize=7,
+    )  # beside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,12 +51,12 @@ class PlannerConfig:
     time_limit_s: float = 2.0  # the whole step's solve (split search + MILP refinement), a hard cap; 0 = auto:
     # AUTO_LIMIT_S for up to AUTO_GPUS GPUs, proportionally more beyond (more GPUs: more group shapes, longer steps)
     milp_time_limit_s: float = 0.5  # per MILP probe
-    gap_tol: float = 0.01
-    max_probes: int = 8
-    max_buckets: int = 24
-    strategies: tuple[str, ...] = STRATEGIES
+    gap_tol: float = 0.01  # the MILP stops at this relative gap
+    max_probes: int = 8  # MILP probes of the step time per micro-step
+    max_buckets: int = 24  # length buckets of the MILP (sequences of similar length share a column)
+    strategies: tuple[str, ...] = STRATEGIES  # strategies groups may use: none, ulysses, ring, hybrid
     group_sizes: str = "any"  # any: every size up to a node and every multiple of one; powers_of_two: those only
-    use_milp: bool = True
+    use_milp: bool = True  # refine the fast plan with the MILP (false: greedy plans only)
     checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick besides the model's (e.g. offload)
     loss_chunk_tokens: tuple[int, ...] = ()  # loss chunks a micro-step may pick besides the model's (0 = off)
     mlp_tile_tokens: tuple[int, ...] = ()  # MLP tiles a micro-step may pick besides the model's (0 = off)

@@ -49,20 +49,20 @@ class Cluster:
     FLOPs. Communication: per-GPU all-to-all bandwidth per group size (``a2a_gbs``) when measured, else
     ``intra_gbs`` / ``inter_gbs`` by whether the group stays inside a node."""
 
-    name: str = "custom"
-    nodes: int = 1
-    gpus_per_node: int = 8
-    peak_tflops: float = 312.0
-    mfu: float = 0.45
+    name: str = "custom"  # the profile's name (logs, calibration files)
+    nodes: int = 1  # nodes in the cluster (sp-train: from the launch)
+    gpus_per_node: int = 8  # GPUs per node (sp-train: from the launch; groups stay in a node or span whole nodes)
+    peak_tflops: float = 312.0  # dense bf16 peak per GPU, TFLOP/s
+    mfu: float = 0.45  # the GEMMs' share of peak (projections, MLP, logits)
     memory_gib: float = 80.0  # usable per GPU
-    intra_gbs: float = 150.0
-    inter_gbs: float = 12.5
-    intra_latency_us: float = 10.0
-    inter_latency_us: float = 30.0
-    a2a_gbs: dict[int, float] = field(default_factory=dict)
-    p2p_gbs: dict[int, float] = field(default_factory=dict)
-    alpha1_ms: float | None = None
-    alpha2_ms: float | None = None
+    intra_gbs: float = 150.0  # per-GPU bandwidth inside a node, GB/s
+    inter_gbs: float = 12.5  # per-GPU bandwidth between nodes, GB/s
+    intra_latency_us: float = 10.0  # per collective inside a node, microseconds
+    inter_latency_us: float = 30.0  # per collective across nodes, microseconds
+    a2a_gbs: dict[int, float] = field(default_factory=dict)  # measured all-to-all GB/s per group size (sp-profile)
+    p2p_gbs: dict[int, float] = field(default_factory=dict)  # measured ring P2P GB/s per group size (sp-profile)
+    alpha1_ms: float | None = None  # fitted attention constant (FlexSP form): ms per token^2 / P
+    alpha2_ms: float | None = None  # fitted linear constant (FlexSP form): ms per token / P
     beta_ms: float = 0.0  # fixed cost of one group's micro-step (launch, optimizer share, ...)
     act_bytes_per_token: float | None = None  # measured activation bytes per token per layer stack
     comm_gib_per_group: float = 0.0  # NCCL buffers per communicator a rank belongs to (CostModel.comm_gib)
@@ -132,18 +132,18 @@ class Cluster:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    name: str = "custom"
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    ffn: int | None = None
-    vocab: int = 32000
-    swiglu: bool = True
+    name: str = "custom"  # the model's name (logs, sp-plan)
+    layers: int  # transformer layers
+    hidden: int  # hidden size h
+    heads: int  # query heads
+    kv_heads: int | None = None  # key/value heads (GQA); None = heads
+    head_dim: int | None = None  # head dimension d; None = hidden / heads
+    ffn: int | None = None  # MLP width; None = 4 x hidden
+    vocab: int = 32000  # vocabulary size V
+    swiglu: bool = True  # SwiGLU MLP (Llama, Qwen); false = GELU
     checkpointing: str = "full"  # "full" | "selective" | "none" | "offload"
     bytes_per_value: int = 2  # bf16 activations and communication
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # output layer shares the input embedding (Qwen2 small models)
     qkv_bias: bool = False  # biases on q, k, v (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3; megatron-core's qk_layernorm)

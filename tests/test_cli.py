@@ -34,6 +34,18 @@ def test_json_summary_and_picture(tmp_path):
     assert pic.stat().st_size > 10_000 and pic.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_picture_bands_are_to_scale():
+    """Each group's band covers its ranks' rows but for a fixed gap: a 64-GPU group reaches row 63.9 (at 0.92 of
+    its height it ended at row 59, as if 5 GPUs were idle), and neighbours never overlap."""
+    from planner.picture import band
+
+    top, h = band(0, 64)
+    assert top < 0.1 and top + h > 63.9
+    for size in (1, 3, 8):
+        a, b = band(0, size), band(size, size)
+        assert a[0] + a[1] < b[0] and b[0] - (a[0] + a[1]) < 0.1
+
+
 def test_million_tokens_on_h100(tmp_path):
     out = _plan("cluster=h100x64", "model=llama3-8b", "lengths.fixed=[1048576]", "output.format=json",
                 "output.baselines=false", cwd=tmp_path)  # fmt: skip
@@ -51,6 +63,29 @@ def test_config_errors_are_clear(tmp_path):
     assert out.returncode == 2 and ">= 1" in out.stderr
     out = _plan("lengths.fixed=[100000000]", "model=gpt-7b", cwd=tmp_path)
     assert out.returncode == 2 and "exceeds what the cluster can hold" in out.stderr
+
+
+def test_unknown_keys_name_the_closest_once(tmp_path):
+    """A misspelt key or option: one error from rank 0 naming the closest valid ones, exit 2, and silence on the
+    other ranks (every rank of a launch checks; only rank 0 speaks); schema groups are not options."""
+    import os
+
+    def train(*args, rank="0"):
+        env = {**os.environ, "RANK": rank}
+        return subprocess.run([sys.executable, "-m", "cli.train", "--check", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+
+    out = train("train.step=10")
+    assert out.returncode == 2 and "unknown config key 'train.step' (did you mean 'train.steps'?)" in out.stderr
+    assert out.stderr.count("error") == 1 and "append" not in out.stderr  # not Hydra's "+train.step" advice
+    quiet = train("train.step=10", rank="3")
+    assert quiet.returncode == 2 and quiet.stderr == ""
+    assert "(did you mean 'model.hidden'?)" in train("model.hidn=3").stderr
+    assert "(did you mean 'mix'?)" in train("data=mixx").stderr
+    assert train("data=mix", "train.steps=3", "model.rope_scaling={rope_type: linear, factor: 2.0}").returncode == 0
+    for run in (lambda: train("cluster=cluster_schema"), lambda: _plan("cluster=cluster_schema", cwd=tmp_path)):
+        out = run()
+        assert out.returncode == 2 and "cluster=cluster_schema is not a cluster config" in out.stderr, out.stderr
 
 
 def test_help_cfg_and_info_alone(tmp_path):
@@ -93,3 +128,56 @@ def test_length_schedule_reports_each_phase(tmp_path):
     assert phases[0]["summary"]["planned_step_s"] < phases[1]["summary"]["planned_step_s"]  # 64 pieces of <= 8K
     bad = _plan(f"lengths.path={lengths}", "lengths.max_len_schedule=[[5,8192]]", cwd=tmp_path)
     assert bad.returncode == 2 and "the first at step 0" in bad.stderr
+
+
+def test_closing_lines_name_every_artefact(tmp_path):
+    from cli.train import artefacts
+
+    for f in ("tb/events.1", "checkpoints/step_000010/x", "checkpoints/step_000020/x", "eval/needle_step_000010.png",
+              "eval/needle_step_000020.png", "eval/needle_step_000020.json", "eval/loss_by_position_step_000020.png",
+              "plans/plan_step_000005.png", "calibration.json"):  # fmt: skip
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    text = "\n".join(artefacts(tmp_path))
+    for want in ("tensorboard --logdir", "newest step_000020", "needle_step_000020.png (and 1 earlier)",
+                 "needle_step_000020.json", "loss_by_position_step_000020.png", "plan_step_000005.png",
+                 "calibration.json"):  # fmt: skip
+        assert want in text, (want, text)
+
+
+def test_help_texts_name_the_real_flags():
+    """Every ``--flag`` a tool's help text mentions is one of its options (the description once named --corpus)."""
+    import argparse
+    import contextlib
+    import re
+
+    from benchmarks import tiny_llama
+
+    captured: dict = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):  # the parser as built, without running the tool
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab  # type: ignore[method-assign]
+    try:
+        with contextlib.suppress(SystemExit):
+            tiny_llama.main([])
+    finally:
+        argparse.ArgumentParser.parse_args = real  # type: ignore[method-assign]
+    parser = captured["parser"]
+    named = set(re.findall(r"(--[a-z][a-z-]+)", parser.format_help()))
+    valid = {o for a in parser._actions for o in a.option_strings}
+    assert named <= valid, named - valid
+
+
+def test_config_reference_is_the_schemas():
+    """docs/config.md lists every key with its type, default and meaning, generated from the schema: a key added,
+    removed, retyped or given another default without regenerating it fails here."""
+    from cli.config_reference import render
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert committed == render(), "regenerate: python -m cli.config_reference > docs/config.md"
+    rows = [line for line in committed.splitlines() if line.startswith("| `")]
+    assert len(rows) > 120 and not [r for r in rows if r.endswith("|  |")], "every key has a meaning"

@@ -22,7 +22,7 @@ class SourceConfig:
     name: str  # a label for logs, TensorBoard and checkpoints: letters, digits, '-', '_'
     source: str = "stdlib"  # stdlib | pydoc | glob | jsonl | indexed (see trainer.corpus)
     path: str | None = None  # glob pattern, .jsonl file, or indexed-dataset prefix (no .bin/.idx)
-    text_field: str = "text"
+    text_field: str = "text"  # the JSONL field holding the text
     weight: float = 1.0  # share of the training tokens (weights are normalised over the sources)
     min_len: int = 0  # documents with fewer training tokens are skipped (counted)
     max_len: int = 0  # longer documents are split or rejected at this length (0: data.max_len at the step)
@@ -46,14 +46,14 @@ class SourceConfig:
 class DataConfig:
     source: str = "stdlib"  # one source (when data.sources is empty): stdlib | pydoc | glob | jsonl | indexed
     path: str | None = None  # glob pattern, .jsonl file, or Megatron indexed-dataset prefix (no .bin/.idx)
-    text_field: str = "text"
+    text_field: str = "text"  # the JSONL field holding the text
     sources: tuple[SourceConfig, ...] = ()  # a mixture: [{name, source, path, weight, min_len, max_len}, ...]
     tokenizer: str | None = None  # a tokenizers JSON file or a Hugging Face model folder; None = bytes (vocab 256)
     max_len: int = 4096  # longest training sequence (tokens); longer documents are split or rejected
     max_len_schedule: tuple[tuple[int, int], ...] = ()  # [[step, max_len], ...] from step 0; each <= max_len
     long_docs: str = "split"  # split | reject
-    tokens_per_step: int = 32768
-    seed: int = 0
+    tokens_per_step: int = 32768  # training tokens per optimizer step (the global batch)
+    seed: int = 0  # document order and mixture draws
 
     def __post_init__(self) -> None:
         srcs = _sources(self, "data")
@@ -125,31 +125,31 @@ def _check_range(section: str, cfg: object, bounds: dict[str, tuple[float, float
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    steps: int = 20
+    steps: int = 20  # optimizer steps of the run
     strategy: str = "adaptive"  # adaptive | ulysses | ring | hybrid | none (static, one group shape)
     sp_size: int = 0  # static strategies: GPUs per group (0 = the whole world; any size up to a node or whole nodes)
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 2
-    weight_decay: float = 0.01
-    beta1: float = 0.9
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-4  # learning rate at the end of the schedule
+    warmup_steps: int = 2  # linear warmup from 0
+    weight_decay: float = 0.01  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # Llama recipes: 0.95
-    eps: float = 1e-8
+    eps: float = 1e-8  # AdamW epsilon
     no_weight_decay: tuple[str, ...] = ()  # kinds trained without weight decay: norm, bias, embedding
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, after warmup_steps
     decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
-    grad_clip: float = 1.0
-    seed: int = 0
-    out_dir: str = "runs/default"
-    log_every: int = 1
-    picture_every: int = 10
-    checkpoint_every: int = 10
-    resume: bool = True
+    grad_clip: float = 1.0  # gradient norm clip
+    seed: int = 0  # weight initialisation
+    out_dir: str = "runs/default"  # the run folder: checkpoints, TensorBoard, evaluation pictures
+    log_every: int = 1  # TensorBoard scalars every N steps
+    picture_every: int = 10  # plan picture every N steps (0 = never)
+    checkpoint_every: int = 10  # checkpoint every N steps (0 = only at the end or on a stop signal)
+    resume: bool = True  # resume from out_dir's latest checkpoint when there is one
     max_bad_steps: int = 3  # stop after this many non-finite losses in a row
     max_skipped_share: float = 0.05  # stop once steps with no trained target exceed this share of train.steps
-    bucket_mb: float = 4.0
+    bucket_mb: float = 4.0  # replicate: gradient all-reduce bucket size, MB
     collective_timeout_s: float = 1800.0  # NCCL/gloo timeout: long enough for a million-token micro-step
-    progress: bool = True
+    progress: bool = True  # a progress bar (false: one log line per step)
     sharding: str = "fsdp"  # fsdp (ZeRO-3, FSDP2) | replicate; sp-plan's memory model reads the same field
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (fp32 master shards) | fp32
     plan_timeout_s: float = 60.0  # the next step's plan is late beyond this: use the greedy plan instead
