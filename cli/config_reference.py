@@ -49,7 +49,8 @@ def comments(cls: type) -> dict[str, str]:
         if row in comment_at:
             out[name] = comment_at[row][1]
             continue
-        above, r = [], row - 1
+        above: list[str] = []
+        r = row - 1
         while r in comment_at and comment_at[r][0] == 4 and r not in field_at:
             above.insert(0, comment_at[r][1])
             r -= 1

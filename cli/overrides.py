@@ -57,7 +57,8 @@ def check(args: list[str], root: Any, config_dir: str, groups: tuple[str, ...]) 
                 raise ValueError(f"{key}={value} is not a {key} config{_near(value, options)}; valid: "
                                  f"{', '.join(options)} (configs/{key}/*.yaml)")  # fmt: skip
             continue
-        schema, path = top, ""
+        schema: dict[str, Any] | None = top
+        path = ""
         for i, part in enumerate(parts):
             if schema is None:  # a leaf or a free-form node (model.rope_scaling, data.sources): Hydra checks it
                 break
