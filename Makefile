@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: train test lint typecheck pytest plan clean gpu-deps gpu-check flash-attn
+.PHONY: train test test-slow lint typecheck pytest plan clean gpu-deps gpu-check flash-attn
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,14 @@ typecheck: $(STAMP)
 	$(BIN)/mypy planner sp trainer cli models
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The second half of the suite (CI runs both): sweeps over more worlds and architectures, Slurm's requeue hold,
+# timeouts waited out, a third launcher; each behaviour here also has a faster test in `make test` or is a sweep.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The CUDA path on a GPU machine: only torch's CUDA build is needed (the default PyPI wheel on Linux x86-64;
 # torch's own flash and cuDNN attention ops need no compiler). Runs the gpu suite, then sp-bench gpu, which prints

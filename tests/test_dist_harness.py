@@ -39,6 +39,7 @@ def test_failing_rank_reraises_its_traceback():
         run_distributed(_raise_on_one, 2, timeout=60)
 
 
+@pytest.mark.slow  # waits out a timeout
 def test_hang_is_killed_after_timeout():
     start = time.monotonic()
     with pytest.raises((TimeoutError, RankError)):

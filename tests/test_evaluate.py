@@ -106,6 +106,7 @@ def test_validation_trains_nothing_and_never_sees_training_documents(result):
     assert (result["unchanged"], result["leak"], result["n_docs"] >= 8) == (True, [], True), result["n_docs"]
 
 
+@pytest.mark.slow  # test_needle scores a checkpoint with sp-eval in the fast suite
 def test_sp_eval_on_a_checkpoint_equals_the_evaluation_during_training(tmp_path):
     """Train 2 steps with evaluation (torchrun, 2 ranks); sp-eval on the last checkpoint (torchrun, 2 ranks)
     reports the loss the trainer logged at that step."""

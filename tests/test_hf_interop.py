@@ -223,7 +223,9 @@ def _load_worker(rank, world, folder):
     return full_state(model), read
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "kind", ["llama3", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("qwen3", marks=pytest.mark.slow)]
+)  # one architecture in the fast suite
 def test_fsdp_sharded_load_is_bit_exact_and_rank_local(kind, folders):
     from safetensors.torch import load_file
 

@@ -179,6 +179,7 @@ def _train(tmp, *overrides):
                           env={**__import__("os").environ, "MASTER_PORT": "29631"})  # fmt: skip
 
 
+@pytest.mark.slow  # one subprocess per bad input
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     from tests.hf_models import make
 

@@ -75,6 +75,7 @@ def test_torchrun_two_nodes_with_the_documented_script(tmp_path):
     assert (tmp_path / "run" / "COMPLETE").exists()
 
 
+@pytest.mark.slow  # a third launcher of the same trainer (torchrun and srun run in the fast suite)
 def test_mpiexec_four_ranks(tmp_path):
     mpiexec = Path(PY).parent / "mpiexec"
     if not mpiexec.exists():
@@ -185,6 +186,7 @@ def test_sbatch_train_job_completes(slurm):
     assert "launcher slurm, 4 ranks" in log
 
 
+@pytest.mark.slow  # Slurm holds a requeued job ~160 s
 def test_sbatch_preemption_checkpoints_requeues_and_resumes(slurm):
     """Preempted at step k of 40 in a folder that holds a stale COMPLETE from an earlier finished run: the
     job must requeue and resume (not report "training complete"), and finish with its own COMPLETE."""

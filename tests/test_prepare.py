@@ -69,7 +69,7 @@ def _same(corpus_a, corpus_b):
         assert (np.ones(len(a), bool) if ma is None else ma).tolist() == mb.tolist()
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+@pytest.mark.parametrize("tokenizer", [pytest.param("bytes", marks=pytest.mark.slow), "bpe"])
 def test_read_back_equals_direct_tokenisation(inputs, tmp_path, tokenizer):
     from trainer.data.corpus import encoder
 
@@ -108,6 +108,7 @@ class _Slice:
         return self.corpus.doc(self.a + i)
 
 
+@pytest.mark.slow  # a preparation killed and resumed in subprocesses
 def test_an_interrupted_preparation_resumes_to_the_same_bytes(inputs, tmp_path):
     cfg = lambda out: PrepareConfig(inputs=(str(inputs / "*.jsonl"),), output=str(tmp_path / out), workers=2,
                                     chunk_rows=3)  # noqa: E731  # fmt: skip

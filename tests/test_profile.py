@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from planner.cost import CostModel
@@ -13,6 +14,7 @@ from planner.planner import Planner
 from planner.types import Cluster, ModelShape
 
 
+@pytest.mark.slow  # sp-profile measures on 4 ranks
 def test_profile_writes_a_usable_cluster(tmp_path):
     out = tmp_path / "cpu.yaml"
     args = ["--world", "2", "--mbytes", "1", "--out", str(out), "--model", "tiny", "--act-tokens", "512"]

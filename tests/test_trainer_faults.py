@@ -200,6 +200,7 @@ def _frozen_rank(rank, world, tmp):
     return ("finished", "")
 
 
+@pytest.mark.slow  # waits out a collective timeout
 def test_frozen_rank_is_named_in_the_timeout(tmp_path):
     out = run_distributed(_frozen_rank, 2, str(tmp_path), timeout=120, collective_timeout=5)
     kind, msg = out[0]
