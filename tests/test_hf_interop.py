@@ -280,6 +280,7 @@ def test_config_layouts_and_unsupported_configs(tmp_path):
         read_config(tmp_path / "nowhere")
 
 
+@pytest.mark.slow  # the rank-local read is also checked by the bit-exact sharded load in the fast suite
 def test_sharded_load_peak_memory_per_rank(tmp_path):
     """Each of 4 ranks grows by at most (model bytes / world) + the largest tensor + 64 MiB while loading
     (measured by ``sp-bench hf-load``'s code on a generated ~0.3 GB model)."""

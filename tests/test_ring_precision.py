@@ -68,6 +68,7 @@ def errors():
     return errs
 
 
+@pytest.mark.slow  # a sweep over rings of 1-8 ranks in bf16
 @pytest.mark.parametrize("r", RINGS)
 def test_bf16_ring_error_is_one_rounding(errors, r):
     for name, (err, one_rounding) in errors[r].items():
