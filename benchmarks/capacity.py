@@ -76,10 +76,9 @@ def longest(planner_for, hi: int) -> int:  # type: ignore[no-untyped-def]
 def bound(cost, length: int, n: int) -> str:  # type: ignore[no-untyped-def]
     """What stops a group of all ``n`` GPUs at ``length`` tokens: GPU memory or the node's host memory
     (offloaded layer inputs and states), and the largest GPU-memory item at that length."""
-    from planner.types import GroupShape
+    from planner.capacity import world_shapes
 
-    shapes = [GroupShape(u, n // u) for u in (1, *cost.model.ulysses_degrees(n)) if n % u == 0]
-    best = max(shapes, key=lambda s: cost.tokens_capacity(n, s))
+    best = max(world_shapes(cost), key=lambda s: cost.tokens_capacity(n, s))
     free = (cost.cluster.memory_gib - cost.reserved_gib()) * 2**30 / cost.shape_bytes_per_token(best) * n
     parts = cost.memory_breakdown_gib(length / n, best)
     top = max((k for k in parts if k not in ("total", "host_offload_per_gpu", "host_states_per_gpu")),

@@ -117,7 +117,7 @@ def _worker(rank: int, world: int, pool_lengths: np.ndarray, steps: int, tokens:
             plans = {n: Planner(c, PlannerConfig(time_limit_s=0.5)).plan(lengths)
                      for n, c in (adaptive or {"adaptive": cost}).items()}  # fmt: skip
             for u, r in STATIC if with_statics else ():
-                if cost.tokens_capacity(u * r) >= max_len:  # static layouts whose groups hold max_len
+                if cost.tokens_capacity(u * r, GroupShape(u, r)) >= max_len:  # static layouts whose groups hold max_len
                     plans[f"static_u{u}_r{r}"] = static_plan(cost, lengths, GroupShape(u, r))
             box[0] = plans
         dist.broadcast_object_list(box, src=0)

@@ -17,9 +17,10 @@ def usage(prog: str, description: str, groups: tuple[str, ...]) -> str:
     lines = [f"{prog}: {description}", "", f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...]   (Hydra overrides)",
              f"       {prog} --cfg job     print the composed config and exit",
              f"       {prog} --info        Hydra's search path and defaults tree", "", "config groups:"]  # fmt: skip
+    from cli.overrides import options
+
     for g in groups:
-        options = sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
-        lines.append(f"  {g}: {', '.join(options)}")
+        lines.append(f"  {g}: {', '.join(options(CONFIG_DIR, g))}")
     lines += ["", f"Any key of the composed config can be overridden (e.g. train.steps=100); `{prog} --cfg job`",
               "lists them all with their values. Errors name the bad value and the valid options."]  # fmt: skip
     return "\n".join(lines)

@@ -22,6 +22,12 @@ def is_rank0() -> bool:
     return all(os.environ.get(v, "0") == "0" for v in RANK_VARS)
 
 
+def options(config_dir: str, group: str) -> list[str]:
+    """The configs a user may select for ``group``: the YAML files of ``config_dir/<group>`` (the schemas
+    registered for Hydra are not among them)."""
+    return sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+
+
 def _near(word: str, options: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, options, n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(prefix + c) for c in close)}?)" if close else ""
@@ -52,10 +58,10 @@ def check(args: list[str], root: Any, config_dir: str, groups: tuple[str, ...]) 
         key, value = arg.split("=", 1)
         parts = key.split(".")
         if len(parts) == 1 and key in groups:
-            options = sorted(p.stem for p in (Path(config_dir) / key).glob("*.yaml"))
-            if value not in options:
-                raise ValueError(f"{key}={value} is not a {key} config{_near(value, options)}; valid: "
-                                 f"{', '.join(options)} (configs/{key}/*.yaml)")  # fmt: skip
+            valid = options(config_dir, key)
+            if value not in valid:
+                raise ValueError(f"{key}={value} is not a {key} config{_near(value, valid)}; valid: "
+                                 f"{', '.join(valid)} (configs/{key}/*.yaml)")  # fmt: skip
             continue
         schema: dict[str, Any] | None = top
         path = ""

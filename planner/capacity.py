@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from planner.cost import CostModel
+from planner.topology import Topology
 from planner.types import GroupShape, MemoryMode
 
 CHUNK, TILE = 2048, 8192  # the defaults of configs/planner/default.yaml
@@ -26,6 +27,21 @@ def technique_sets(cost: CostModel) -> list[tuple[str, str, MemoryMode]]:
          f"planner.checkpointing=[offload] planner.loss_chunk_tokens=[{chunk.loss_chunk_tokens}] "
          f"planner.mlp_tile_tokens=[{tiled.mlp_tile_tokens}]", tiled),
     ]  # fmt: skip
+
+
+def world_shapes(cost: CostModel) -> list[GroupShape]:
+    """Every layout of one group of all the cluster's GPUs: the Ulysses degrees the heads and the nodes allow."""
+    n = cost.cluster.world
+    topo = Topology(cost.cluster.nodes, cost.cluster.gpus_per_node)
+    return [GroupShape(u, n // u) for u in cost.model.ulysses_degrees(n) if topo.ulysses_ok(n, u)]
+
+
+def world_capacity(cost: CostModel, modes: tuple[MemoryMode, ...] = ()) -> float:
+    """Tokens of one sequence the whole cluster holds as one group, in its roomiest layout and the roomiest of
+    ``modes`` (default: the model's own)."""
+    n = cost.cluster.world
+    return max(cost.with_mode(m).tokens_capacity(n, s)
+               for m in (modes or (MemoryMode.of(cost.model),)) for s in world_shapes(cost))  # fmt: skip
 
 
 def longest(cost: CostModel, mode: MemoryMode, shapes: list[GroupShape]) -> int:
@@ -53,14 +69,7 @@ def refusal(length: int, cost: CostModel, shapes: list[GroupShape], allowed: tup
     for factor in (2, 4, 8, 16, 32, 64):
         bigger = replace(cost, cluster=replace(cl, nodes=cl.nodes * factor))
         size = bigger.cluster.world
-        if (
-            longest(
-                bigger,
-                richest,
-                [GroupShape(u, size // u) for u in (1, *bigger.model.ulysses_degrees(size)) if size % u == 0],
-            )
-            >= length
-        ):
+        if world_capacity(bigger, (richest,)) >= length:
             need = f"; {cl.nodes * factor} nodes ({size} GPUs) hold it with every technique"
             break
     return (f"sequence of length {length:,} exceeds what the cluster can hold in one SP group: on {cl.world} GPUs of "

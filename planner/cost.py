@@ -543,12 +543,19 @@ class CostModel:
             return {}
         if n == 1:  # FSDP2 on one rank runs no collectives
             return {"all_gather": 0.0, "reduce_scatter": 0.0, "edge": 0.0}
-        padded = lambda unit: sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in unit)  # noqa: E731
-        units, root_unit = self._fsdp_units
-        layers, root = sum(padded(u) for u in units), padded(root_unit)
+        layers, root = self._padded_elements
         b = 2 if m.bytes_per_value == 2 else 4
         return {"all_gather": (2 * layers + root) * b, "reduce_scatter": (layers + root) * 4.0,
                 "edge": root * (b + 4.0)}  # fmt: skip
+
+    @cached_property
+    def _padded_elements(self) -> tuple[int, int]:
+        """Elements of every layer's parameters and of the root unit's, each parameter padded on dim 0 to a
+        multiple of the world as FSDP2 shards it (so each rank's shard is 1 / world of these)."""
+        n = self.cluster.world
+        padded = lambda unit: sum(-(-s[0] // n) * n * math.prod(s[1:]) for s in unit)  # noqa: E731
+        units, root = self._fsdp_units
+        return sum(padded(u) for u in units), padded(root)
 
     @cached_property
     def fsdp_time(self) -> FsdpTime:
@@ -577,13 +584,10 @@ class CostModel:
         """Under state offload, bytes one rank moves over PCIe per micro-step: its fp32 parameter shard
         copied to the GPU before each all-gather (every layer twice, the root once) and its fp32 gradient shard
         copied back after each reduce-scatter (FSDP2's ``CPUOffloadPolicy``); 0 otherwise."""
-        if not self.state_offload or self.sharding != "fsdp":
+        if not self.state_offload:  # (state offload implies fsdp: __post_init__)
             return 0.0
-        units, root = self._fsdp_units
-        n = self.cluster.world
-        shard = lambda unit: sum(-(-s[0] // n) * math.prod(s[1:]) for s in unit)  # noqa: E731
-        layers, root_n = sum(shard(u) for u in units), shard(root)
-        return 4.0 * (2 * layers + root_n) + 4.0 * (layers + root_n)
+        layers, root = (e // self.cluster.world for e in self._padded_elements)  # this rank's shard
+        return 4.0 * (2 * layers + root) + 4.0 * (layers + root)
 
     def pcie_s(self) -> float:
         """:meth:`pcie_bytes` at ``cluster.host_gbps``; it runs beside FSDP's collectives and is hidden with
@@ -615,11 +619,15 @@ class CostModel:
         return {}
 
     def _bytes_of(self, shape: GroupShape | None) -> float:
+        u, r = self._layout(shape)
+        return self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, r)
+
+    def _layout(self, shape: GroupShape | None) -> tuple[int, int]:
+        """(u, r) of ``shape``; None: the worst this cluster allows, a Ulysses degree at its worst with a ring."""
         if shape is not None:
-            u, r = shape.ulysses, shape.ring
-            return self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, r)
+            return shape.ulysses, shape.ring
         us = self.model.ulysses_degrees(self.cluster.world)
-        return max(self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2) for u in us)
+        return max(us, key=lambda u: self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2)), 2
 
     def state_bytes(self, rank: int = 0) -> int:
         """Exact bytes of one rank's fp32 parameters, gradients and AdamW moments (4 x 4 bytes per element).
@@ -700,12 +708,7 @@ class CostModel:
         if self.cluster.act_bytes_per_token is not None:
             out["activations"] = self.cluster.act_bytes_per_token * local_tokens / GIB
         else:
-            us = self.model.ulysses_degrees(self.cluster.world)
-            u, r = (
-                (shape.ulysses, shape.ring)
-                if shape is not None
-                else (max(us, key=lambda u: self.saved_bytes_per_token(u) + self.working_bytes_per_token(u, 2)), 2)
-            )
+            u, r = self._layout(shape)
             out["saved"] = self.saved_bytes_per_token(u) * local_tokens / GIB
             logits = self._logits_bytes_per_token() * local_tokens / GIB
             out["logits"] = logits

@@ -9,7 +9,7 @@ import numpy as np
 from planner.baselines import oracle_static, run_static
 from planner.cost import CostModel
 from planner.run_cost import run_cost
-from planner.types import ModelShape, StepPlan
+from planner.types import GroupShape, ModelShape, StepPlan
 
 
 def model_flops(cost: CostModel, lengths: tuple[int, ...]) -> float:
@@ -32,7 +32,7 @@ def summarise(
     solve = np.array([p.solve_s for p in plans])
     flops = [model_flops(cost, p.lengths) for p in plans]
     peak = cost.cluster.peak_tflops * 1e12 * cost.cluster.world
-    capacity = cost.tokens_capacity(1) * cost.cluster.world
+    capacity = cost.tokens_capacity(1, GroupShape(1, 1)) * cost.cluster.world  # per layout, as the planner's floor
     floors = [max(1, math.ceil(sum(p.lengths) / capacity - 1e-9)) for p in plans]
     out = {
         "steps": len(plans),

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from planner.capacity import world_capacity
 from planner.cost import CostModel
-from planner.types import GroupShape, MemoryMode
+from planner.types import MemoryMode
 
 STATE_OFFLOAD = ("auto", "on", "off")
 
@@ -34,7 +35,4 @@ def resolve(cost: CostModel, setting: str, max_len: int, modes: tuple[MemoryMode
 def holds(cost: CostModel, length: int, modes: tuple[MemoryMode, ...]) -> bool:
     """Whether the whole cluster, as one group of any layout, holds a sequence of ``length`` under some mode of
     ``modes``."""
-    world = cost.cluster.world
-    shapes = [GroupShape(u, world // u) for u in cost.model.ulysses_degrees(world) if world % u == 0]
-    return any(cost.with_mode(m).tokens_capacity(world, s) >= length
-               for m in (modes or (MemoryMode.of(cost.model),)) for s in shapes)  # fmt: skip
+    return world_capacity(cost, modes) >= length

@@ -72,6 +72,9 @@ class CommBuffers:
         self.live += n
         self.peak = max(self.peak, self.live)
 
+    def release(self, n: int) -> None:
+        self.live -= n
+
 
 Posted = tuple[object, torch.Tensor, int]  # (work, recv, bytes allocated for it: the send copy and recv)
 
@@ -100,7 +103,7 @@ def take(posted: Posted, meter: CommBuffers | None) -> torch.Tensor:
     buffer is counted as consumed (copied out or kept by the caller)."""
     _, recv, nbytes = posted
     if meter is not None:
-        meter.live -= nbytes
+        meter.release(nbytes)
     return recv
 
 

@@ -138,3 +138,27 @@ def test_qwen3_moe_at_a_million_tokens_fits_one_node_with_states_on_the_host():
     assert s["flops_per_step"] and s["parameters"]["experts"] > 0 and s["states_gib"]["host_optimizer_s"] > 0
     short = json.loads(_plan(*args, "lengths.fixed=[16384]").stdout)["summary"]
     assert short["states_gib"]["where"] == "gpu" and short["memory_gib"]["states"] > 50  # fits: not offloaded
+
+
+def test_start_up_check_admits_what_the_planner_places():
+    """sp-train's start-up check (planner.capacity.world_capacity), the state-offload choice and the planner count
+    capacities the same way, per layout: a length the planner places on one node is not refused at start-up."""
+    from dataclasses import replace
+
+    from benchmarks.capacity import _cluster, config_fields
+    from planner.capacity import world_capacity
+    from planner.cost import CostModel
+    from planner.planner import Planner, PlannerConfig, memory_modes
+    from planner.state_offload import resolve
+    from planner.types import ModelShape
+
+    model = ModelShape(**config_fields("model", "llama3-8b"))
+    config = PlannerConfig(use_milp=False, checkpointing=("offload",), loss_chunk_tokens=(2048,),
+                           mlp_tile_tokens=(8192,))  # fmt: skip
+    modes = memory_modes(model, config)
+    length = 5_242_880
+    cost = resolve(CostModel(_cluster(8), model), "auto", length, modes)
+    assert cost.state_offload and world_capacity(cost, modes) >= length
+    assert Planner(cost, config).plan([length]).micro_steps  # placed
+    kept = replace(cost, state_offload=False)
+    assert world_capacity(kept, modes) < length  # why the states moved

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from planner import calibration, state_offload
 from planner.calibration import calibrated
+from planner.capacity import world_capacity
 from planner.cost import CostModel
 from planner.planner import Planner, PlannerConfig, memory_modes
 from planner.static import static_plan
@@ -115,7 +116,7 @@ class Trainer(EvalPhase):
             print(f"[sp-train] optimizer states in host memory (planner.state_offload={job.planner.state_offload}): "
                   f"{self.cost.host_state_gib():.3g} GiB per rank, AdamW on the host", flush=True)  # fmt: skip
         modes = memory_modes(job.model, job.planner)  # the roomiest mode the plan may pick
-        cap = max(self.cost.with_mode(m).tokens_capacity(self.world) for m in modes)
+        cap = world_capacity(self.cost, modes)  # per layout, as the planner and planner.state_offload count it
         if job.data.max_len > cap:
             raise ValueError(
                 f"data.max_len={job.data.max_len} tokens cannot be held by any plan: the whole cluster holds "
