@@ -4,13 +4,13 @@ For each cluster size (8, 16, 32, 64 H100s of the ``h100x64`` profile: 8 per nod
 of host memory per node for offload) and each technique set, a bisection over the sequence length finds the
 longest L for which the planner returns a plan (``Planner.plan([L])``: a sequence it cannot place is a
 ValueError); tokens per GPU = L / N. Also the planned step time of a 1M-token sequence where it fits, the
-plan's layout and its peak memory per GPU. Techniques: ``baseline`` (full checkpointing, today's),
-``chunk`` (chunked loss, 2048-token chunks like ProLong's blocks), ``tile`` (tiled MLP, 8192-token tiles),
-``offload`` (layer inputs in host memory), ``all``, ``all+states`` (and the optimizer states in host memory,
-``planner.state_offload=on``), and ``chosen`` (the planner picks checkpointing full or offload, the loss chunk 0
-or 2048 and the MLP tile 0 or 8192 per micro-step, each only where it pays, and the states' place per run,
-``planner.state_offload=auto``). ``bound``: what stops the longest sequence (GPU or host memory, and the largest
-GPU item there). Every row has the RMSNorm of :mod:`models.rms_norm` (input + fp32 rstd saved).
+plan's layout and its peak memory per GPU. Techniques: ``baseline`` (full checkpointing), ``chunk`` (chunked
+loss, 2048-token chunks like ProLong's blocks), ``tile`` (sequence tiling: each layer but its attention core over
+8192-token tiles), ``offload`` (layer inputs in host memory), ``all``, ``all+states`` (and the optimizer states in
+host memory, ``planner.state_offload=on``), and ``chosen`` (the planner picks checkpointing full or offload, the
+loss chunk 0 or 2048 and the tile 0 or 8192 per micro-step, each only where it pays, and the states' place per
+run, ``planner.state_offload=auto``). ``bound``: what stops the longest sequence (GPU or host memory, and the
+largest GPU item there). Every row has the RMSNorm of :mod:`models.rms_norm` (input + fp32 rstd saved).
 One JSON object per (N, technique).
 """
 
@@ -23,15 +23,15 @@ from pathlib import Path
 TECHNIQUES = {
     "baseline": {},
     "chunk": {"loss_chunk_tokens": 2048},
-    "tile": {"mlp_tile_tokens": 8192},
-    "chunk+tile": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192},
+    "tile": {"tile_tokens": 8192},
+    "chunk+tile": {"loss_chunk_tokens": 2048, "tile_tokens": 8192},
     "offload": {"checkpointing": "offload"},
-    "all": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192, "checkpointing": "offload"},
-    "all+states": {"loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192, "checkpointing": "offload"},
+    "all": {"loss_chunk_tokens": 2048, "tile_tokens": 8192, "checkpointing": "offload"},
+    "all+states": {"loss_chunk_tokens": 2048, "tile_tokens": 8192, "checkpointing": "offload"},
     "chosen": {},  # the planner picks per micro-step among CHOICE, and the states' place per run (auto)
 }
 STATES_ON_HOST = {"all+states"}  # planner.state_offload=on; "chosen" runs auto, the rest off
-CHOICE = {"checkpointing": ("full", "offload"), "loss_chunk_tokens": (0, 2048), "mlp_tile_tokens": (0, 8192)}
+CHOICE = {"checkpointing": ("full", "offload"), "loss_chunk_tokens": (0, 2048), "tile_tokens": (0, 8192)}
 
 
 def config_fields(group: str, name: str) -> dict:

@@ -110,7 +110,7 @@ LLAMA3 = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "ffn": 14
 TECHNIQUES = {"none": {"checkpointing": "none"}, "full": {"checkpointing": "full"},
               "offload": {"checkpointing": "offload"},
               "loss_chunk": {"checkpointing": "full", "loss_chunk_tokens": 4096},
-              "tiled_mlp": {"checkpointing": "full", "mlp_tile_tokens": 4096}}  # fmt: skip
+              "tiling": {"checkpointing": "full", "tile_tokens": 4096}}  # fmt: skip
 
 
 def split(tokens: int) -> list[int]:
@@ -252,7 +252,7 @@ def training(tokens_list: list[int], steps: int, techniques: tuple[str, ...] = t
                     model=shape,
                     cluster=Cluster(name="one-gpu", nodes=1, gpus_per_node=1, peak_tflops=989.0, mfu=0.4,
                                     memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.9),
-                    planner=PlannerConfig(checkpointing=(), loss_chunk_tokens=(), mlp_tile_tokens=()),
+                    planner=PlannerConfig(checkpointing=(), loss_chunk_tokens=(), tile_tokens=()),
                     data=DataConfig(source="jsonl", path=str(data), max_len=tokens, tokens_per_step=tokens),
                     train=TrainConfig(steps=steps, out_dir=str(work / f"run-{technique}-{tokens}"), progress=False,
                                       checkpoint_every=0, resume=False, picture_every=0, memory_every=1,

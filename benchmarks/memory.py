@@ -32,9 +32,9 @@ MODELS = {
 TECHNIQUES = {
     "plain": {},
     "chunk": {"loss_chunk_tokens": 1024},
-    "tile": {"mlp_tile_tokens": 1024},
+    "tile": {"tile_tokens": 1024},
     "offload": {"checkpointing": "offload"},
-    "all": {"loss_chunk_tokens": 1024, "mlp_tile_tokens": 1024, "checkpointing": "offload"},
+    "all": {"loss_chunk_tokens": 1024, "tile_tokens": 1024, "checkpointing": "offload"},
 }
 
 

@@ -27,7 +27,7 @@ GPT_7B = ModelShape(name="gpt-7b", layers=32, hidden=4096, heads=64, head_dim=64
 CONFIG = PlannerConfig(time_limit_s=0.0, milp_time_limit_s=0.03, max_probes=5)  # configs/planner/default.yaml
 # configs/planner/default.yaml's memory techniques: timed in the scale measurement (its solve time is the
 # default's); the quality comparison with FlexSP's constants runs without them, as its baselines do
-TECHNIQUES = {"checkpointing": ("offload",), "loss_chunk_tokens": (2048,), "mlp_tile_tokens": (8192,)}
+TECHNIQUES = {"checkpointing": ("offload",), "loss_chunk_tokens": (2048,), "tile_tokens": (8192,)}
 RUN_TOKENS = 2e11
 
 

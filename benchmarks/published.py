@@ -30,7 +30,7 @@ def _yaml(kind: str, name: str) -> dict:
 
 def row(model: str, nodes: int, kernel: str, techniques: dict | None, tokens: int = 1048576) -> dict:
     """Plan one ``tokens``-long sequence; ``techniques`` forces a memory mode (None: the default planner's
-    choice among the model's own settings, offload, loss chunk 2048 and MLP tile 8192)."""
+    choice among the model's own settings, offload, loss chunk 2048 and tile 8192)."""
     from planner.cost import CostModel
     from planner.planner import Planner, PlannerConfig
     from planner.report import summarise
@@ -42,7 +42,7 @@ def row(model: str, nodes: int, kernel: str, techniques: dict | None, tokens: in
         shape = replace(shape, **techniques)
         config = PlannerConfig()
     else:
-        config = PlannerConfig(checkpointing=("offload",), loss_chunk_tokens=(2048,), mlp_tile_tokens=(8192,))
+        config = PlannerConfig(checkpointing=("offload",), loss_chunk_tokens=(2048,), tile_tokens=(8192,))
     cost = CostModel(cluster, shape)
     plan = Planner(cost, config).plan([tokens])
     micro = plan.micro_steps[0]
@@ -75,7 +75,7 @@ def row(model: str, nodes: int, kernel: str, techniques: dict | None, tokens: in
     return out
 
 
-PUBLISHED_RUN = {"checkpointing": "offload", "loss_chunk_tokens": 2048, "mlp_tile_tokens": 8192}
+PUBLISHED_RUN = {"checkpointing": "offload", "loss_chunk_tokens": 2048, "tile_tokens": 8192}
 
 
 def run() -> list[dict]:

@@ -80,7 +80,7 @@ def build_meta(
 ) -> GPTModel:
     """The model on the meta device: shapes only (shard it, then materialise and initialise per rank).
     ``modes``: the memory modes a plan may switch to per micro-step (the planner's choices); the chunked loss
-    and the tiled MLP are installed when the model or any of them uses them, set to the model's own values."""
+    and sequence tiling are installed when the model or any of them uses them, set to the model's own values."""
     config = transformer_config(shape, dtype)
     spec: Any
     if shape.experts:
@@ -107,10 +107,10 @@ def build_meta(
         from models import loss
 
         loss.install(model, shape.loss_chunk_tokens)
-    if shape.mlp_tile_tokens or any(m.mlp_tile_tokens for m in modes):
-        from models import tiled_mlp
+    if shape.tile_tokens or any(m.tile_tokens for m in modes):
+        from models import tiling
 
-        tiled_mlp.install(model, shape.mlp_tile_tokens)
+        tiling.install(model, shape.tile_tokens)
     _own_loss_storage(model)
     return model
 

@@ -1,6 +1,6 @@
 """Gradients of a recomputed piece of a model, returned through the autograd Function that recomputes it.
 
-:class:`models.tiled_mlp.TiledMLP` and :class:`trainer.offload.OffloadedLayer` run their forward without
+:class:`models.tiling.Tiled` and :class:`trainer.offload.OffloadedLayer` run their forward without
 saving the graph and recompute it in their backward. Back-propagating the recomputed graph with a nested
 ``torch.autograd.backward`` would accumulate into every parameter's ``.grad`` once per nested call (once per
 tile), so post-accumulate-grad hooks fire several times per backward and a hook that launches a gradient
@@ -11,10 +11,13 @@ once per backward, as for any other layer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def param_grads(out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
-                params: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:  # fmt: skip
-    """``d(out . grad)`` with respect to ``(x, *params)``: None where one does not reach ``out``."""
-    return list(torch.autograd.grad(out, [x, *params], grad, allow_unused=True))
+def param_grads(outs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:  # fmt: skip
+    """``d(sum_i outs_i . grads_i)`` with respect to ``(*inputs, *params)``: None where one does not reach the
+    outputs."""
+    return list(torch.autograd.grad(list(outs), [*inputs, *params], list(grads), allow_unused=True))

@@ -17,15 +17,15 @@ def technique_sets(cost: CostModel) -> list[tuple[str, str, MemoryMode]]:
     own = MemoryMode.of(cost.model)
     offload = replace(own, checkpointing="offload")
     chunk = replace(offload, loss_chunk_tokens=own.loss_chunk_tokens or CHUNK)
-    tiled = replace(chunk, mlp_tile_tokens=own.mlp_tile_tokens or TILE)
+    tiled = replace(chunk, tile_tokens=own.tile_tokens or TILE)
     return [
         (f"the model's own settings ({own.label})", "", own),
         ("offload", "planner.checkpointing=[offload]", offload),
         (f"offload + loss chunk {chunk.loss_chunk_tokens}",
          f"planner.checkpointing=[offload] planner.loss_chunk_tokens=[{chunk.loss_chunk_tokens}]", chunk),
-        (f"offload + loss chunk + MLP tile {tiled.mlp_tile_tokens}",
+        (f"offload + loss chunk + tile {tiled.tile_tokens}",
          f"planner.checkpointing=[offload] planner.loss_chunk_tokens=[{chunk.loss_chunk_tokens}] "
-         f"planner.mlp_tile_tokens=[{tiled.mlp_tile_tokens}]", tiled),
+         f"planner.tile_tokens=[{tiled.tile_tokens}]", tiled),
     ]  # fmt: skip
 
 

@@ -24,8 +24,10 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   Megatron GPT (``sp-bench memory`` checks it):
   each RMSNorm b h + 4 (its input, an fp32 rstd: :mod:`models.rms_norm`); linear inputs 2 b h (qkv, fc1);
   attention q, k, v, out (2H + 2kv) d b and fp32 lse 4H;
-  the Ulysses output H d b (u > 1 only); SwiGLU MLP 5 f b (fc1 output, its two halves' products, fc2 input;
-  none with ``model.mlp_tile_tokens``: the tiled MLP keeps only its input).
+  the Ulysses output H d b (u > 1 only); SwiGLU MLP 5 f b (fc1 output, its two halves' products, fc2 input).
+  With ``model.tile_tokens`` (sequence tiling, :mod:`models.tiling`) a dense layer keeps only its input b h
+  beside the attention core's tensors (and the Ulysses output); an MoE layer keeps its tiled parts' input and
+  output, and its MoE block as untiled.
   ``none`` keeps all of that per layer; ``selective`` drops RoPE and the attention internals and keeps the
   core attention's inputs (2H + 2H_kv) d b and the projection input H d b; ``full`` keeps b h per layer
   (its input); ``offload`` keeps nothing on the GPU (that input is in host memory:
@@ -39,13 +41,13 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   K/V double buffer 4 kv d b (r > 1); token-independent
   (:meth:`CostModel.fixed_working_bytes`): the chunked loss's backward peak, 4 V h (its fp32 weight-gradient
   accumulator) + max(chunk V (4 + b), b V h) (one chunk's fp32 gradient with its b copy, or the final cast),
-  one MLP tile's intermediates. A measured ``cluster.act_bytes_per_token``
+  one tile's intermediates (:meth:`CostModel.tile_bytes`). A measured ``cluster.act_bytes_per_token``
   (sp-profile) replaces saved + working.
 - **Offload time**: the layer inputs come back from host memory before each recompute, L (tokens / P) b h
   bytes at ``cluster.host_gbps``; each layer's copy is prefetched under the next layer's recompute and
   backward (one copy exposed, plus what exceeds 3/4 of a layer's compute; the device-to-host copy overlaps the
   forward). The chunked loss adds one logits matmul per token (its backward recomputes them), 2 V h FLOPs;
-  the tiled MLP one MLP forward.
+  sequence tiling one forward of the tiled parts (the projections and the dense MLPs or routed experts).
 - Per group and micro-step (:meth:`CostModel.group_overhead_s`): ``beta`` (ms) plus the latency of the
   group's collectives, paid once per packed batch (all its sequences go through each layer together).
 - **FSDP** (:attr:`CostModel.fsdp_time`, ``sharding=fsdp``): every rank runs every micro-step's collectives:
@@ -115,7 +117,7 @@ class CostModel:
         return self.with_mode(micro.mode(self.model))
 
     def with_mode(self, mode: MemoryMode) -> CostModel:
-        """This cost model under another memory mode (checkpointing, loss chunk, MLP tile). Fitted compute
+        """This cost model under another memory mode (checkpointing, loss chunk, sequence tile). Fitted compute
         constants (taken under the model's own mode) are rescaled by the FLOPs' ratio: ``alpha1`` by the
         attention recompute, ``alpha2`` by the FLOPs per token outside attention (recompute and the
         techniques' extra passes); a measured ``cluster.act_bytes_per_token`` by the byte formulas' ratio."""
@@ -192,14 +194,15 @@ class CostModel:
         return again * fwd / rates[0] + 2.0 * fwd / rates[1]
 
     def _technique_flops_per_token(self) -> float:
-        """Extra FLOPs per token: the chunked loss recomputes the logits in backward (2 V h), the tiled MLP
-        runs one more MLP forward (2 (3 or 2) h f per dense layer; the routed experts' k (3 or 2) h I per MoE
-        layer)."""
+        """Extra FLOPs per token: the chunked loss recomputes the logits in backward (2 V h); sequence tiling
+        runs its parts' forward once more in backward: the attention projections, and the dense MLPs (2 (3 or 2)
+        h f per dense layer) or the routed experts (k (3 or 2) h I per MoE layer)."""
         m = self.model
         extra = 2.0 * m.vocab * m.hidden if m.loss_chunk_tokens else 0.0
-        if m.mlp_tile_tokens:
+        if m.tile_tokens:
             terms = self._linear_terms()
-            extra += (terms["dense_mlp"] + terms["routed_experts"]) / 3.0  # one forward of the 6 x (fwd + bwd)
+            tiled = terms["attention_projections"] + terms["dense_mlp"] + terms["routed_experts"]
+            extra += tiled / 3.0  # one forward of the 6 x (fwd + bwd)
         return extra
 
     def _linear_terms(self) -> dict[str, float]:
@@ -394,12 +397,17 @@ class CostModel:
         norm = b * h + 4  # its input (compute dtype) + an fp32 rstd (models.rms_norm)
         rope_attn = (2 * heads + 2 * kv) * d * b + 4 * heads  # q k v out; lse (RoPE's cos/sin: outside the layers)
         proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
-        dense = 0 if m.mlp_tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled: only its input (fc1's, above)
+        dense = 0 if m.tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled experts: only their input rows
         mlp = self._routed_mlp_bytes() if moe else dense
         none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp + self._qk_norm_bytes()
+        selective = none - rope_attn - proj_in + self._core_inputs_bytes() + heads * d * b
+        if m.tile_tokens:  # sequence tiling: the layer's input, the attention core's tensors, the Ulysses output
+            moe_block = norm + b * h + mlp if moe else 0  # untiled: its norm (input: the tiled part's output) and
+            none = b * h + rope_attn + proj_in + moe_block  # the router's input
+            selective = b * h + (2 * heads + 2 * m.n_kv_heads) * d * b + moe_block  # fresh q, k, v; the core's output
         return {
             "none": none,
-            "selective": none - rope_attn - proj_in + self._core_inputs_bytes() + heads * d * b,
+            "selective": selective,
             "full": b * h,  # the layer's input, kept by the checkpoint
             "offload": 0,  # that input is in host memory (host_bytes_per_token)
         }[mode]
@@ -414,7 +422,7 @@ class CostModel:
         none when the experts run tiled, which keep only their input rows)."""
         m = self.model
         b, e, k = m.bytes_per_value, m.experts, m.experts_per_token
-        experts = 0 if m.mlp_tile_tokens else (6 if m.swiglu else 3) * m.expert_ffn * b
+        experts = 0 if m.tile_tokens else (6 if m.swiglu else 3) * m.expert_ffn * b
         renorm = 4 + 4 * k if m.norm_topk_prob else 0
         return e * (5 + b) + renorm + k * (16 + b * (m.hidden + 1) + experts)
 
@@ -487,14 +495,30 @@ class CostModel:
     def fixed_working_bytes(self) -> float:
         """Transient bytes that do not grow with the tokens: the chunked loss's backward peak (its fp32
         output-weight accumulator, plus the larger of one chunk's fp32 gradient with its compute-dtype copy and
-        the accumulator's final cast to the weight's dtype: :mod:`models.loss`); one MLP tile's intermediates."""
+        the accumulator's final cast to the weight's dtype: :mod:`models.loss`); one tile's intermediates."""
         m = self.model
         out = 0.0
         if m.loss_chunk_tokens:
             cast = m.bytes_per_value if m.bytes_per_value < 4 else 0  # an fp32 model has no half-precision copies
             out += 4 * m.vocab * m.hidden + max(m.loss_chunk_tokens * m.vocab * (4 + cast), cast * m.vocab * m.hidden)
-        if m.mlp_tile_tokens:
-            out += m.mlp_tile_tokens * (5 if m.swiglu else 2) * m.d_ffn * m.bytes_per_value
+        if m.tile_tokens:
+            out += m.tile_tokens * max(self.tile_part_bytes().values())
+        return out
+
+    def tile_part_bytes(self) -> dict[str, float]:
+        """Per token of a tile, what the recompute of one tiled part saves for its backward (:mod:`models.tiling`;
+        one part's tile is in flight at a time): ``before`` the attention core, the input norm's rstd, the qkv
+        projection's input and the q/k norms' (:meth:`_qk_norm_bytes`); ``after`` it in a dense layer, the MLP
+        norm's input and rstd, fc1's input and the MLP's intermediates (5 f b SwiGLU, 2 f b GELU); an MoE
+        layer's experts, each routed row's intermediates with its weight applied (6 or 3 I b). Measured in
+        backward by ``tests/test_memory_techniques.py``."""
+        m = self.model
+        b, h = m.bytes_per_value, m.hidden
+        out = {"before": b * h + 4 + self._qk_norm_bytes()}
+        if len(m.moe_layers()) < m.layers:
+            out["after"] = 2 * b * h + 4 + (5 if m.swiglu else 2) * m.d_ffn * b
+        if m.experts:
+            out["experts"] = (6 if m.swiglu else 3) * m.expert_ffn * b
         return out
 
     def norm_tile_bytes(self) -> float:

@@ -59,7 +59,7 @@ class PlannerConfig:
     use_milp: bool = True  # refine the fast plan with the MILP (false: greedy plans only)
     checkpointing: tuple[str, ...] = ()  # modes a micro-step may pick besides the model's (e.g. offload)
     loss_chunk_tokens: tuple[int, ...] = ()  # loss chunks a micro-step may pick besides the model's (0 = off)
-    mlp_tile_tokens: tuple[int, ...] = ()  # MLP tiles a micro-step may pick besides the model's (0 = off)
+    tile_tokens: tuple[int, ...] = ()  # sequence tiles a micro-step may pick besides the model's (0 = off)
     head_chunks: tuple[int, ...] = ()  # Ulysses head chunks a micro-step may pick besides the model's (>= 1)
     state_offload: str = "auto"  # states in host memory: auto (when the run's longest sequence needs it), on, off
     max_extra_micro_steps: int = 8  # the split search tries up to this many micro-steps over the memory floor
@@ -85,7 +85,7 @@ def memory_modes(model: ModelShape, config: PlannerConfig) -> tuple[MemoryMode, 
     bad = [m for m in config.checkpointing if m not in CHECKPOINTING]
     if bad:
         raise ValueError(f"planner.checkpointing={list(config.checkpointing)}; valid modes: {CHECKPOINTING}")
-    for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
+    for name in ("loss_chunk_tokens", "tile_tokens"):
         if any(n < 0 for n in getattr(config, name)):
             raise ValueError(f"planner.{name}={list(getattr(config, name))}; valid: 0 (off) or token counts >= 1")
     if any(n < 1 for n in config.head_chunks):
@@ -95,7 +95,7 @@ def memory_modes(model: ModelShape, config: PlannerConfig) -> tuple[MemoryMode, 
         MemoryMode(c, n, t, h)
         for c in dict.fromkeys((own.checkpointing, *config.checkpointing))
         for n in dict.fromkeys((own.loss_chunk_tokens, *config.loss_chunk_tokens))
-        for t in dict.fromkeys((own.mlp_tile_tokens, *config.mlp_tile_tokens))
+        for t in dict.fromkeys((own.tile_tokens, *config.tile_tokens))
         for h in dict.fromkeys((own.head_chunks, *config.head_chunks))
     ]
     return tuple(dict.fromkeys(modes))

@@ -156,7 +156,7 @@ def _baselines(
 
 
 def plan_json(plan: StepPlan, model: ModelShape) -> dict:
-    """A plan as JSON; every group names its micro-step's memory mode (checkpointing, loss chunk, MLP tile)."""
+    """A plan as JSON; every group names its micro-step's memory mode (checkpointing, loss chunk, sequence tile)."""
     return {
         "planned_s": plan.time_s,
         "lower_bound_s": plan.lower_bound_s,
@@ -176,7 +176,7 @@ def plan_json(plan: StepPlan, model: ModelShape) -> dict:
                     "memory_gib": g.memory_gib,
                     "checkpointing": m.mode(model).checkpointing,
                     "loss_chunk_tokens": m.mode(model).loss_chunk_tokens,
-                    "mlp_tile_tokens": m.mode(model).mlp_tile_tokens,
+                    "tile_tokens": m.mode(model).tile_tokens,
                 }
                 for g in m.groups
             ]

@@ -152,7 +152,7 @@ class ModelShape:
     hf_path: str | None = None  # a Hugging Face model folder: its config.json sets the architecture fields
     max_position_embeddings: int = 0  # the HF config's (kept for export; yarn's default factor uses it)
     loss_chunk_tokens: int = 0  # > 0: output projection + loss per chunk of this many tokens (models/loss.py)
-    mlp_tile_tokens: int = 0  # > 0: the MLP runs over tiles of this many tokens (models/tiled_mlp.py)
+    tile_tokens: int = 0  # > 0: each layer but its attention core runs over tiles of this size (models/tiling.py)
     head_chunks: int = 2  # Ulysses: heads through the all-to-all in this many chunks, one in flight (sp.attention)
     # mixture of experts (models/moe.py): 0 experts is a dense model
     experts: int = 0  # routed experts per MoE layer (num_experts, num_local_experts)
@@ -183,7 +183,7 @@ class ModelShape:
         check_rope_scaling(self.rope_scaling)
         if self.head_chunks < 1:
             raise ValueError(f"model.head_chunks={self.head_chunks}; valid: >= 1 (Ulysses head chunks)")
-        for name in ("loss_chunk_tokens", "mlp_tile_tokens"):
+        for name in ("loss_chunk_tokens", "tile_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)}; valid: 0 (off) or a token count >= 1")
         if self.experts:
@@ -311,14 +311,14 @@ class Assignment:
 @dataclass(frozen=True)
 class MemoryMode:
     """How one micro-step trades time for memory: activation checkpointing, the chunked loss's chunk, the
-    tiled MLP's tile (tokens; 0 = off) and the Ulysses head chunks (one chunk's all-to-all buffers in flight:
-    more chunks, less memory, more collectives). The planner may choose one per micro-step
-    (``planner.checkpointing``, ``planner.loss_chunk_tokens``, ``planner.mlp_tile_tokens``,
+    sequence tile (tokens; 0 = off; each layer but its attention core over tiles) and the Ulysses head chunks
+    (one chunk's all-to-all buffers in flight: more chunks, less memory, more collectives). The planner may
+    choose one per micro-step (``planner.checkpointing``, ``planner.loss_chunk_tokens``, ``planner.tile_tokens``,
     ``planner.head_chunks``)."""
 
     checkpointing: str = "full"
     loss_chunk_tokens: int = 0
-    mlp_tile_tokens: int = 0
+    tile_tokens: int = 0
     head_chunks: int = 2
 
     def __post_init__(self) -> None:
@@ -326,28 +326,28 @@ class MemoryMode:
             raise ValueError(f"checkpointing={self.checkpointing!r}; valid: {', '.join(map(repr, CHECKPOINTING))}")
         if self.head_chunks < 1:
             raise ValueError(f"head_chunks={self.head_chunks}; valid: >= 1")
-        if self.loss_chunk_tokens < 0 or self.mlp_tile_tokens < 0:
-            raise ValueError(f"loss_chunk_tokens={self.loss_chunk_tokens}, mlp_tile_tokens={self.mlp_tile_tokens}; "
+        if self.loss_chunk_tokens < 0 or self.tile_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens={self.loss_chunk_tokens}, tile_tokens={self.tile_tokens}; "
                              "valid: 0 (off) or a token count >= 1")  # fmt: skip
 
     @classmethod
     def of(cls, model: ModelShape) -> MemoryMode:
         """The model's own settings."""
-        return cls(model.checkpointing, model.loss_chunk_tokens, model.mlp_tile_tokens, model.head_chunks)
+        return cls(model.checkpointing, model.loss_chunk_tokens, model.tile_tokens, model.head_chunks)
 
     def on(self, model: ModelShape) -> ModelShape:
         """``model`` running under this mode."""
         return replace(model, checkpointing=self.checkpointing, loss_chunk_tokens=self.loss_chunk_tokens,
-                       mlp_tile_tokens=self.mlp_tile_tokens, head_chunks=self.head_chunks)  # fmt: skip
+                       tile_tokens=self.tile_tokens, head_chunks=self.head_chunks)  # fmt: skip
 
     @property
     def label(self) -> str:
-        """e.g. ``offload, loss chunk 2048, MLP tile 8192`` (the techniques that are on)."""
+        """e.g. ``offload, loss chunk 2048, tile 8192`` (the techniques that are on)."""
         parts = [self.checkpointing]
         if self.loss_chunk_tokens:
             parts.append(f"loss chunk {self.loss_chunk_tokens}")
-        if self.mlp_tile_tokens:
-            parts.append(f"MLP tile {self.mlp_tile_tokens}")
+        if self.tile_tokens:
+            parts.append(f"tile {self.tile_tokens}")
         if self.head_chunks != MemoryMode.head_chunks:
             parts.append(f"head chunks {self.head_chunks}")
         return ", ".join(parts)

@@ -88,11 +88,11 @@ def test_default_planner_holds_a_million_tokens_on_one_node_and_names_its_consta
 
 def test_nothing_fits_names_what_each_technique_set_holds():
     res = _plan("cluster=h100x64", "cluster.nodes=1", "model=llama3-8b", "lengths.fixed=[16777216]",
-                "planner.checkpointing=[]", "planner.loss_chunk_tokens=[]", "planner.mlp_tile_tokens=[]")  # fmt: skip
+                "planner.checkpointing=[]", "planner.loss_chunk_tokens=[]", "planner.tile_tokens=[]")  # fmt: skip
     assert res.returncode == 2
     err = res.stderr
     assert "exceeds what the cluster can hold" in err and "with the model's own settings (full)" in err
-    assert "with offload [planner.checkpointing=[offload]]" in err and "MLP tile 8192" in err
+    assert "with offload [planner.checkpointing=[offload]]" in err and "tile 8192" in err
     assert "nodes (" in err and "GPUs) hold it with every technique" in err
 
 
@@ -152,13 +152,13 @@ def test_start_up_check_admits_what_the_planner_places():
     from planner.state_offload import resolve
     from planner.types import ModelShape
 
-    model = ModelShape(**config_fields("model", "llama3-8b"))
     config = PlannerConfig(use_milp=False, checkpointing=("offload",), loss_chunk_tokens=(2048,),
-                           mlp_tile_tokens=(8192,))  # fmt: skip
-    modes = memory_modes(model, config)
-    length = 5_242_880
-    cost = resolve(CostModel(_cluster(8), model), "auto", length, modes)
-    assert cost.state_offload and world_capacity(cost, modes) >= length
-    assert Planner(cost, config).plan([length]).micro_steps  # placed
-    kept = replace(cost, state_offload=False)
-    assert world_capacity(kept, modes) < length  # why the states moved
+                           tile_tokens=(8192,))  # fmt: skip
+    for name, length, states_on_host in (("llama3-8b", 5_242_880, False), ("qwen3-30b-a3b", 1_048_576, True)):
+        model = ModelShape(**config_fields("model", name))
+        modes = memory_modes(model, config)
+        cost = resolve(CostModel(_cluster(8), model), "auto", length, modes)
+        assert cost.state_offload == states_on_host and world_capacity(cost, modes) >= length, name
+        assert Planner(cost, config).plan([length]).micro_steps  # placed
+        if states_on_host:
+            assert world_capacity(replace(cost, state_offload=False), modes) < length, "why the states moved"

@@ -12,7 +12,7 @@ import torch
 from tests.dist import run_distributed
 
 STRATEGIES = ["ulysses", "ring", "hybrid", "adaptive"]
-ALL_ON = {"loss_chunk_tokens": 64, "mlp_tile_tokens": 100, "checkpointing": "offload"}
+ALL_ON = {"loss_chunk_tokens": 64, "tile_tokens": 100, "checkpointing": "offload"}
 REPLICATE = {"sharding": "replicate"}  # GradSync's bucketed all-reduce, launched from post-accumulate hooks
 
 
@@ -56,17 +56,19 @@ def _single_worker(rank, world):
     doc = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(0))
     out = {}
     for tied in (False, True):
-        ref = _single(_shape(tie_embeddings=tied), doc)
-        for kw in ({"loss_chunk_tokens": 64}, {"loss_chunk_tokens": 1000}, {"mlp_tile_tokens": 100},
-                   {"loss_chunk_tokens": 50, "mlp_tile_tokens": 128}):  # fmt: skip
-            got = _single(_shape(tie_embeddings=tied, **kw), doc)
-            loss = float((got[0] - ref[0]).abs().max())
-            grad = max(float((got[1][n] - g).abs().max() / g.abs().max()) for n, g in ref[1].items())
-            out[(tied, tuple(kw.items()))] = (loss, grad)
+        for base, cases in (({}, ({"loss_chunk_tokens": 64}, {"loss_chunk_tokens": 1000}, {"tile_tokens": 100},
+                                  {"loss_chunk_tokens": 50, "tile_tokens": 128})),
+                            ({"qk_norm": True}, ({"tile_tokens": 96},))):  # fmt: skip
+            ref = _single(_shape(tie_embeddings=tied, **base), doc)
+            for kw in cases:
+                got = _single(_shape(tie_embeddings=tied, **base, **kw), doc)
+                loss = float((got[0] - ref[0]).abs().max())
+                grad = max(float((got[1][n] - g).abs().max() / g.abs().max()) for n, g in ref[1].items())
+                out[(tied, tuple({**base, **kw}.items()))] = (loss, grad)
     return out
 
 
-def test_chunked_loss_and_tiled_mlp_equal_the_plain_path():
+def test_chunked_loss_and_tiling_equal_the_plain_path():
     (res,) = run_distributed(_single_worker, 1, timeout=300)
     for case, (loss, grad) in res.items():
         assert loss < 1e-6 and grad < 1e-6, (case, loss, grad)
@@ -113,7 +115,7 @@ def _trainer_runs(rank, world, tmp):
             ("plain", {}),
             ("all_on", ALL_ON),
             ("replicate_offload", REPLICATE | {"checkpointing": "offload"}),
-            ("replicate_tiled", REPLICATE | {"mlp_tile_tokens": 64}),
+            ("replicate_tiled", REPLICATE | {"tile_tokens": 64}),
             ("replicate_all_on", REPLICATE | ALL_ON),
             ("states_on_host", {"state_offload": "on"} | ALL_ON),
         ):
@@ -170,7 +172,7 @@ MODES = [
 
 
 def _modes_per_micro_step(rank, tmp):
-    """A hand-made plan whose micro-steps switch checkpointing, the loss chunk and the MLP tile (one document
+    """A hand-made plan whose micro-steps switch checkpointing, the loss chunk and the sequence tile (one document
     each, u=2 x r=2 on all ranks), on a model built with the planner's choices: the saved bytes of each
     follow its mode's formula (so each switch took effect) and the gradients equal a plain single-process
     model's."""
@@ -182,7 +184,7 @@ def _modes_per_micro_step(rank, tmp):
 
     job = _job(f"{tmp}/modes", "adaptive", kv_heads=4)
     job = dataclasses.replace(job, planner=dataclasses.replace(job.planner, checkpointing=("full", "none", "offload"),
-                              loss_chunk_tokens=(0, 64), mlp_tile_tokens=(0, 40)))  # fmt: skip
+                              loss_chunk_tokens=(0, 64), tile_tokens=(0, 40)))  # fmt: skip
     tr = Trainer(job)
     gen = torch.Generator().manual_seed(5)
     docs = [torch.randint(0, 256, (n + 1,), generator=gen).numpy() for n in (256, 128, 320, 200, 64, 96)]
@@ -278,9 +280,9 @@ def test_planner_offloads_only_the_micro_step_that_needs_it():
     assert 0 in where["offload"] and not where["full"] & {0}, where
 
 
-@pytest.mark.parametrize("technique", ["loss_chunk_tokens", "mlp_tile_tokens"])
+@pytest.mark.parametrize("technique", ["loss_chunk_tokens", "tile_tokens"])
 def test_planner_chunks_or_tiles_only_the_micro_step_that_needs_it(technique):
-    """The loss chunk and the MLP tile as per-micro-step choices: a long sequence that fits the cluster only
+    """The loss chunk and the sequence tile as per-micro-step choices: a long sequence that fits the cluster only
     with the technique (a large vocabulary's logits, a wide MLP's recompute), short ones that fit without.
     The technique costs compute, so only the long sequence's micro-step uses it; a batch that fits without
     it is planned exactly as without the choice (no slower than the model's own setting)."""
@@ -289,7 +291,7 @@ def test_planner_chunks_or_tiles_only_the_micro_step_that_needs_it(technique):
     from planner.types import Cluster, GroupShape, MemoryMode
 
     shape = dataclasses.replace(_shape(), layers=4, hidden=1024, heads=8, kv_heads=8, head_dim=128,
-                                ffn=16384 if technique == "mlp_tile_tokens" else 2816,
+                                ffn=16384 if technique == "tile_tokens" else 2816,
                                 vocab=128256 if technique == "loss_chunk_tokens" else 1024,
                                 bytes_per_value=2)  # fmt: skip
     cluster = Cluster(name="two", nodes=1, gpus_per_node=2, peak_tflops=100.0, mfu=0.5, memory_gib=8.0,
@@ -365,19 +367,59 @@ def _qk_norm_worker(rank, world):
     pool, out = GroupPool(), []
     docs = [np.random.default_rng(0).integers(0, 256, size=257)]
     for precision, b in (("fp32", 4), ("bf16", 2)):
-        for ckpt in ("none", "selective", "full"):
-            shape = _shape(qk_norm=True, head_dim=32, checkpointing=ckpt, bytes_per_value=b)
+        for ckpt, tile in (("none", 0), ("selective", 0), ("full", 0), ("none", 64), ("selective", 64), ("full", 64)):
+            shape = _shape(qk_norm=True, head_dim=32, checkpointing=ckpt, bytes_per_value=b, tile_tokens=tile)
             model = parallelize(build_gpt(shape, 512), Regime("fsdp", precision, ckpt), torch.device("cpu"))
             with SavedBytes(model) as meter:
                 group_pass(model, pool, Assignment(0, GroupShape(1, 1), (0,), 0, 0), docs, "cpu_fused",
                            torch.device("cpu"), meter=meter)  # fmt: skip
-            out.append(
-                (precision, ckpt, meter.bytes, CostModel(Cluster(name="cpu"), shape).saved_bytes_per_token() * 256)
-            )
+            out.append((precision, ckpt, tile, meter.bytes,
+                        CostModel(Cluster(name="cpu"), shape).saved_bytes_per_token() * 256))  # fmt: skip
     return out
 
 
 def test_qk_norm_saved_bytes_equal_the_model():
     (rows,) = run_distributed(_qk_norm_worker, 1, timeout=300)
-    for precision, ckpt, measured, predicted in rows:
-        assert measured == predicted, (precision, ckpt, measured, predicted)
+    for precision, ckpt, tile, measured, predicted in rows:
+        assert measured == predicted, (precision, ckpt, tile, measured, predicted)
+
+
+def _tile_worker(rank, world):
+    """What the tiles' recomputes save in backward (storages that did not exist in forward, so not the
+    slices of the saved layer inputs and attention outputs), over a 256-token pass in 4 tiles of 64, with and
+    without q/k norms, fp32 and bf16."""
+    import numpy as np
+    from megatron.core import parallel_state
+
+    from models.gpt import build_gpt
+    from planner.cost import CostModel
+    from planner.types import Assignment, Cluster, GroupShape
+    from sp.groups import GroupPool
+    from trainer.memory import SavedBytes
+    from trainer.sharding import Regime, parallelize
+    from trainer.step import group_pass
+
+    parallel_state.initialize_model_parallel(1, 1)
+    pool, out = GroupPool(), []
+    docs = [np.random.default_rng(0).integers(0, 256, size=257)]
+    for precision, b in (("fp32", 4), ("bf16", 2)):
+        for qk in (False, True):
+            shape = _shape(qk_norm=qk, head_dim=32, checkpointing="none", bytes_per_value=b, tile_tokens=64)
+            model = parallelize(build_gpt(shape, 512), Regime("fsdp", precision, "none"), torch.device("cpu"))
+            with SavedBytes(model) as meter:
+                loss = group_pass(model, pool, Assignment(0, GroupShape(1, 1), (0,), 0, 0), docs, "cpu_fused",
+                                  torch.device("cpu"), meter=meter)  # fmt: skip
+                back = SavedBytes()  # counts only storages the forward did not save
+                back._seen = dict(meter._seen)
+                with back:
+                    loss.backward()
+                measured = back.bytes
+            parts = CostModel(Cluster(name="cpu"), shape).tile_part_bytes()
+            out.append((precision, qk, measured, shape.layers * 256 * (parts["before"] + parts["after"])))
+    return out
+
+
+def test_tiles_save_what_the_memory_model_counts():
+    (rows,) = run_distributed(_tile_worker, 1, timeout=300)
+    for precision, qk, measured, predicted in rows:
+        assert measured == predicted, (precision, qk, measured, predicted)

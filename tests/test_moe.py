@@ -258,8 +258,8 @@ def _trainer_job(out, hf, data, **over):
 
 
 MODES = {"none": {"checkpointing": "none"}, "offload": {"checkpointing": "offload"},
-         "all_on": {"checkpointing": "offload", "loss_chunk_tokens": 64, "mlp_tile_tokens": 16},
-         "replicate_all_on": {"checkpointing": "offload", "loss_chunk_tokens": 64, "mlp_tile_tokens": 16,
+         "all_on": {"checkpointing": "offload", "loss_chunk_tokens": 64, "tile_tokens": 16},
+         "replicate_all_on": {"checkpointing": "offload", "loss_chunk_tokens": 64, "tile_tokens": 16,
                               "sharding": "replicate"}}  # fmt: skip
 
 
@@ -328,7 +328,7 @@ def _memory_worker(rank, world):
     for precision, experts, k, tile, norm, qk, ckpt in cases:
         shape = ModelShape(name="t", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, vocab=100,
                            checkpointing=ckpt, bytes_per_value=4 if precision == "fp32" else 2, experts=experts,
-                           experts_per_token=k, expert_ffn=32, dense_layers=(0,), mlp_tile_tokens=tile,
+                           experts_per_token=k, expert_ffn=32, dense_layers=(0,), tile_tokens=tile,
                            norm_topk_prob=norm, qk_norm=qk)  # fmt: skip
         model = parallelize(build_gpt(shape, 1024), Regime("fsdp", precision, ckpt), torch.device("cpu"))
         with SavedBytes(model) as meter:

@@ -136,7 +136,7 @@ class OffloadedLayer(torch.autograd.Function):
         ctx.host = None
         with torch.enable_grad():
             out = ctx.run(x)
-        grads = param_grads(out, grad, x, ctx.params)
+        grads = param_grads([out], [grad], [x], ctx.params)
         ctx.params = None
         return (grads[0], None, None, *grads[1:])
 

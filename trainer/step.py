@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models import loss as chunked_loss
-from models import moe, tiled_mlp
+from models import moe, tiling
 from models.attention import SPPackedSeqParams
 from planner.types import Assignment, MicroStep, StepPlan
 from sp.groups import GroupPool
@@ -98,7 +98,7 @@ def run_plan(
         elif micro.checkpointing not in ("", "none"):
             raise ValueError(f"the plan asks for checkpointing={micro.checkpointing!r}; the model has no wrappers")
         chunked_loss.set_chunk(model, micro.memory.loss_chunk_tokens if micro.memory is not None else None)
-        tiled_mlp.set_tile(model, micro.memory.mlp_tile_tokens if micro.memory is not None else None)
+        tiling.set_tile(model, micro.memory.tile_tokens if micro.memory is not None else None)
         chunks = micro.memory.head_chunks if micro.memory is not None else getattr(model, "sp_head_chunks", 2)
         if sync is not None and i == len(plan.micro_steps) - 1:
             sync.arm()
