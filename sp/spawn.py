@@ -6,7 +6,9 @@ and returns the list of per-rank results. A rank that raises makes the call rais
 that rank's traceback; a run that outlives ``timeout`` kills every rank and raises ``TimeoutError``.
 
 Starting a rank costs ~2.5 s of torch import: spawn once (per test module, benchmark or profile run) and run
-many cases inside. ``fn`` must be importable (a module-level function).
+many cases inside. ``fn`` must be importable (a module-level function). ``preload`` names modules a
+``forkserver`` imports once per calling process; every later call's ranks fork from it instead of importing
+them afresh (the test suite's many worlds), and still get the caller's environment of the moment.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ class RankError(RuntimeError):
     """A rank raised; the message holds its traceback."""
 
 
-def _worker(fn, rank, world_size, store_path, args, results, collective_timeout):  # pragma: no cover
+def _worker(fn, rank, world_size, store_path, args, results, collective_timeout, env):  # pragma: no cover
+    if env is not None:  # forked from a forkserver started earlier: the caller's environment of now, as spawn gives
+        os.environ.clear()
+        os.environ.update(env)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
@@ -58,11 +63,15 @@ def run_distributed(
     *args: Any,
     timeout: float = 60.0,
     collective_timeout: float | None = None,
+    preload: tuple[str, ...] = (),
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver" if preload else "spawn")
+    if preload:
+        ctx.set_forkserver_preload(list(preload))  # takes effect when this process's forkserver starts
+    env = dict(os.environ) if preload else None
     results: Any = ctx.Queue()
     coll_timeout = collective_timeout if collective_timeout is not None else max(timeout - 5.0, 5.0)
     with tempfile.TemporaryDirectory(prefix="spdist-") as tmp:
@@ -70,7 +79,7 @@ def run_distributed(
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(fn, r, world_size, store_path, args, results, coll_timeout),
+                args=(fn, r, world_size, store_path, args, results, coll_timeout, env),
                 daemon=True,
             )
             for r in range(world_size)

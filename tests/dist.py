@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sp.spawn import RankError, run_distributed
+from sp import spawn
+from sp.spawn import RankError
 
 __all__ = ["RankError", "prepared_pool", "run_distributed"]
+
+# imported once by the suite's forkserver, so that each rank of each world forks instead of importing them
+PRELOAD = ("torch", "torch.distributed", "megatron.core.models.gpt", "trainer.loop", "models.gpt", "sp")
+
+
+def run_distributed(fn: Any, world_size: int, *args: Any, timeout: float = 60.0,
+                    collective_timeout: float | None = None) -> list[Any]:  # fmt: skip
+    """:func:`sp.spawn.run_distributed` with ranks forked from a forkserver that has the heavy modules loaded."""
+    return spawn.run_distributed(fn, world_size, *args, timeout=timeout, collective_timeout=collective_timeout,
+                                 preload=PRELOAD)  # fmt: skip
 
 
 def prepared_pool(world: int, extra: tuple[tuple[tuple[int, ...], int], ...] = ()) -> Any:
