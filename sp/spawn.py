@@ -68,7 +68,7 @@ def run_distributed(
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = mp.get_context("forkserver" if preload else "spawn")
+    ctx: Any = mp.get_context("forkserver" if preload else "spawn")
     if preload:
         ctx.set_forkserver_preload(list(preload))  # takes effect when this process's forkserver starts
     env = dict(os.environ) if preload else None
