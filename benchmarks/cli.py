@@ -15,6 +15,7 @@ sp-bench checkpoint [--gb 2.0] [--world 4]    # integrity share of save and resu
 sp-bench data [--tree before=PATH] [--steps 30]  # make train's steps/s: other code trees vs this one
 sp-bench content-hash [--gb 1.0]               # start-up cost of hashing a data source's bytes (first, cached)
 sp-bench published                              # sp-plan beside the published 1M-token Qwen3-8B run
+sp-bench needle-learning [--steps 300] [--lengths 192 256] [--png FILE]  # the needle score of a model learning it
 sp-bench gpu [--tokens 16384] [--out DIR]       # one CUDA GPU: every kernel vs fp64 and its TFLOP/s, training
 """
 
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     hp.add_argument("--gb", type=float, default=1.0)
     hp.add_argument("--workdir", default="runs/content-hash-bench")
     sub.add_parser("published", help="sp-plan beside the published 1M-token Qwen3-8B run, term by term")
+    nl = sub.add_parser("needle-learning", help="needle accuracy of a tiny model trained on retrieval rows, by step")
+    nl.add_argument("--steps", type=int, default=300)
+    nl.add_argument("--lengths", type=int, nargs="+", default=[192, 256], help="the grid's task lengths")
+    nl.add_argument("--lr", type=float, default=1e-3)
+    nl.add_argument("--png", default=None, help="copy the last evaluation's heatmap here")
     cp = sub.add_parser("capacity", help="longest single sequence the planner places on N H100s, per technique")
     cp.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
     ca = sub.add_parser("cpu-adam", help="AdamW on this machine's CPUs (optimizer-state offload's update)")
@@ -146,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.content_hash import run as run_content_hash
 
         for row in run_content_hash(args.gb, args.workdir):
+            print(json.dumps(row), flush=True)
+    elif args.cmd == "needle-learning":
+        from benchmarks.needle_learning import run as run_needle_learning
+
+        for row in run_needle_learning(args.steps, tuple(args.lengths), args.lr, args.png):
             print(json.dumps(row), flush=True)
     elif args.cmd == "published":
         from benchmarks.published import run as run_published

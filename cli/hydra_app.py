@@ -77,8 +77,9 @@ def run_app(
             if only_check:
                 return
             run(job)
-        except ValueError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+        except ValueError as e:  # found before the ranks connect (the config): the same on every rank
+            if overrides.is_rank0():
+                print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     # no Hydra output folder or log files: these are CLI tools, their outputs are named by the user. The

@@ -12,6 +12,7 @@ start-up safe point, before the first step, so the job requeues (:mod:`trainer.p
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,21 @@ def run(cfg, preempt: Any = None) -> None:  # cfg: TrainJobSchema after OmegaCon
     )
     import torch.distributed as dist
 
+    from cli.errors import report
+
     preempt = preempt or Preemption().install()
     env = init_distributed(job.train.collective_timeout_s)
     try:
         trainer = Trainer(job, preempt)
+        losses = trainer.run()
     except StopBeforeStart as e:
         if env.rank == 0:
             print(f"[sp-train] stop requested: {e}; no step was run, the job requeues and starts again", flush=True)
         dist.destroy_process_group()
         return
-    losses = trainer.run()
+    except ValueError as e:  # the ranks are connected: one message for the job, not one per rank
+        report("sp-train", e, env.rank)
+        sys.exit(2)
     if env.rank == 0:
         out = Path(job.train.out_dir).resolve()
         state = "stopped on request" if trainer.stopped else "done"
