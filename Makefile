@@ -43,7 +43,8 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 # The second half of the suite (CI runs both): sweeps over more worlds and architectures, Slurm's requeue hold,
-# timeouts waited out, a third launcher; each behaviour here also has a faster test in `make test` or is a sweep.
+# timeouts waited out, a third launcher, a tiny model trained 300 steps to retrieve needles (2 minutes); each
+# behaviour here also has a faster test in `make test`, is a sweep, or is that training run.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
