@@ -35,8 +35,9 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   Outside the layers: token ids 8, final norm b h + 4, output-layer input b h, fp32 softmax 4V, labels and
   target mask 10 (chunked loss, ``model.loss_chunk_tokens``: an fp32 lse and the labels, 13), RoPE's cos/sin
   table 2 d b (built once per micro-step and shared by every layer).
-  Working set on top (transient): one recomputed layer's internals under ``full``/``offload`` (plus the
-  fetched input and the prefetched next one under ``offload``), logits (b + 8) V (none with the chunked
+  Working set on top (transient): one recomputed layer's internals under ``full``/``offload`` (under
+  ``offload`` its input is the copy fetched from the host, measured in backward; plus the next layer's input,
+  prefetched), logits (b + 8) V (none with the chunked
   loss), all-to-all buffers of one head chunk each way (u > 1, :meth:`CostModel.ulysses_buffer_bytes`), ring
   K/V double buffer 4 kv d b (r > 1); token-independent
   (:meth:`CostModel.fixed_working_bytes`): the chunked loss's backward peak, 4 V h (its fp32 weight-gradient
@@ -466,7 +467,7 @@ class CostModel:
             kinds = {i in moe_layers for i in range(m.layers)}  # dense, MoE or both
             layer = max(self._layer_bytes(u, "none", moe) for moe in kinds)
             if m.checkpointing == "offload":
-                layer += 2 * b * m.hidden  # the input fetched back from the host, and the next one prefetched
+                layer += b * m.hidden  # the next layer's input, prefetched (the fetched one is the layer's own)
         logits = self._logits_bytes_per_token()
         return layer + logits + self.ulysses_buffer_bytes(u) + (2 * 2 * kv * d * b if r > 1 else 0)
 

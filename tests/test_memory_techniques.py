@@ -423,3 +423,46 @@ def test_tiles_save_what_the_memory_model_counts():
     (rows,) = run_distributed(_tile_worker, 1, timeout=300)
     for precision, qk, measured, predicted in rows:
         assert measured == predicted, (precision, qk, measured, predicted)
+
+
+def _recompute_worker(rank, world):
+    """What the recomputed layers save in backward under activation offload (storages the forward did not save):
+    each layer fetches its input from the host and recomputes, so every layer's recompute shows, with and without
+    sequence tiles and q/k norms."""
+    import numpy as np
+    from megatron.core import parallel_state
+
+    from models.gpt import build_gpt
+    from planner.cost import CostModel
+    from planner.types import Assignment, Cluster, GroupShape
+    from sp.groups import GroupPool
+    from trainer.memory import SavedBytes
+    from trainer.sharding import Regime, checkpoint_switch, parallelize
+    from trainer.step import group_pass
+
+    parallel_state.initialize_model_parallel(1, 1)
+    pool, out = GroupPool(), []
+    docs = [np.random.default_rng(0).integers(0, 256, size=257)]
+    for kw in ({}, {"tile_tokens": 64}, {"qk_norm": True, "head_dim": 32, "tile_tokens": 64}):
+        shape = _shape(checkpointing="offload", **kw)
+        model = parallelize(build_gpt(shape, 512), Regime("fsdp", "fp32", "offload"), torch.device("cpu"))
+        checkpoint_switch(model).offload.reset()
+        with SavedBytes(model) as meter:
+            loss = group_pass(model, pool, Assignment(0, GroupShape(1, 1), (0,), 0, 0), docs, "cpu_fused",
+                              torch.device("cpu"), meter=meter)  # fmt: skip
+            back = SavedBytes()  # counts only storages the forward did not save
+            back._seen = dict(meter._seen)
+            with back:
+                loss.backward()
+        cost = CostModel(Cluster(name="cpu"), shape)
+        tiles = sum(cost.tile_part_bytes()[k] for k in ("before", "after")) if shape.tile_tokens else 0
+        out.append((kw, back.bytes, shape.layers * 256 * (cost._layer_bytes(1, "none", False) + tiles)))
+    return out
+
+
+def test_recomputed_layers_save_what_the_memory_model_counts():
+    """The recomputed layer's working set (``CostModel._layer_bytes(u, "none")``, the fetched input among it)
+    measured layer by layer in backward; the tiles' parts on top where the layer is tiled."""
+    (rows,) = run_distributed(_recompute_worker, 1, timeout=300)
+    for kw, measured, predicted in rows:
+        assert measured == predicted, (kw, measured, predicted)
