@@ -42,7 +42,7 @@ For a sequence of L tokens on a group of P = u x r GPUs (per training step, forw
   K/V double buffer 4 kv d b (r > 1); token-independent
   (:meth:`CostModel.fixed_working_bytes`): the chunked loss's backward peak, 4 V h (its fp32 weight-gradient
   accumulator) + max(chunk V (4 + b), b V h) (one chunk's fp32 gradient with its b copy, or the final cast),
-  one tile's intermediates (:meth:`CostModel.tile_bytes`). A measured ``cluster.act_bytes_per_token``
+  one tile's intermediates (:meth:`CostModel.tile_part_bytes`). A measured ``cluster.act_bytes_per_token``
   (sp-profile) replaces saved + working.
 - **Offload time**: the layer inputs come back from host memory before each recompute, L (tokens / P) b h
   bytes at ``cluster.host_gbps``; each layer's copy is prefetched under the next layer's recompute and
@@ -398,8 +398,7 @@ class CostModel:
         norm = b * h + 4  # its input (compute dtype) + an fp32 rstd (models.rms_norm)
         rope_attn = (2 * heads + 2 * kv) * d * b + 4 * heads  # q k v out; lse (RoPE's cos/sin: outside the layers)
         proj_in = heads * d * b if u > 1 else 0  # the Ulysses output is a fresh tensor, not the saved out
-        dense = 0 if m.tile_tokens else (5 if m.swiglu else 2) * f * b  # tiled experts: only their input rows
-        mlp = self._routed_mlp_bytes() if moe else dense
+        mlp = self._routed_mlp_bytes() if moe else (5 if m.swiglu else 2) * f * b  # tiled: replaced below
         none = 2 * norm + 2 * b * h + rope_attn + proj_in + mlp + self._qk_norm_bytes()
         selective = none - rope_attn - proj_in + self._core_inputs_bytes() + heads * d * b
         if m.tile_tokens:  # sequence tiling: the layer's input, the attention core's tensors, the Ulysses output

@@ -384,38 +384,47 @@ def test_qk_norm_saved_bytes_equal_the_model():
         assert measured == predicted, (precision, ckpt, tile, measured, predicted)
 
 
-def _tile_worker(rank, world):
-    """What the tiles' recomputes save in backward (storages that did not exist in forward, so not the
-    slices of the saved layer inputs and attention outputs), over a 256-token pass in 4 tiles of 64, with and
-    without q/k norms, fp32 and bf16."""
+def _saved_in_backward(shape, precision="fp32"):
+    """Bytes of the storages a 256-token pass of ``shape`` (1 rank, FSDP2) saves in backward that its forward
+    did not save: the recomputes' own, not the slices of the layer inputs and attention outputs kept."""
     import numpy as np
-    from megatron.core import parallel_state
 
     from models.gpt import build_gpt
-    from planner.cost import CostModel
-    from planner.types import Assignment, Cluster, GroupShape
+    from planner.types import Assignment, GroupShape
     from sp.groups import GroupPool
     from trainer.memory import SavedBytes
-    from trainer.sharding import Regime, parallelize
+    from trainer.sharding import Regime, checkpoint_switch, parallelize
     from trainer.step import group_pass
 
-    parallel_state.initialize_model_parallel(1, 1)
-    pool, out = GroupPool(), []
     docs = [np.random.default_rng(0).integers(0, 256, size=257)]
+    model = parallelize(build_gpt(shape, 512), Regime("fsdp", precision, shape.checkpointing), torch.device("cpu"))
+    switch = checkpoint_switch(model)
+    if switch is not None:
+        switch.offload.reset()
+    with SavedBytes(model) as meter:
+        loss = group_pass(model, GroupPool(), Assignment(0, GroupShape(1, 1), (0,), 0, 0), docs, "cpu_fused",
+                          torch.device("cpu"), meter=meter)  # fmt: skip
+        with SavedBytes(seen_by=meter) as back:
+            loss.backward()
+    return back.bytes
+
+
+def _tile_worker(rank, world):
+    """What the tiles' recomputes save in backward over a 256-token pass in 4 tiles of 64, with and without q/k
+    norms, fp32 and bf16."""
+    from megatron.core import parallel_state
+
+    from planner.cost import CostModel
+    from planner.types import Cluster
+
+    parallel_state.initialize_model_parallel(1, 1)
+    out = []
     for precision, b in (("fp32", 4), ("bf16", 2)):
         for qk in (False, True):
             shape = _shape(qk_norm=qk, head_dim=32, checkpointing="none", bytes_per_value=b, tile_tokens=64)
-            model = parallelize(build_gpt(shape, 512), Regime("fsdp", precision, "none"), torch.device("cpu"))
-            with SavedBytes(model) as meter:
-                loss = group_pass(model, pool, Assignment(0, GroupShape(1, 1), (0,), 0, 0), docs, "cpu_fused",
-                                  torch.device("cpu"), meter=meter)  # fmt: skip
-                back = SavedBytes()  # counts only storages the forward did not save
-                back._seen = dict(meter._seen)
-                with back:
-                    loss.backward()
-                measured = back.bytes
             parts = CostModel(Cluster(name="cpu"), shape).tile_part_bytes()
-            out.append((precision, qk, measured, shape.layers * 256 * (parts["before"] + parts["after"])))
+            out.append((precision, qk, _saved_in_backward(shape, precision),
+                        shape.layers * 256 * (parts["before"] + parts["after"])))  # fmt: skip
     return out
 
 
@@ -426,37 +435,20 @@ def test_tiles_save_what_the_memory_model_counts():
 
 
 def _recompute_worker(rank, world):
-    """What the recomputed layers save in backward under activation offload (storages the forward did not save):
-    each layer fetches its input from the host and recomputes, so every layer's recompute shows, with and without
-    sequence tiles and q/k norms."""
-    import numpy as np
+    """What the recomputed layers save in backward under activation offload: each layer fetches its input from
+    the host and recomputes, so every layer's recompute shows, with and without sequence tiles and q/k norms."""
     from megatron.core import parallel_state
 
-    from models.gpt import build_gpt
     from planner.cost import CostModel
-    from planner.types import Assignment, Cluster, GroupShape
-    from sp.groups import GroupPool
-    from trainer.memory import SavedBytes
-    from trainer.sharding import Regime, checkpoint_switch, parallelize
-    from trainer.step import group_pass
+    from planner.types import Cluster
 
     parallel_state.initialize_model_parallel(1, 1)
-    pool, out = GroupPool(), []
-    docs = [np.random.default_rng(0).integers(0, 256, size=257)]
+    out = []
     for kw in ({}, {"tile_tokens": 64}, {"qk_norm": True, "head_dim": 32, "tile_tokens": 64}):
         shape = _shape(checkpointing="offload", **kw)
-        model = parallelize(build_gpt(shape, 512), Regime("fsdp", "fp32", "offload"), torch.device("cpu"))
-        checkpoint_switch(model).offload.reset()
-        with SavedBytes(model) as meter:
-            loss = group_pass(model, pool, Assignment(0, GroupShape(1, 1), (0,), 0, 0), docs, "cpu_fused",
-                              torch.device("cpu"), meter=meter)  # fmt: skip
-            back = SavedBytes()  # counts only storages the forward did not save
-            back._seen = dict(meter._seen)
-            with back:
-                loss.backward()
         cost = CostModel(Cluster(name="cpu"), shape)
         tiles = sum(cost.tile_part_bytes()[k] for k in ("before", "after")) if shape.tile_tokens else 0
-        out.append((kw, back.bytes, shape.layers * 256 * (cost._layer_bytes(1, "none", False) + tiles)))
+        out.append((kw, _saved_in_backward(shape), shape.layers * 256 * (cost._layer_bytes(1, "none", False) + tiles)))
     return out
 
 

@@ -6,7 +6,8 @@ counted by :func:`state_bytes`). Under activation checkpointing the checkpointed
 held by torch's checkpoint hooks instead (innermost hooks win) and never reach this counter; what such a
 region keeps is its inputs, which forward pre-hooks on every ``CheckpointWrapper`` of ``model`` count. The
 storages are kept referenced only while the context is open, so a freed address cannot be reused and
-deduplicated by mistake.
+deduplicated by mistake. ``SavedBytes(seen_by=meter)`` opened inside ``meter``'s context counts only the
+storages ``meter`` has not seen (a backward's recomputes after the forward that ``meter`` counted).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ def _is_param(t: torch.Tensor) -> bool:
 
 
 class SavedBytes:
-    def __init__(self, model: torch.nn.Module | None = None) -> None:
+    def __init__(self, model: torch.nn.Module | None = None, seen_by: SavedBytes | None = None) -> None:
         self.bytes = 0
-        self._seen: dict[tuple[str, int], torch.UntypedStorage] = {}
+        self._seen: dict[tuple[str, int], torch.UntypedStorage] = dict(seen_by._seen) if seen_by else {}
         self._hooks: Any = None
         self._model = model
         self._handles: list[Any] = []
